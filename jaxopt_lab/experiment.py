@@ -1,0 +1,173 @@
+"""The contract every experiment follows, its discovery, and the runner behind ``jaxopt-lab run``.
+
+An experiment is a module in the top-level ``experiments/`` folder (installed as the subpackage
+``jaxopt_lab.experiments``) that defines ``EXPERIMENT = Experiment(name, description, run)``.
+``run(ctx)`` builds its config from ``ctx.quick`` and ``ctx.seed``, computes with the library's jitted
+engines, saves figures through ``ctx.save_figure`` and hands its numbers and its summary to
+``ctx.set_metrics`` / ``ctx.set_summary``. The runner then writes ``metrics.json`` and ``summary.md``
+and swaps the finished folder into ``OUT/NAME`` atomically (see :mod:`jaxopt_lab.results`).
+
+An experiment exists once its module does: nothing is listed before it is implemented.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import importlib
+import pkgutil
+import platform
+import sys
+import time
+from collections.abc import Callable, Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from jaxopt_lab import results
+
+__all__ = [
+    "CANONICAL_ORDER",
+    "Experiment",
+    "RunContext",
+    "available_experiments",
+    "environment",
+    "run_experiment",
+]
+
+# The order of the report and of `jaxopt-lab list`: from the seed network up to real-data training.
+CANONICAL_ORDER = (
+    "hand-backprop",
+    "optimizer-grid",
+    "learning-rate",
+    "saddle-points",
+    "batch-vs-minibatch",
+    "normalization",
+    "gradient-centralization",
+    "gradient-accumulation",
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class Experiment:
+    """One experiment: a name for the CLI, a one-line description and its ``run(ctx)`` function."""
+
+    name: str
+    description: str
+    run: Callable[[RunContext], None]
+
+
+@dataclasses.dataclass
+class RunContext:
+    """What an experiment receives: its mode, seed and output folder, plus the ways to write into it."""
+
+    name: str
+    quick: bool
+    seed: int
+    out_dir: Path
+    show_progress: bool = True
+    config: Any = None
+    metrics: Any = None
+    summary: str | None = None
+    figures: list[str] = dataclasses.field(default_factory=list)
+
+    def progress(self, iterable: Iterable[Any] | None = None, *, total: int | None = None,
+                 desc: str | None = None) -> Any:
+        """A tqdm progress bar (on stderr) labelled with the experiment's name."""
+        from tqdm.auto import tqdm
+
+        label = f"{self.name}: {desc}" if desc else self.name
+        return tqdm(iterable, total=total, desc=label, disable=not self.show_progress,
+                    leave=False, dynamic_ncols=True)
+
+    def save_figure(self, fig: Any, filename: str) -> str:
+        """Saves ``fig`` as ``OUT/NAME/filename`` (PNG) and returns the file name for summaries."""
+        if not filename.endswith(".png"):
+            raise ValueError(f"save_figure: filename must end in .png, got {filename!r}")
+        results.save_figure(fig, self.out_dir / filename)
+        self.figures.append(filename)
+        return filename
+
+    def set_metrics(self, config: Any, metrics: Any) -> None:
+        """Records the experiment's config and every number it measured (written as metrics.json)."""
+        self.config, self.metrics = config, metrics
+
+    def set_summary(self, markdown: str) -> None:
+        """Records the summary (markdown; figures linked by their bare file names)."""
+        self.summary = markdown
+
+
+def environment() -> dict[str, Any]:
+    """The software and hardware a result was measured on."""
+    import jax
+
+    devices = jax.devices()
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "device_kind": devices[0].device_kind,
+        "device_count": len(devices),
+    }
+
+
+def available_experiments() -> dict[str, Experiment]:
+    """Every experiment module that exists, keyed by name, in :data:`CANONICAL_ORDER` (then a-z)."""
+    import jaxopt_lab.experiments as package
+
+    found: dict[str, Experiment] = {}
+    for info in pkgutil.iter_modules(package.__path__):
+        if info.name.startswith("_"):
+            continue
+        module = importlib.import_module(f"{package.__name__}.{info.name}")
+        experiment = getattr(module, "EXPERIMENT", None)
+        if isinstance(experiment, Experiment):
+            if experiment.name in found:
+                raise RuntimeError(f"two experiment modules are named {experiment.name!r}")
+            found[experiment.name] = experiment
+    rank = {name: i for i, name in enumerate(CANONICAL_ORDER)}
+    ordered = sorted(found, key=lambda n: (rank.get(n, len(rank)), n))
+    return {name: found[name] for name in ordered}
+
+
+def _footer(ctx: RunContext, elapsed: float, env: dict[str, Any]) -> str:
+    quick = " --quick" if ctx.quick else ""
+    return (
+        f"\n\n---\n*Measured by `jaxopt-lab run {ctx.name}{quick} --seed {ctx.seed}` in "
+        f"{elapsed:.1f} s on {env['device_count']}x {env['device_kind']} ({env['backend']}), "
+        f"JAX {env['jax']}.*\n"
+    )
+
+
+def run_experiment(experiment: Experiment, out: str | Path, *, quick: bool, seed: int,
+                   show_progress: bool = True) -> float:
+    """Runs one experiment into ``out/NAME`` atomically and returns its wall-clock seconds."""
+    env = environment()
+    with results.staging_dir(Path(out) / experiment.name) as staged:
+        ctx = RunContext(experiment.name, quick, seed, staged, show_progress)
+        start = time.perf_counter()
+        experiment.run(ctx)
+        elapsed = time.perf_counter() - start
+        missing = [what for what, ok in (("metrics", ctx.metrics is not None),
+                                         ("summary", ctx.summary is not None),
+                                         ("a figure", bool(ctx.figures))) if not ok]
+        if missing:
+            raise RuntimeError(f"experiment {experiment.name!r} finished without {', '.join(missing)}")
+        results.atomic_write_json(staged / "metrics.json", {
+            "experiment": experiment.name,
+            "quick": quick,
+            "seed": seed,
+            "elapsed_s": elapsed,
+            "environment": env,
+            "figures": ctx.figures,
+            "config": ctx.config,
+            "metrics": ctx.metrics,
+        })
+        results.atomic_write_text(staged / "summary.md", ctx.summary.rstrip() + _footer(ctx, elapsed, env))
+    return elapsed
+
+
+def main_for(name: str, argv: Sequence[str] | None = None) -> int:
+    """Entry point of ``python experiments/<name>.py [--quick] [--out DIR] [--seed N]``."""
+    from jaxopt_lab import cli
+
+    return cli.main(["run", name, *(sys.argv[1:] if argv is None else argv)])
