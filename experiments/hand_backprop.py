@@ -63,9 +63,9 @@ def run(ctx: RunContext) -> None:
     ax.set_xticks(x, net.PARAM_NAMES)
     ax.axhline(0, color="k", linewidth=0.6)
     ax.set_ylabel("gradient")
-    ax.set_title("2-2-2 ReLU net: gradients per loss term (h2 is dead, so w12, w22, b2 get 0)")
+    ax.set_title("2-2-2 ReLU net: gradient per loss term (h2 is dead: w12, w22, b2, w41, w42 get 0)")
     ax.legend(ncols=2)
-    figure = ctx.save_figure(fig, "gradients.png")
+    ctx.save_figure(fig, "gradients.png")
 
     ctx.set_metrics(
         config={"params": params, "inputs": inputs, "targets": targets, "learning_rate": LEARNING_RATE},
@@ -107,7 +107,6 @@ z2 = -0.5 < 0, so h2 is a dead ReLU, ReLU'(z2) = 0, and no gradient reaches w12,
 
 ![gradients per parameter and loss term](gradients.png)
 """)
-    del figure
 
 
 EXPERIMENT = Experiment(NAME, "the seed's 2-2-2 ReLU net: hand-derived backprop vs jax.grad, one GD step",

@@ -32,6 +32,13 @@ def _seed(text: str) -> int:
     return value
 
 
+def _npz_file(text: str) -> Path:
+    path = Path(text)
+    if path.suffix != ".npz" or not path.is_file():
+        raise argparse.ArgumentTypeError(f"expected an existing .npz file, got {text!r}")
+    return path
+
+
 def _build_parser() -> _Parser:
     parser = _Parser(prog="jaxopt-lab", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser,
@@ -42,6 +49,9 @@ def _build_parser() -> _Parser:
     run.add_argument("--quick", action="store_true", help="small configs (~1-2 min each on 2 CPU cores)")
     run.add_argument("--out", type=Path, default=Path("results"), help="results folder (default: results)")
     run.add_argument("--seed", type=_seed, default=0, help="random seed (default: 0)")
+    run.add_argument("--data", type=_npz_file, default=None, metavar="PATH.npz",
+                     help="arrays x_train, y_train, x_test, y_test for the real-data experiments "
+                          "(default: scikit-learn's bundled digits)")
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
     report = commands.add_parser("report", help="gather every summary and figure into OUT/REPORT.md")
     report.add_argument("--out", type=Path, default=Path("results"), help="results folder (default: results)")
@@ -70,7 +80,7 @@ def _cmd_run(parser: _Parser, args: argparse.Namespace) -> int:
     for name in names:
         print(f"[jaxopt-lab] running {name}{' (quick)' if args.quick else ''} ...", flush=True)
         elapsed = run_experiment(experiments[name], args.out, quick=args.quick, seed=args.seed,
-                                 show_progress=not args.no_progress)
+                                 show_progress=not args.no_progress, data_path=args.data)
         print(f"[jaxopt-lab] {name}: done in {elapsed:.1f} s -> {args.out / name}/", flush=True)
     report = write_report(args.out)
     print(f"[jaxopt-lab] report: {report}", flush=True)

@@ -64,6 +64,7 @@ class RunContext:
     seed: int
     out_dir: Path
     show_progress: bool = True
+    data_path: Path | None = None  # `--data PATH.npz`: read by the real-data experiments only
     config: Any = None
     metrics: Any = None
     summary: str | None = None
@@ -139,11 +140,11 @@ def _footer(ctx: RunContext, elapsed: float, env: dict[str, Any]) -> str:
 
 
 def run_experiment(experiment: Experiment, out: str | Path, *, quick: bool, seed: int,
-                   show_progress: bool = True) -> float:
+                   show_progress: bool = True, data_path: Path | None = None) -> float:
     """Runs one experiment into ``out/NAME`` atomically and returns its wall-clock seconds."""
     env = environment()
     with results.staging_dir(Path(out) / experiment.name) as staged:
-        ctx = RunContext(experiment.name, quick, seed, staged, show_progress)
+        ctx = RunContext(experiment.name, quick, seed, staged, show_progress, data_path)
         start = time.perf_counter()
         experiment.run(ctx)
         elapsed = time.perf_counter() - start
@@ -156,6 +157,7 @@ def run_experiment(experiment: Experiment, out: str | Path, *, quick: bool, seed
             "experiment": experiment.name,
             "quick": quick,
             "seed": seed,
+            "data_path": data_path,
             "elapsed_s": elapsed,
             "environment": env,
             "figures": ctx.figures,

@@ -131,3 +131,10 @@ def test_code_is_ruff_clean():
     proc = subprocess.run([sys.executable, "-m", "ruff", "check", "--quiet", str(root)],
                           capture_output=True, text=True, cwd=root)
     assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_data_flag_needs_an_existing_npz(tmp_path, capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["run", "hand-backprop", "--data", str(tmp_path / "missing.npz")])
+    assert exc.value.code == 2
+    assert "expected an existing .npz file" in capsys.readouterr().err
