@@ -1,0 +1,273 @@
+"""Gradient Centralization (Yong et al., ECCV 2020) as an optax transform, in Flax parameter layout.
+
+GC subtracts, from the gradient of every output unit's weight vector, that vector's mean:
+
+    phi_GC(g)[..., j] = g[..., j] - mean(g[..., j])      (mean over every axis but the output axis j)
+
+Flax keeps the output features LAST (``Dense``: ``(in, out)``; ``Conv``: ``(*kernel_size, in, out)``), so
+the default ``feature_axis=-1`` averages over inputs and kernel positions, exactly the paper's per-unit
+mean. PyTorch-layout parameters (``(out, in, kh, kw)``) use ``feature_axis=0``, which is also what
+``optax.centralize`` does unconditionally (it averages over every axis but the FIRST): on a Flax kernel
+``optax.centralize`` therefore centres each *input* row across outputs, which is not the paper's operation.
+
+GC is a linear orthogonal projection P (P = P^T = P^2) onto the weights whose per-unit mean is zero, so:
+
+* with plain SGD (and momentum, and L2 weight decay added before it) every output unit's mean weight
+  stays exactly where it started: the paper's weight-space constraint;
+* with adaptive methods the same holds only if the *update* is centralized (the official code's
+  ``gc_loc=False``, which its authors recommend for Adam-type methods): ``placement="update"`` in
+  :func:`with_gradient_centralization`. ``placement="gradient"`` centralizes the raw gradient (the
+  paper's ``Adam_GC``); Adam's per-coordinate scaling then moves the means again.
+
+Where weight decay sits follows the official optimizers (github.com/Yonghongwei/Gradient-Centralization):
+``SGD_GC``/``Adam_GC`` add the L2 term ``wd * w`` to the gradient *before* GC (so it is centralized too);
+decoupled AdamW decay is centralized with the update when GC is on the update (``gc_loc=False``) and is not
+when GC is on the gradient (``AdamW_GCC``, ``gc_loc=True``). :func:`sgd_gc`, :func:`adam_gc` and
+:func:`adamw_gc` reproduce these orders by composing optax's own optimizers.
+
+Example:
+  >>> import jax.numpy as jnp
+  >>> import optax
+  >>> from jaxopt_lab.centralization import gradient_centralization
+  >>> tx = optax.chain(gradient_centralization(), optax.sgd(0.1, momentum=0.9))
+  >>> params = {"kernel": jnp.ones((3, 2)), "bias": jnp.zeros(2)}
+  >>> grads = {"kernel": jnp.array([[1.0, 0.0], [2.0, 0.0], [3.0, 3.0]]), "bias": jnp.ones(2)}
+  >>> updates, _ = tx.update(grads, tx.init(params), params)
+  >>> updates["kernel"].sum(axis=0)    # each output unit's update sums to zero
+  Array([0., 0.], dtype=float32)
+  >>> updates["bias"]                  # 1-D leaves are left alone
+  Array([-0.1, -0.1], dtype=float32)
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, Literal
+
+import jax
+import jax.numpy as jnp
+import optax
+
+__all__ = [
+    "adam_gc",
+    "adamw_gc",
+    "centralize_gradient",
+    "gradient_centralization",
+    "sgd_gc",
+    "with_gradient_centralization",
+]
+
+Placement = Literal["gradient", "update"]
+MaskOrFn = Any | Callable[[optax.Params], Any] | None
+
+# Flax conv kernels are (*kernel_size, in, out): at least 3 axes. Dense kernels have 2.
+_MIN_CONV_NDIM = 3
+
+
+def _reduced_axes(ndim: int, feature_axis: int) -> tuple[int, ...]:
+    if not -ndim <= feature_axis < ndim:
+        raise ValueError(
+            f"feature_axis={feature_axis} is out of range for a gradient leaf with {ndim} dimensions "
+            f"(expected -{ndim} <= feature_axis < {ndim})")
+    feature_axis %= ndim
+    return tuple(axis for axis in range(ndim) if axis != feature_axis)
+
+
+def centralize_gradient(g: jax.Array, *, feature_axis: int = -1) -> jax.Array:
+    """Subtracts from ``g`` its mean over every axis except ``feature_axis``.
+
+    Leaves with fewer than two dimensions (biases, norm scales, scalars) are returned unchanged: a
+    1-D parameter has one weight per output unit, and centralizing it would pin it to zero mean. The
+    mean is accumulated in at least float32, so bfloat16 gradients lose no precision to the reduction.
+
+    Args:
+      g: a gradient (or update) array.
+      feature_axis: the output-feature axis that is kept; ``-1`` for Flax kernels, ``0`` for PyTorch.
+
+    Returns:
+      An array of ``g``'s shape and dtype whose mean over the reduced axes is zero.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> centralize_gradient(jnp.array([[1.0, 4.0], [3.0, 0.0]]))
+      Array([[-1.,  2.],
+             [ 1., -2.]], dtype=float32)
+    """
+    g = jnp.asarray(g)
+    if g.ndim < 2:
+        return g
+    axes = _reduced_axes(g.ndim, feature_axis)
+    stats_dtype = jnp.promote_types(g.dtype, jnp.float32)
+    mean = jnp.mean(g, axis=axes, keepdims=True, dtype=stats_dtype)
+    return (g.astype(stats_dtype) - mean).astype(g.dtype)
+
+
+def gradient_centralization(
+    *,
+    feature_axis: int = -1,
+    conv_only: bool = False,
+    mask: MaskOrFn = None,
+) -> optax.GradientTransformation:
+    """Gradient Centralization as a stateless optax transform.
+
+    Put it before an optimizer to centralize gradients (the paper's GC), or after one to centralize its
+    updates (see :func:`with_gradient_centralization`).
+
+    Args:
+      feature_axis: output-feature axis of every kernel; ``-1`` (Flax layout) or ``0`` (PyTorch layout).
+      conv_only: the paper's GC-C variant: centralize only leaves with at least 3 dimensions (Flax
+        ``Conv`` kernels ``(*kernel_size, in, out)``; a multi-axis ``DenseGeneral`` kernel counts too, so
+        pass ``mask`` when the model has those).
+      mask: a pytree of bools with the structure of the updates, or a callable returning one from the
+        updates (as in ``optax.masked``); ``False`` leaves pass through unchanged.
+
+    Returns:
+      An ``optax.GradientTransformation`` whose state is ``optax.EmptyState``.
+
+    Example:
+      >>> import jax.numpy as jnp
+      >>> import optax
+      >>> tx = optax.chain(gradient_centralization(), optax.adam(1e-3))
+      >>> state = tx.init({"w": jnp.zeros((4, 3))})
+
+    References:
+      Yong, Huang, Hua, Zhang, `Gradient Centralization: A New Optimization Technique for Deep Neural
+      Networks <https://arxiv.org/abs/2004.01461>`_, ECCV 2020.
+    """
+    if not isinstance(feature_axis, int) or isinstance(feature_axis, bool):
+        raise TypeError(f"feature_axis must be an int, got {type(feature_axis).__name__} {feature_axis!r}")
+    min_ndim = _MIN_CONV_NDIM if conv_only else 2
+
+    def centralize_leaf(g):
+        return centralize_gradient(g, feature_axis=feature_axis) if jnp.ndim(g) >= min_ndim else g
+
+    def update_fn(updates, state, params=None):
+        del params
+        return jax.tree.map(centralize_leaf, updates), state
+
+    tx = optax.GradientTransformation(optax.init_empty_state, update_fn)
+    return tx if mask is None else optax.masked(tx, mask)
+
+
+def with_gradient_centralization(
+    optimizer: optax.GradientTransformation,
+    *,
+    placement: Placement = "gradient",
+    feature_axis: int = -1,
+    conv_only: bool = False,
+    mask: MaskOrFn = None,
+) -> optax.GradientTransformation:
+    """Adds Gradient Centralization to any optax optimizer, on its input or on its output.
+
+    Because GC is linear, ``placement`` matters only for optimizers that are not: for SGD and momentum
+    both placements give the same updates; for Adam-type methods they differ.
+
+    Args:
+      optimizer: the optax optimizer to wrap.
+      placement: ``"gradient"`` centralizes the raw gradient before ``optimizer`` (the paper's
+        ``Adam_GC``, official ``gc_loc=True``); ``"update"`` centralizes ``optimizer``'s final update
+        (official ``gc_loc=False``, recommended there for adaptive methods), which keeps every output
+        unit's mean weight exactly fixed whatever ``optimizer`` does.
+      feature_axis, conv_only, mask: see :func:`gradient_centralization`.
+
+    Returns:
+      ``optax.chain(gc, optimizer)`` or ``optax.chain(optimizer, gc)``.
+
+    Example:
+      >>> import optax
+      >>> tx = with_gradient_centralization(optax.adam(1e-3), placement="update")
+    """
+    gc = gradient_centralization(feature_axis=feature_axis, conv_only=conv_only, mask=mask)
+    if placement == "gradient":
+        return optax.chain(gc, optimizer)
+    if placement == "update":
+        return optax.chain(optimizer, gc)
+    raise ValueError(f"placement must be 'gradient' or 'update', got {placement!r}")
+
+
+def _l2_then(optimizer: optax.GradientTransformation, weight_decay: float, weight_decay_mask: MaskOrFn):
+    """Adds ``weight_decay * params`` to the gradient first (coupled L2, as the official SGD_GC/Adam_GC)."""
+    if weight_decay == 0.0:
+        return optimizer
+    return optax.chain(optax.add_decayed_weights(weight_decay, weight_decay_mask), optimizer)
+
+
+def sgd_gc(
+    learning_rate: optax.ScalarOrSchedule,
+    momentum: float | None = None,
+    nesterov: bool = False,
+    weight_decay: float = 0.0,
+    *,
+    weight_decay_mask: MaskOrFn = None,
+    feature_axis: int = -1,
+    conv_only: bool = False,
+    mask: MaskOrFn = None,
+) -> optax.GradientTransformation:
+    """SGD (with optional momentum and L2 weight decay) with Gradient Centralization: official ``SGD_GC``.
+
+    Order, as in the official code: ``g + weight_decay * w`` -> GC -> momentum -> ``-learning_rate``.
+    The decay term is centralized with the gradient, so every output unit's mean weight stays fixed.
+
+    Example:
+      >>> tx = sgd_gc(0.1, momentum=0.9, weight_decay=5e-4)
+    """
+    sgd = optax.sgd(learning_rate, momentum=momentum, nesterov=nesterov)
+    gc_sgd = with_gradient_centralization(
+        sgd, placement="gradient", feature_axis=feature_axis, conv_only=conv_only, mask=mask)
+    return _l2_then(gc_sgd, weight_decay, weight_decay_mask)
+
+
+def adam_gc(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 0.0,
+    *,
+    placement: Placement = "update",
+    weight_decay_mask: MaskOrFn = None,
+    feature_axis: int = -1,
+    conv_only: bool = False,
+    mask: MaskOrFn = None,
+) -> optax.GradientTransformation:
+    """Adam (with optional coupled L2 weight decay) with Gradient Centralization.
+
+    The L2 term is added to the gradient first, as in the official ``Adam``/``Adam_GC``.
+    ``placement="update"`` (default, the official recommendation for adaptive methods) centralizes Adam's
+    update and keeps each output unit's mean weight fixed; ``placement="gradient"`` is ``Adam_GC``.
+
+    Example:
+      >>> tx = adam_gc(1e-3)
+    """
+    adam = optax.adam(learning_rate, b1=b1, b2=b2, eps=eps)
+    gc_adam = with_gradient_centralization(
+        adam, placement=placement, feature_axis=feature_axis, conv_only=conv_only, mask=mask)
+    return _l2_then(gc_adam, weight_decay, weight_decay_mask)
+
+
+def adamw_gc(
+    learning_rate: optax.ScalarOrSchedule,
+    b1: float = 0.9,
+    b2: float = 0.999,
+    eps: float = 1e-8,
+    weight_decay: float = 1e-4,
+    *,
+    placement: Placement = "update",
+    weight_decay_mask: MaskOrFn = None,
+    feature_axis: int = -1,
+    conv_only: bool = False,
+    mask: MaskOrFn = None,
+) -> optax.GradientTransformation:
+    """AdamW (decoupled weight decay) with Gradient Centralization.
+
+    ``placement="update"`` (default) centralizes ``adam_update + weight_decay * w`` together, as the
+    official AdamW with ``gc_loc=False``: weight means stay fixed. ``placement="gradient"`` centralizes
+    only the raw gradient and leaves the decoupled decay uncentralized, as the official ``AdamW_GCC``.
+
+    Example:
+      >>> tx = adamw_gc(1e-3, weight_decay=1e-2)
+    """
+    adamw = optax.adamw(learning_rate, b1=b1, b2=b2, eps=eps, weight_decay=weight_decay,
+                        mask=weight_decay_mask)
+    return with_gradient_centralization(
+        adamw, placement=placement, feature_axis=feature_axis, conv_only=conv_only, mask=mask)
