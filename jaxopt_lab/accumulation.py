@@ -112,7 +112,8 @@ def microbatched_value_and_grad(
 ) -> Callable[..., Any]:
     """``jax.value_and_grad(loss_fn)`` evaluated as a ``lax.scan`` over micro-batches.
 
-    The returned function takes the same arguments as ``loss_fn`` and returns what
+    The returned function takes the same arguments as ``loss_fn`` (keyword arguments are passed whole to
+    every micro-batch, as are positional ones outside ``batch_argnums``) and returns what
     ``jax.value_and_grad(loss_fn, argnums=argnums, has_aux=has_aux)`` returns, with:
 
     * value = the MEAN of the micro-batch losses, gradients = the MEAN of the micro-batch gradients.
@@ -168,10 +169,13 @@ def microbatched_value_and_grad(
     value_and_grad_fn = jax.value_and_grad(loss_fn, argnums=argnums, has_aux=has_aux)
     acc_dtype = jnp.dtype(accumulation_dtype)
 
-    def microbatched(*args):
-        if max((*diff_argnums, *split_argnums)) >= len(args):
-            raise ValueError(f"loss_fn was called with {len(args)} positional arguments, but argnums="
-                             f"{argnums} and batch_argnums={batch_argnums} refer to more")
+    used_argnums = (*diff_argnums, *split_argnums, *(() if carry_argnum is None else (carry_argnum,)))
+
+    def microbatched(*args, **kwargs):
+        if max(used_argnums) >= len(args):
+            raise ValueError(
+                f"loss_fn was called with {len(args)} positional arguments, but argnums={argnums}, "
+                f"batch_argnums={batch_argnums} and carry_argnum={carry_argnum} need {max(used_argnums) + 1}")
         size = _batch_size([args[i] for i in split_argnums])
         if size % num_microbatches:
             raise ValueError(
@@ -194,7 +198,7 @@ def microbatched_value_and_grad(
                 call_args[i] = batch
             if carry_argnum is not None:
                 call_args[carry_argnum] = state
-            value, grads = value_and_grad_fn(*call_args)
+            value, grads = value_and_grad_fn(*call_args, **kwargs)
             loss, aux = value if has_aux else (value, None)
             if carry_argnum is not None:
                 state, aux = aux
