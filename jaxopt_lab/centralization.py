@@ -118,8 +118,9 @@ def gradient_centralization(
       conv_only: the paper's GC-C variant: centralize only leaves with at least 3 dimensions (Flax
         ``Conv`` kernels ``(*kernel_size, in, out)``; a multi-axis ``DenseGeneral`` kernel counts too, so
         pass ``mask`` when the model has those).
-      mask: a pytree of bools with the structure of the updates, or a callable returning one from the
-        updates (as in ``optax.masked``); ``False`` leaves pass through unchanged.
+      mask: a pytree of bools with the structure of the updates (or a prefix of it: one bool per layer),
+        or a callable returning one from the updates (as ``optax.masked`` calls it); leaves under
+        ``False`` pass through unchanged. The mask must be static (Python bools), not traced arrays.
 
     Returns:
       An ``optax.GradientTransformation`` whose state is ``optax.EmptyState``.
@@ -141,12 +142,18 @@ def gradient_centralization(
     def centralize_leaf(g):
         return centralize_gradient(g, feature_axis=feature_axis) if jnp.ndim(g) >= min_ndim else g
 
+    def centralize_tree(tree):
+        return jax.tree.map(centralize_leaf, tree)
+
     def update_fn(updates, state, params=None):
         del params
-        return jax.tree.map(centralize_leaf, updates), state
+        if mask is None:
+            return centralize_tree(updates), state
+        mask_tree = mask(updates) if callable(mask) else mask
+        # The mask may be a prefix of the updates (one bool for a whole layer), as in optax.masked.
+        return jax.tree.map(lambda keep, sub: centralize_tree(sub) if keep else sub, mask_tree, updates), state
 
-    tx = optax.GradientTransformation(optax.init_empty_state, update_fn)
-    return tx if mask is None else optax.masked(tx, mask)
+    return optax.GradientTransformation(optax.init_empty_state, update_fn)
 
 
 def with_gradient_centralization(

@@ -10,6 +10,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from jaxopt_lab import accumulation
 from jaxopt_lab.accumulation import microbatched_value_and_grad, split_microbatches
@@ -133,6 +135,22 @@ class MicrobatchedTest(chex.TestCase):
     def test_split_microbatches_is_contiguous(self):
         split = split_microbatches({"a": jnp.arange(12).reshape(6, 2)}, 3)
         np.testing.assert_array_equal(split["a"][1], [[4, 5], [6, 7]])
+
+
+@settings(max_examples=8, deadline=None)
+@given(st.sampled_from([1, 2, 3, 6]), st.integers(0, 2**31 - 1), st.floats(0.1, 10.0))
+def test_property_mean_loss_gives_the_full_batch_result_for_any_k(k, seed, temperature):
+    """A keyword argument is passed whole to every micro-batch; the result never depends on k."""
+    rng = np.random.default_rng(seed)
+    x, y = rng.normal(size=(24, 4)).astype(np.float32), rng.normal(size=(24, 2)).astype(np.float32)
+    params = {"w": rng.normal(size=(4, 2)).astype(np.float32), "b": np.zeros(2, np.float32)}
+
+    def loss_fn(params, x, y, *, temperature):
+        return jnp.mean(jnp.logaddexp(0.0, (x @ params["w"] + params["b"] - y) / temperature))
+
+    want = jax.value_and_grad(loss_fn)(params, x, y, temperature=temperature)
+    got = microbatched_value_and_grad(loss_fn, k, batch_argnums=(1, 2))(params, x, y, temperature=temperature)
+    chex.assert_trees_all_close(got, want, rtol=1e-5, atol=1e-6)
 
 
 def test_optax_microbatch_sums_by_default_ours_is_the_mean():

@@ -165,10 +165,11 @@ def _is_centralized(x):
         ({"conv_only": True}, True, False),
         ({"mask": {"conv": {"kernel": False, "bias": False}, "dense": {"kernel": True, "bias": False}}},
          False, True),
+        ({"mask": {"conv": True, "dense": False}}, True, False),
         ({"mask": lambda tree: jax.tree_util.tree_map_with_path(
             lambda path, _: "conv" in jax.tree_util.keystr(path), tree)}, True, False),
     ],
-    ids=["all", "conv_only", "mask_tree", "mask_callable"],
+    ids=["all", "conv_only", "mask_tree", "mask_prefix", "mask_callable"],
 )
 def test_leaf_selection(kwargs, expect_conv, expect_dense):
     grads = _tree(0)
@@ -179,8 +180,7 @@ def test_leaf_selection(kwargs, expect_conv, expect_dense):
     if not expect_dense:
         np.testing.assert_array_equal(out["dense"]["kernel"], grads["dense"]["kernel"])
     np.testing.assert_array_equal(out["dense"]["bias"], grads["dense"]["bias"])
-    if "mask" not in kwargs:
-        assert isinstance(state, optax.EmptyState)
+    assert isinstance(state, optax.EmptyState)
 
 
 class TransformTest(chex.TestCase):
