@@ -36,6 +36,7 @@ Example (a jitted train step on a batch of 128 as 4 micro-batches of 32):
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any, Literal
 
@@ -171,6 +172,7 @@ def microbatched_value_and_grad(
 
     used_argnums = (*diff_argnums, *split_argnums, *(() if carry_argnum is None else (carry_argnum,)))
 
+    @functools.wraps(loss_fn)
     def microbatched(*args, **kwargs):
         if max(used_argnums) >= len(args):
             raise ValueError(

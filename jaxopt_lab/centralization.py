@@ -77,7 +77,7 @@ def centralize_gradient(g: jax.Array, *, feature_axis: int = -1) -> jax.Array:
     """Subtracts from ``g`` its mean over every axis except ``feature_axis``.
 
     Leaves with fewer than two dimensions (biases, norm scales, scalars) are returned unchanged: a
-    1-D parameter has one weight per output unit, and centralizing it would pin it to zero mean. The
+    1-D parameter holds a single number per output unit, so there is nothing to average over. The
     mean is accumulated in at least float32, so bfloat16 gradients lose no precision to the reduction.
 
     Args:
