@@ -72,24 +72,36 @@ def _batch_size(batches: Sequence[Any]) -> int:
     return next(iter(sizes))
 
 
-def split_microbatches(batch: Any, num_microbatches: int) -> Any:
+def split_microbatches(batch: Any, num_microbatches: int, *, interleave: bool = False) -> Any:
     """Reshapes every leaf of ``batch`` from ``(N, ...)`` to ``(num_microbatches, N // num_microbatches, ...)``.
 
-    Micro-batch ``i`` holds the contiguous examples ``[i * N/k, (i + 1) * N/k)``, the order in which a
-    data loader would have produced them (``optax.microbatch`` interleaves instead: example ``j`` goes
-    to micro-batch ``j % k``, which keeps a batch-sharded array's sharding; both give the same mean).
+    ``interleave=False``: micro-batch ``i`` holds the contiguous examples ``[i * N/k, (i + 1) * N/k)``,
+    the order in which a data loader would have produced them. ``interleave=True``: example ``j`` goes to
+    micro-batch ``j % k`` (``optax.microbatch``'s layout). Use it when the batch is sharded over devices
+    along ``N``: every device then holds ``1/d`` of every micro-batch and the sharding survives the
+    reshape, whereas contiguous micro-batches each live on ``d/k`` of the devices. Both give the same mean.
 
     Raises:
       ValueError: if the leaves do not share a leading axis, or it is not divisible by num_microbatches.
     """
     num_microbatches = _check_num_microbatches(num_microbatches)
-    size = _batch_size([batch])
+    micro = _microbatch_size(_batch_size([batch]), num_microbatches)
+
+    def split(x):
+        rest = jnp.shape(x)[1:]
+        if interleave:
+            return jnp.swapaxes(jnp.reshape(x, (micro, num_microbatches, *rest)), 0, 1)
+        return jnp.reshape(x, (num_microbatches, micro, *rest))
+
+    return jax.tree.map(split, batch)
+
+
+def _microbatch_size(size: int, num_microbatches: int) -> int:
     if size % num_microbatches:
         raise ValueError(
             f"batch size {size} is not divisible by num_microbatches={num_microbatches} "
             f"({size} = {size // num_microbatches} * {num_microbatches} + {size % num_microbatches})")
-    micro = size // num_microbatches
-    return jax.tree.map(lambda x: jnp.reshape(x, (num_microbatches, micro, *jnp.shape(x)[1:])), batch)
+    return size // num_microbatches
 
 
 def _check_num_microbatches(num_microbatches: Any) -> int:
@@ -110,6 +122,7 @@ def microbatched_value_and_grad(
     carry_argnum: int | None = None,
     aux_mode: AuxMode = "stack",
     accumulation_dtype: Any = jnp.float32,
+    interleave: bool = False,
 ) -> Callable[..., Any]:
     """``jax.value_and_grad(loss_fn)`` evaluated as a ``lax.scan`` over micro-batches.
 
@@ -145,6 +158,9 @@ def microbatched_value_and_grad(
         ``has_aux=True``.
       aux_mode: ``"stack"`` or ``"mean"``, see above.
       accumulation_dtype: dtype of the loss and gradient accumulators.
+      interleave: micro-batch ``i`` = examples ``i, i + k, i + 2k, ...`` instead of a contiguous slice;
+        keeps a batch-sharded input's sharding (see :func:`split_microbatches`). Stacked per-example aux
+        then comes back in that order: ``aux.swapaxes(0, 1).reshape(N, ...)`` restores the batch order.
 
     Returns:
       A function with ``loss_fn``'s signature returning ``(value, grads)`` or ``((value, aux), grads)``.
@@ -178,12 +194,8 @@ def microbatched_value_and_grad(
             raise ValueError(
                 f"loss_fn was called with {len(args)} positional arguments, but argnums={argnums}, "
                 f"batch_argnums={batch_argnums} and carry_argnum={carry_argnum} need {max(used_argnums) + 1}")
-        size = _batch_size([args[i] for i in split_argnums])
-        if size % num_microbatches:
-            raise ValueError(
-                f"batch size {size} is not divisible by num_microbatches={num_microbatches} "
-                f"({size} = {size // num_microbatches} * {num_microbatches} + {size % num_microbatches})")
-        micro_batches = tuple(split_microbatches(args[i], num_microbatches) for i in split_argnums)
+        batches = tuple(args[i] for i in split_argnums)
+        micro_batches = split_microbatches(batches, num_microbatches, interleave=interleave)
 
         diff_args = tuple(args[i] for i in diff_argnums)
         diff_args = diff_args[0] if isinstance(argnums, int | np.integer) else diff_args
