@@ -35,6 +35,7 @@ import jax.numpy as jnp
 import numpy as np
 
 __all__ = [
+    "MAX_CALLS_PER_SAMPLE",
     "Comparison",
     "Target",
     "Timing",
@@ -43,8 +44,13 @@ __all__ = [
     "compare",
     "copy_bandwidth",
     "nbytes",
+    "streaming_copy",
     "time_interleaved",
 ]
+
+
+# Bounds the calls in one sample when a callable is much faster than min_sample_s (e.g. returns at once).
+MAX_CALLS_PER_SAMPLE = 10_000
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,10 +105,9 @@ class Target:
         if not (math.isfinite(self.value) and self.value > 0):
             raise ValueError(f"Target: value must be a positive finite number, got {self.value!r}")
 
-    def met(self, comparison: Comparison) -> bool:
-        if self.kind == "max_ratio":
-            return comparison.ratio <= self.value
-        return comparison.speedup >= self.value
+    def met(self, ratio: float) -> bool:
+        """Whether ``ratio`` = time(ours) / time(anchor) (e.g. :attr:`Comparison.ratio`) meets the target."""
+        return ratio <= self.value if self.kind == "max_ratio" else 1.0 / ratio >= self.value
 
     def describe(self) -> str:
         return f"ours/anchor <= {self.value:g}" if self.kind == "max_ratio" else f"speed-up >= {self.value:g}x"
@@ -121,7 +126,7 @@ def _call_blocked(fn: Callable[[], Any]) -> float:
 
 
 def time_interleaved(fns: Mapping[str, Callable[[], Any]], *, repeats: int = 7, warmup: int = 2,
-                     min_sample_s: float = 0.02) -> dict[str, Timing]:
+                     min_sample_s: float = 0.02, number: int | None = None) -> dict[str, Timing]:
     """Times zero-argument callables side by side and returns seconds per call for each.
 
     Args:
@@ -130,8 +135,10 @@ def time_interleaved(fns: Mapping[str, Callable[[], Any]], *, repeats: int = 7, 
       repeats: samples per callable. In repetition ``r`` the callables run in rotated order, so none of
         them always goes first (right after another's cache-thrashing run) or last.
       warmup: untimed calls per callable before timing (compilation, allocator warm-up).
-      min_sample_s: each sample repeats a call ``number`` times, with ``number`` chosen from the
-        warm-up so that a sample lasts at least this long; fast ops then rise above timer resolution.
+      min_sample_s: each sample repeats a call ``number`` times, with ``number`` chosen from one timed
+        call after the warm-up so that a sample lasts at least this long (at most
+        :data:`MAX_CALLS_PER_SAMPLE` calls); fast ops then rise above timer resolution.
+      number: calls per sample, fixed instead of chosen from ``min_sample_s`` (no sizing call then).
 
     Returns:
       name -> :class:`Timing`, ``samples[r]`` being repetition ``r`` (pair them across names).
@@ -147,13 +154,19 @@ def time_interleaved(fns: Mapping[str, Callable[[], Any]], *, repeats: int = 7, 
         if not callable(fn):
             raise TypeError(f"time_interleaved: fns[{name!r}] must be callable, got {type(fn).__name__}")
 
+    if number is not None:
+        number = _positive_int("time_interleaved: number", number)
+
     names = list(fns)
     numbers = {}
     for name in names:
         for _ in range(warmup):
             _call_blocked(fns[name])
-        once = _call_blocked(fns[name])  # one more, timed, to size the samples
-        numbers[name] = max(1, math.ceil(min_sample_s / max(once, 1e-9)))
+        if number is None:
+            once = _call_blocked(fns[name])  # one more, timed, to size the samples
+            numbers[name] = min(MAX_CALLS_PER_SAMPLE, max(1, math.ceil(min_sample_s / max(once, 1e-9))))
+        else:
+            numbers[name] = number
     samples = {name: np.empty(repeats) for name in names}
     for r in range(repeats):
         shift = r % len(names)
@@ -182,7 +195,8 @@ def achieved_gbps(bytes_moved: int, seconds: float) -> float:
 
 
 @jax.jit
-def _stream(x: jax.Array) -> jax.Array:
+def streaming_copy(x: jax.Array) -> jax.Array:
+    """The reference memory-bound op: reads ``x`` once and writes an array of the same size."""
     # Reads x once and writes one array of the same size. Not `x + 0` or `x * 1`: XLA simplifies those
     # away, and an identity output is forwarded without any copy.
     return x + jnp.asarray(1, x.dtype)
@@ -195,7 +209,7 @@ def copy_bandwidth(shape: tuple[int, ...], dtype: Any = jnp.float32,
     Returns ``(gbps, timing)``. Measure it in the same run as the op it is compared with.
     """
     x = jnp.zeros(shape, dtype)
-    timing = time_interleaved({"copy": lambda: _stream(x)}, **timing_kwargs)["copy"]
+    timing = time_interleaved({"copy": lambda: streaming_copy(x)}, **timing_kwargs)["copy"]
     return achieved_gbps(2 * nbytes(x), timing.median), timing
 
 

@@ -1,7 +1,8 @@
-"""The ``jaxopt-lab`` command: ``list``, ``run NAME... | all``, ``report``.
+"""The ``jaxopt-lab`` command: ``list``, ``run NAME... | all``, ``report``, ``bench``.
 
-A thin layer over :mod:`jaxopt_lab.experiment` and :mod:`jaxopt_lab.report`. Usage errors (an unknown
-experiment, a bad flag or value) print one line naming the valid choices and exit with status 2.
+A thin layer over :mod:`jaxopt_lab.experiment`, :mod:`jaxopt_lab.report` and the benchmark suite
+(``experiments/benchmarks.py``). Usage errors (an unknown experiment, a bad flag or value) print one
+line naming the valid choices and exit with status 2.
 """
 
 from __future__ import annotations
@@ -42,7 +43,7 @@ def _npz_file(text: str) -> Path:
 def _build_parser() -> _Parser:
     parser = _Parser(prog="jaxopt-lab", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser,
-                                     metavar="{list,run,report}")
+                                     metavar="{list,run,report,bench}")
     commands.add_parser("list", help="list every experiment with a one-line description")
     run = commands.add_parser("run", help="run experiments (names or 'all') and write the report")
     run.add_argument("names", nargs="+", metavar="NAME", help="experiment names, or 'all'")
@@ -55,6 +56,10 @@ def _build_parser() -> _Parser:
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
     report = commands.add_parser("report", help="gather every summary and figure into OUT/REPORT.md")
     report.add_argument("--out", type=Path, default=Path("results"), help="results folder (default: results)")
+    bench = commands.add_parser("bench", help="time our paths against their anchors into OUT/bench/")
+    bench.add_argument("--quick", action="store_true",
+                       help="small shapes, few repetitions (<= ~1 min on 2 CPU cores)")
+    bench.add_argument("--out", type=Path, default=Path("results"), help="results folder (default: results)")
     return parser
 
 
@@ -95,6 +100,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _cmd_list()
     if args.command == "run":
         return _cmd_run(parser, args)
+    if args.command == "bench":
+        from jaxopt_lab.experiments.benchmarks import run_benchmarks
+
+        print(f"[jaxopt-lab] bench: {run_benchmarks(args.out, quick=args.quick)}/summary.md", flush=True)
+        return 0
     from jaxopt_lab.report import write_report
 
     try:

@@ -1,0 +1,354 @@
+"""The benchmark suite behind ``jaxopt-lab bench [--quick] [--out DIR]`` (issue 7).
+
+Each row times one of our code paths against the anchor it must match or beat, in the same process with
+interleaved repetitions (:mod:`jaxopt_lab.benchmarking`), and reports ours/anchor as the median of the
+per-repetition ratios, with the target and whether it was met. Rows:
+
+- ``norms``: forward + backward of layer/instance/group/batch norm (jitted ``jax.vjp``, returning y and
+  every cotangent) against ``flax.linen`` with its default one-pass variance and with
+  ``use_fast_variance=False``; achieved GB/s (4 bytes per element moved at least: read x and dy, write y
+  and dx) against a streaming copy of the same array timed alongside. Target: ours <= flax's default.
+- ``accumulation``: one optimizer step of effective batch 128: ``microbatched_value_and_grad`` 4 x 32
+  against one batch of 128 (target <= 1.15x), and ``optax.MultiSteps`` 4 micro-steps against the same.
+- ``gradient-centralization``: a training step with and without ``gradient_centralization`` (<= 1.05x).
+- ``sweep``: the 16-run optimizer grid as one vmapped jit against a Python loop of jitted single runs
+  (target: >= 10x faster).
+- ``end-to-end``: wall time of ``jaxopt-lab run all --quick`` in a subprocess (full mode only).
+
+A group whose library module does not exist yet is listed as unavailable, not failed. This module defines
+no ``EXPERIMENT``: ``jaxopt-lab run all`` does not run it. ``python experiments/benchmarks.py --quick``
+is the same as ``jaxopt-lab bench --quick``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import importlib
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+__all__ = ["BenchConfig", "Row", "collect_rows", "run_benchmarks"]
+
+BENCH_DIR = "bench"
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchConfig:
+    """Sizes and repetition counts; :meth:`for_mode` gives the quick (CI) and full settings."""
+
+    quick: bool
+    repeats: int
+    warmup: int
+    min_sample_s: float
+    nhwc_shape: tuple[int, int, int, int]
+    tokens_shape: tuple[int, int]
+    group_norm_groups: int
+    effective_batch: int = 128
+    num_microbatches: int = 4
+    end_to_end: bool = False
+
+    @classmethod
+    def for_mode(cls, quick: bool) -> BenchConfig:
+        if quick:
+            return cls(quick=True, repeats=5, warmup=1, min_sample_s=0.005, nhwc_shape=(8, 16, 16, 32),
+                       tokens_shape=(64, 256), group_norm_groups=8)
+        return cls(quick=False, repeats=15, warmup=2, min_sample_s=0.05, nhwc_shape=(32, 32, 32, 64),
+                   tokens_shape=(256, 1024), group_norm_groups=32, end_to_end=True)
+
+    def timing(self) -> dict[str, Any]:
+        return {"repeats": self.repeats, "warmup": self.warmup, "min_sample_s": self.min_sample_s}
+
+
+@dataclasses.dataclass(frozen=True)
+class Row:
+    """One line of the table: our path against an anchor (or a plain measurement when anchor is None)."""
+
+    group: str
+    ours: str
+    anchor: str | None
+    shape: str
+    ours_s: float
+    anchor_s: float | None = None
+    ratio: float | None = None  # time(ours) / time(anchor), median of paired repetitions
+    target: Any = None  # a benchmarking.Target or None
+    extra: dict[str, Any] = dataclasses.field(default_factory=dict)
+
+    @property
+    def met(self) -> bool | None:
+        if self.target is None or self.ratio is None:
+            return None
+        return self.target.met(self.ratio)
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"group": self.group, "ours": self.ours, "anchor": self.anchor, "shape": self.shape,
+                "ours_s": self.ours_s, "anchor_s": self.anchor_s, "ratio": self.ratio,
+                "speedup": None if self.ratio is None else 1.0 / self.ratio,
+                "target": None if self.target is None else self.target.describe(), "met": self.met,
+                **self.extra}
+
+
+def _compared(group: str, ours: str, anchor: str, shape: str, comparison: Any, target: Any = None,
+              **extra: Any) -> Row:
+    return Row(group, ours, anchor, shape, comparison.ours.median, comparison.anchor.median, comparison.ratio,
+               target, {"ours_relative_iqr": comparison.ours.spread,
+                        "anchor_relative_iqr": comparison.anchor.spread, **extra})
+
+
+# --- norms ----------------------------------------------------------------------------------------------
+
+
+def _vjp_fn(apply: Callable[[Any, Any], Any]) -> Callable[..., Any]:
+    """Jitted forward + backward of ``apply(x, params) -> (y, aux)``: returns y, aux and (dx, dparams)."""
+    import jax
+
+    @jax.jit
+    def fwd_bwd(x, params, dy):
+        y, vjp, aux = jax.vjp(apply, x, params, has_aux=True)
+        return y, aux, vjp(dy)
+
+    return fwd_bwd
+
+
+def _norm_cases(cfg: BenchConfig) -> list[tuple[str, tuple[int, ...], Callable, Callable[[bool], Any]]]:
+    """(name, shape, ours(x, params) -> (y, aux), flax module factory(use_fast_variance))."""
+    import flax.linen as nn
+
+    from jaxopt_lab import normalization as norm
+
+    groups = cfg.group_norm_groups
+    stats = norm.batch_norm_init(cfg.nhwc_shape[-1])
+
+    def ours_bn(x, p):
+        return norm.batch_norm(x, stats, p["scale"], p["bias"], training=True, eps=1e-5)
+
+    return [
+        ("layer_norm", cfg.tokens_shape, lambda x, p: (norm.layer_norm(x, p["scale"], p["bias"], eps=1e-6), ()),
+         lambda fast: nn.LayerNorm(use_fast_variance=fast)),
+        ("layer_norm", cfg.nhwc_shape, lambda x, p: (norm.layer_norm(x, p["scale"], p["bias"], eps=1e-6), ()),
+         lambda fast: nn.LayerNorm(use_fast_variance=fast)),
+        ("instance_norm", cfg.nhwc_shape,
+         lambda x, p: (norm.instance_norm(x, p["scale"], p["bias"], eps=1e-6), ()),
+         lambda fast: nn.InstanceNorm(use_fast_variance=fast)),
+        ("group_norm", cfg.nhwc_shape,
+         lambda x, p: (norm.group_norm(x, groups, p["scale"], p["bias"], eps=1e-6), ()),
+         lambda fast: nn.GroupNorm(num_groups=groups, use_fast_variance=fast)),
+        ("batch_norm", cfg.nhwc_shape, ours_bn,
+         lambda fast: nn.BatchNorm(use_running_average=False, epsilon=1e-5, use_fast_variance=fast)),
+    ]
+
+
+def _flax_apply(module: Any, x: Any) -> tuple[Callable, Any]:
+    import jax
+
+    variables = module.init(jax.random.key(0), x)
+    params, state = variables["params"], {k: v for k, v in variables.items() if k != "params"}
+
+    def apply(x, p):
+        if not state:
+            return module.apply({"params": p}, x), ()
+        y, updates = module.apply({"params": p, **state}, x, mutable=list(state))
+        return y, updates
+
+    return apply, params
+
+
+def norm_rows(cfg: BenchConfig) -> list[Row]:
+    import jax
+    import jax.numpy as jnp
+
+    from jaxopt_lab import benchmarking as bm
+
+    rows = []
+    for name, shape, ours_apply, make_module in _norm_cases(cfg):
+        kx, kd = jax.random.split(jax.random.key(1))
+        # A common offset as large as real activations can have: the case one-pass variance gets wrong.
+        x = jax.random.normal(kx, shape, jnp.float32) * 2.0 + 5.0
+        dy = jax.random.normal(kd, shape, jnp.float32)
+        flax_fast, params = _flax_apply(make_module(True), x)
+        flax_two_pass, _ = _flax_apply(make_module(False), x)
+        paths = {"ours": ours_apply, "flax": flax_fast, "flax_two_pass": flax_two_pass}
+        fns = {label: functools.partial(_vjp_fn(apply), x, params, dy) for label, apply in paths.items()}
+        fns["copy"] = functools.partial(bm.streaming_copy, x)  # the bandwidth floor, in the same run
+        t = bm.time_interleaved(fns, **cfg.timing())
+        moved = 4 * bm.nbytes(x)
+        copy_gbps = bm.achieved_gbps(2 * bm.nbytes(x), t["copy"].median)
+        gbps = {k: bm.achieved_gbps(moved, t[k].median) for k in ("ours", "flax", "flax_two_pass")}
+        extra = {"gbps": gbps, "copy_gbps": copy_gbps,
+                 "fraction_of_copy_bandwidth": {k: v / copy_gbps for k, v in gbps.items()}}
+        shape_text = "x".join(map(str, shape))
+        rows.append(_compared("norms", f"{name} fwd+bwd", "flax.linen default (fast variance)", shape_text,
+                              bm.Comparison(t["ours"], t["flax"]), bm.Target("max_ratio", 1.0), **extra))
+        rows.append(_compared("norms", f"{name} fwd+bwd", "flax.linen use_fast_variance=False", shape_text,
+                              bm.Comparison(t["ours"], t["flax_two_pass"]), None, **extra))
+    return rows
+
+
+# --- end to end -----------------------------------------------------------------------------------------
+
+
+def end_to_end_rows(cfg: BenchConfig) -> list[Row]:
+    if not cfg.end_to_end:
+        return []
+    with tempfile.TemporaryDirectory(prefix="jaxopt-lab-e2e-") as out:
+        start = time.perf_counter()
+        subprocess.run([sys.executable, "-m", "jaxopt_lab.cli", "run", "all", "--quick", "--out", out,
+                        "--no-progress"], check=True, capture_output=True, text=True)
+        elapsed = time.perf_counter() - start
+    return [Row("end-to-end", "jaxopt-lab run all --quick", None, "-", elapsed)]
+
+
+# --- the suite ------------------------------------------------------------------------------------------
+
+# (group, the library modules it needs, the function producing its rows)
+GROUPS: tuple[tuple[str, tuple[str, ...], Callable[[BenchConfig], list[Row]]], ...] = (
+    ("norms", ("jaxopt_lab.normalization",), norm_rows),
+    ("end-to-end", (), end_to_end_rows),
+)
+
+
+def _missing_modules(modules: Sequence[str]) -> list[str]:
+    missing = []
+    for module in modules:
+        try:
+            importlib.import_module(module)
+        except ModuleNotFoundError as err:
+            if err.name != module:  # the module exists but is broken: that is a bug, not "not yet written"
+                raise
+            missing.append(module)
+    return missing
+
+
+def collect_rows(cfg: BenchConfig, *, log: Callable[[str], None] = print) -> tuple[list[Row], dict[str, str]]:
+    """Runs every group whose modules exist; returns the rows and {group: why it was left out}."""
+    rows, unavailable = [], {}
+    for group, modules, make_rows in GROUPS:
+        missing = _missing_modules(modules)
+        if missing:
+            unavailable[group] = f"not yet implemented: {', '.join(missing)}"
+            log(f"[bench] {group}: skipped ({unavailable[group]})")
+            continue
+        start = time.perf_counter()
+        new = make_rows(cfg)
+        rows += new
+        log(f"[bench] {group}: {len(new)} rows in {time.perf_counter() - start:.1f} s")
+    return rows, unavailable
+
+
+def _figure(rows: list[Row]) -> Any:
+    import numpy as np
+
+    from jaxopt_lab.plotting import new_figure
+
+    compared = [r for r in rows if r.ratio is not None]
+    norms = [r for r in rows if r.group == "norms" and r.anchor and "default" in r.anchor]
+    fig, axes = new_figure(1, 2, width=6.5, height=max(3.0, 0.35 * len(compared) + 1.2))
+    ax = axes[0, 0]
+    if compared:
+        y = np.arange(len(compared))[::-1]
+        colors = ["tab:gray" if r.met is None else ("tab:green" if r.met else "tab:red") for r in compared]
+        ax.barh(y, [r.ratio for r in compared], color=colors)
+        for yi, r in zip(y, compared, strict=True):
+            if r.target is not None:
+                limit = r.target.value if r.target.kind == "max_ratio" else 1.0 / r.target.value
+                ax.plot([limit, limit], [yi - 0.4, yi + 0.4], color="k", linewidth=2)
+        ax.set_yticks(y, [f"{r.ours} [{r.shape}]\nvs {r.anchor}" for r in compared], fontsize=6)
+        ax.set_xscale("log")
+        ax.axvline(1.0, color="k", linewidth=0.6, linestyle=":")
+        ax.set_xlabel("time(ours) / time(anchor)  (lower is better; black tick = target)")
+        ax.set_title("green: target met, red: missed, gray: no target")
+    else:
+        ax.text(0.5, 0.5, "no comparison rows\n(library modules not yet available)", ha="center", va="center",
+                transform=ax.transAxes)
+    ax = axes[0, 1]
+    if norms:
+        labels = [f"{r.ours.split()[0]}\n{r.shape}" for r in norms]
+        x = np.arange(len(norms))
+        for i, (key, label) in enumerate((("ours", "ours"), ("flax", "flax default"),
+                                          ("flax_two_pass", "flax two-pass"))):
+            ax.bar(x + (i - 1) * 0.27, [100 * r.extra["fraction_of_copy_bandwidth"][key] for r in norms],
+                   width=0.27, label=label)
+        ax.set_xticks(x, labels, fontsize=7)
+        ax.set_ylabel("achieved GB/s, % of a streaming copy")
+        ax.set_title("norm fwd+bwd against the memory-bandwidth floor")
+        ax.legend()
+    else:
+        ax.set_axis_off()
+    return fig
+
+
+def _fmt_s(seconds: float | None) -> str:
+    if seconds is None:
+        return "-"
+    return f"{seconds * 1e3:.3g} ms" if seconds < 1 else f"{seconds:.1f} s"
+
+
+def _summary(cfg: BenchConfig, rows: list[Row], unavailable: dict[str, str], env: dict[str, Any],
+             elapsed: float) -> str:
+    lines = ["# Benchmarks", "",
+             f"Device: {env['device_count']}x {env['device_kind']} ({env['backend']}), {env['cpu_count']} CPU "
+             f"cores; JAX {env['jax']}, jaxlib {env['jaxlib']}, flax {env['flax']}, optax {env['optax']}. "
+             f"Mode: {'quick' if cfg.quick else 'full'} ({cfg.repeats} interleaved repetitions, medians of "
+             f"paired ratios).", "",
+             "| group | ours | anchor | shape | ours | anchor | ours/anchor | target | met |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        ratio = "-" if r.ratio is None else (f"{r.ratio:.3g}" if r.ratio >= 0.1 else f"{r.ratio:.3g} "
+                                             f"({1 / r.ratio:.3g}x faster)")
+        met = {None: "-", True: "met", False: "**missed**"}[r.met]
+        lines.append(f"| {r.group} | {r.ours} | {r.anchor or '-'} | {r.shape} | {_fmt_s(r.ours_s)} | "
+                     f"{_fmt_s(r.anchor_s)} | {ratio} | {r.target.describe() if r.target else '-'} | {met} |")
+    norms = [r for r in rows if r.group == "norms" and r.anchor and "default" in r.anchor]
+    if norms:
+        lines += ["", "Norms against the memory-bandwidth floor (GB/s; fwd+bwd moves at least 4x the bytes of "
+                  "x: read x and dy, write y and dx; the copy reads and writes x once):", "",
+                  "| norm | shape | ours | flax default | flax two-pass | streaming copy | ours / copy |",
+                  "|---|---|---|---|---|---|---|"]
+        for r in norms:
+            g = r.extra["gbps"]
+            lines.append(f"| {r.ours.split()[0]} | {r.shape} | {g['ours']:.1f} | {g['flax']:.1f} | "
+                         f"{g['flax_two_pass']:.1f} | {r.extra['copy_gbps']:.1f} | "
+                         f"{100 * r.extra['fraction_of_copy_bandwidth']['ours']:.0f}% |")
+    if unavailable:
+        lines += ["", "Not measured: " + "; ".join(f"{g} ({why})" for g, why in unavailable.items()) + "."]
+    lines += ["", "![ratios and bandwidth](ratios.png)", "", "---",
+              f"*Measured by `jaxopt-lab bench{' --quick' if cfg.quick else ''}` in {elapsed:.1f} s.*"]
+    return "\n".join(lines) + "\n"
+
+
+def run_benchmarks(out: str | Path = "results", *, quick: bool = False,
+                   log: Callable[[str], None] = print) -> Path:
+    """Runs the suite and writes ``out/bench/{metrics.json, ratios.png, summary.md}`` atomically."""
+    from jaxopt_lab import results
+    from jaxopt_lab.benchmarking import benchmark_environment
+
+    cfg = BenchConfig.for_mode(quick)
+    env = benchmark_environment()
+    start = time.perf_counter()
+    rows, unavailable = collect_rows(cfg, log=log)
+    elapsed = time.perf_counter() - start
+    final = Path(out) / BENCH_DIR
+    with results.staging_dir(final) as staged:
+        results.save_figure(_figure(rows), staged / "ratios.png")
+        results.atomic_write_json(staged / "metrics.json", {
+            "benchmark": "jaxopt-lab bench", "quick": quick, "elapsed_s": elapsed, "environment": env,
+            "config": cfg, "figures": ["ratios.png"], "rows": [r.as_dict() for r in rows],
+            "unavailable": unavailable})
+        results.atomic_write_text(staged / "summary.md", _summary(cfg, rows, unavailable, env, elapsed))
+    return final
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """``python experiments/benchmarks.py [--quick] [--out DIR]``: the same as ``jaxopt-lab bench``."""
+    from jaxopt_lab import cli
+
+    return cli.main(["bench", *(sys.argv[1:] if argv is None else argv)])
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

@@ -1,0 +1,96 @@
+"""``jaxopt-lab bench``: the suite end to end in --quick mode, its files, and its usage errors.
+
+The end-to-end run measures only the groups whose library modules exist; it checks the files and the
+consistency of every row, never how fast anything was.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from jaxopt_lab.experiments import benchmarks
+
+from jaxopt_lab import cli
+from jaxopt_lab.benchmarking import Target
+from jaxopt_lab.experiment import available_experiments
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="module")
+def bench_out(tmp_path_factory):
+    out = tmp_path_factory.mktemp("bench")
+    assert cli.main(["bench", "--quick", "--out", str(out)]) == 0
+    return out / "bench"
+
+
+def test_bench_writes_metrics_figure_and_summary(bench_out):
+    assert sorted(p.name for p in bench_out.iterdir()) == ["metrics.json", "ratios.png", "summary.md"]
+    meta = json.loads((bench_out / "metrics.json").read_text())
+    assert meta["quick"] is True and meta["config"]["quick"] is True
+    env = meta["environment"]
+    assert env["jax"] and env["device_kind"] and env["backend"] and env["device_count"] >= 1
+    groups_run = {row["group"] for row in meta["rows"]}
+    every_group = {group for group, _, _ in benchmarks.GROUPS}
+    # Every group either ran or says why not; end-to-end runs only in full mode (0 rows in quick).
+    assert groups_run | set(meta["unavailable"]) | {"end-to-end"} == every_group
+    assert not groups_run & set(meta["unavailable"])
+
+
+def test_every_row_is_consistent(bench_out):
+    meta = json.loads((bench_out / "metrics.json").read_text())
+    summary = (bench_out / "summary.md").read_text()
+    for row in meta["rows"]:
+        assert row["ours"] and row["shape"] and row["ours_s"] > 0
+        if row["anchor"] is not None:
+            assert row["anchor_s"] > 0 and row["ratio"] > 0
+            assert row["speedup"] == pytest.approx(1 / row["ratio"])
+        if row["target"] is not None:
+            kind = "max_ratio" if row["target"].startswith("ours/anchor") else "min_speedup"
+            value = float(row["target"].split()[-1].rstrip("x"))
+            assert row["met"] == Target(kind, value).met(row["ratio"])
+        else:
+            assert row["met"] is None
+        if row["group"] == "norms":
+            assert row["copy_gbps"] > 0 and set(row["gbps"]) == {"ours", "flax", "flax_two_pass"}
+        assert f"| {row['group']} | {row['ours']} | {row['anchor'] or '-'} | {row['shape']} |" in summary
+    assert "`jaxopt-lab bench --quick`" in summary and "![ratios and bandwidth](ratios.png)" in summary
+    for group, why in meta["unavailable"].items():
+        assert f"{group} ({why})" in summary
+
+
+def test_missing_modules_are_reported_and_broken_ones_raise(monkeypatch, tmp_path):
+    def never_called(cfg):
+        raise AssertionError("a group with a missing module must not run")
+
+    monkeypatch.setattr(benchmarks, "GROUPS", (("later", ("jaxopt_lab.not_written_yet",), never_called),))
+    rows, unavailable = benchmarks.collect_rows(benchmarks.BenchConfig.for_mode(True), log=lambda _: None)
+    assert rows == [] and unavailable == {"later": "not yet implemented: jaxopt_lab.not_written_yet"}
+    # A module that exists but fails to import is a bug: it must surface, not be hidden as "missing".
+    (tmp_path / "broken_bench_module.py").write_text("import jaxopt_lab.no_such_dependency\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    monkeypatch.setattr(benchmarks, "GROUPS", (("broken", ("broken_bench_module",), never_called),))
+    with pytest.raises(ModuleNotFoundError, match="no_such_dependency"):
+        benchmarks.collect_rows(benchmarks.BenchConfig.for_mode(True), log=lambda _: None)
+
+
+def test_bench_is_not_an_experiment():
+    assert not hasattr(benchmarks, "EXPERIMENT")
+    assert all(exp.run.__module__ != benchmarks.__name__ for exp in available_experiments().values())
+
+
+@pytest.mark.parametrize("argv", [["bench", "--repeats", "3"], ["bench", "extra"], ["bench", "--out"]])
+def test_usage_errors_are_one_line_with_status_2(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and err.startswith("jaxopt-lab") and ": error: " in err
+
+
+def test_script_form_forwards_to_the_cli():
+    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "benchmarks.py"), "--help"],
+                          capture_output=True, text=True, check=True)
+    assert "jaxopt-lab bench" in proc.stdout and "--quick" in proc.stdout
