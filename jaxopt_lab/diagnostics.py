@@ -1,0 +1,235 @@
+"""Reading loss histories: learning-rate diagnosis, the LR range test, and saddle-escape detection.
+
+The "how can we detect it" half of mission.md part D (a, b): :func:`diagnose` labels one loss history
+(``diverging``, ``oscillating``, ``stalled``, ``too slow``, ``ok``) and returns the numbers it used, so a
+label can always be checked. :func:`loss_noise` quantifies how jagged a curve is (one measure, used both
+by ``diagnose`` and to tell full-batch from mini-batch curves). :func:`lr_range_test` runs the exponential
+learning-rate ramp of Smith (2017), "Cyclical Learning Rates for Training Neural Networks", §3.3, vmapped
+over seeds on the sweep engine, and :func:`suggest_learning_rate` reads a rate off it. :func:`escape_steps`
+finds when a run left a saddle.
+
+>>> import numpy as np
+>>> diagnose(np.array([10.0, 5.0, 2.5, 1.2, 0.6, 0.3, 0.15, 0.07]), target=0.1).label
+'ok'
+>>> diagnose(np.array([1.0, 3.0, 9.0, 27.0, np.inf])).label
+'diverging'
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxopt_lab import sweep
+
+__all__ = [
+    "LABELS",
+    "Diagnosis",
+    "ExponentialRamp",
+    "LRRangeTest",
+    "diagnose",
+    "escape_steps",
+    "loss_noise",
+    "lr_range_test",
+    "suggest_learning_rate",
+]
+
+LABELS = ("diverging", "oscillating", "stalled", "too slow", "ok")
+
+
+class Diagnosis(NamedTuple):
+    """A label from :data:`LABELS` and the evidence behind it (``evidence["rule"]`` says which rule fired)."""
+
+    label: str
+    evidence: dict[str, Any]
+
+    def __str__(self) -> str:
+        numbers = ", ".join(f"{k}={_fmt(v)}" for k, v in self.evidence.items() if k != "rule")
+        return f"{self.label}: {self.evidence['rule']} ({numbers})"
+
+
+def _fmt(value: Any) -> str:
+    return f"{value:.3g}" if isinstance(value, float) else str(value)
+
+
+def _as_history(history: Any, name: str) -> np.ndarray:
+    h = np.asarray(history, dtype=np.float64)
+    if h.ndim != 1 or h.size < 2:
+        raise ValueError(f"{name}: expected a 1-D loss history with at least 2 entries, got shape {h.shape}")
+    return h
+
+
+def loss_noise(history: Any) -> dict[str, float]:
+    """How jagged a loss curve is, independent of its scale.
+
+    Returns:
+      ``increase_fraction``: share of steps on which the loss went *up* (0 for full-batch gradient descent on
+      a smooth convex problem with a stable rate; near 0.5 for pure noise).
+      ``roughness``: standard deviation of the step-to-step change of ``log(loss)`` (0 for a straight line on a
+      log plot — geometric decay — whatever its slope; needs positive losses, else NaN).
+    """
+    h = _as_history(history, "loss_noise")
+    steps = np.diff(h)
+    roughness = float(np.std(np.diff(np.log(h)))) if np.all(h > 0) else math.nan
+    return {"increase_fraction": float(np.mean(steps > 0)), "roughness": roughness}
+
+
+def diagnose(history: Any, *, target: float | None = None, blowup_factor: float = 10.0,
+             oscillation_fraction: float = 0.3, stall_tolerance: float = 1e-3,
+             window: int | None = None) -> Diagnosis:
+    """Labels one loss history and says why.
+
+    Rules, in order (``window`` = the last quarter of the history, at least 5 steps):
+
+    1. ``diverging``: a NaN/inf loss, or a final loss ``blowup_factor`` times the first one.
+    2. ``ok``: the loss fell below ``target`` (evidence: the step, and the peak/first ratio, so a run that
+       spiked before converging — the seed's SGD at 0.1 — is visible).
+    3. ``oscillating``: in the window the loss rose on at least ``oscillation_fraction`` of the steps.
+    4. ``stalled``: over the window the loss fell by less than ``stall_tolerance`` (relative) — stuck at a
+       bad value (a too-high rate bouncing in a valley, or a too-low rate near a plateau or saddle).
+    5. ``too slow``: still falling steadily but the target was not reached; the evidence extrapolates the
+       window's geometric rate to the steps the target would take. Without a target: the loss did not
+       halve over the run.
+    6. ``ok`` otherwise.
+
+    Args:
+      history: losses ``L_0..L_t`` of one run (e.g. :func:`jaxopt_lab.sweep.run_histories`).
+      target: the loss a run should reach, if any.
+
+    Returns:
+      A :class:`Diagnosis`.
+    """
+    h = _as_history(history, "diagnose")
+    n = h.size
+    bad = np.flatnonzero(~np.isfinite(h))
+    if bad.size:
+        return Diagnosis("diverging", {"rule": "non-finite loss", "first_nonfinite_step": int(bad[0]),
+                                       "last_finite_loss": float(h[bad[0] - 1]) if bad[0] else math.nan})
+    first, last = float(h[0]), float(h[-1])
+    scale = max(abs(first), 1e-12)
+    peak_ratio = float(np.max(h)) / scale
+    if last > blowup_factor * scale:
+        return Diagnosis("diverging", {"rule": f"final loss > {blowup_factor:g} x first",
+                                       "growth": last / scale, "peak_ratio": peak_ratio})
+    if target is not None:
+        below = np.flatnonzero(h < target)
+        if below.size:
+            return Diagnosis("ok", {"rule": f"reached target {target:g}", "step": int(below[0]),
+                                    "peak_ratio": peak_ratio})
+    w = min(n, max(5, n // 4)) if window is None else min(n, int(window))
+    tail = h[-w:]
+    noise = loss_noise(tail)
+    if noise["increase_fraction"] >= oscillation_fraction:
+        return Diagnosis("oscillating", {"rule": f"loss rose on >= {oscillation_fraction:g} of the last "
+                                                 f"{w} steps", **noise, "final_loss": last})
+    decrease = (float(tail[0]) - last) / max(abs(float(tail[0])), 1e-12)
+    if decrease < stall_tolerance:
+        return Diagnosis("stalled", {"rule": f"loss fell < {stall_tolerance:g} (relative) over the last {w} "
+                                             f"steps", "window_decrease": decrease, "final_loss": last})
+    if target is not None:
+        rate = math.log(float(tail[0]) / last) / (w - 1) if tail[0] > 0 and last > 0 else math.nan
+        more = math.log(last / target) / rate if rate > 0 and last > 0 else math.inf
+        return Diagnosis("too slow", {"rule": f"target {target:g} not reached in {n - 1} steps",
+                                      "final_loss": last, "log_decrease_per_step": rate,
+                                      "projected_extra_steps": more})
+    total_decrease = (first - last) / scale
+    if total_decrease < 0.5:
+        return Diagnosis("too slow", {"rule": "loss fell by less than half over the run",
+                                      "total_decrease": total_decrease, "final_loss": last})
+    return Diagnosis("ok", {"rule": "steady decrease", "total_decrease": total_decrease, "final_loss": last})
+
+
+def escape_steps(losses: Any, saddle_value: float, margin: float) -> np.ndarray:
+    """First step at which each run's loss is at or below ``saddle_value - margin``; ``-1`` if never.
+
+    The escape criterion of the saddle experiments: a run has left a saddle once it descended ``margin``
+    below the saddle's value — only a step along a descent direction gets there, and it is defined for
+    unbounded landscapes (x^3) too. ``losses`` has the steps on its last axis; NaN never counts.
+    """
+    losses = np.asarray(losses, dtype=np.float64)
+    if losses.ndim < 1 or losses.shape[-1] == 0:
+        raise ValueError(f"escape_steps: losses need a non-empty steps axis, got shape {losses.shape}")
+    if not margin > 0:
+        raise ValueError(f"escape_steps: margin must be > 0, got {margin!r}")
+    escaped = losses <= saddle_value - margin  # NaN compares False
+    return np.where(escaped.any(axis=-1), escaped.argmax(axis=-1), -1)
+
+
+@dataclasses.dataclass(frozen=True)
+class ExponentialRamp:
+    """Learning-rate multiplier ``ratio ** (count / steps)``: from 1 to ``ratio`` over ``steps`` updates."""
+
+    ratio: float
+    steps: int
+
+    def __call__(self, count: jax.Array) -> jax.Array:
+        return jnp.asarray(self.ratio, jnp.float32) ** (count.astype(jnp.float32) / self.steps)
+
+
+class LRRangeTest(NamedTuple):
+    """An LR range test: the rate of each update, the loss after it per seed, and the suggested rates."""
+
+    learning_rates: np.ndarray  # (T,): rate of update t
+    losses: np.ndarray  # (seeds, T): loss after update t (NaN once a run diverged)
+    suggestions: np.ndarray  # (seeds,): steepest-descent rate per seed
+    suggestion: float  # median over seeds
+    min_loss_rates: np.ndarray  # (seeds,): rate at the smoothed loss minimum (the "min / 10" heuristic's input)
+
+
+def suggest_learning_rate(learning_rates: Any, losses: Any, *, smoothing: float = 0.9,
+                          divergence_factor: float = 4.0) -> tuple[float, float]:
+    """Reads an LR range test curve: the rate where the loss falls fastest, and the rate at its minimum.
+
+    The curve is smoothed with a bias-corrected exponential moving average (fast.ai's ``lr_find``), cut
+    where it exceeds ``divergence_factor`` x its minimum, and differentiated against ``log(rate)``. The
+    steepest-descent rate is the usual suggestion; the minimum's rate is the edge of stability.
+
+    Returns:
+      ``(steepest_rate, min_loss_rate)``.
+    """
+    lrs = np.asarray(learning_rates, dtype=np.float64)
+    loss = np.asarray(losses, dtype=np.float64)
+    if lrs.ndim != 1 or loss.shape != lrs.shape or lrs.size < 3:
+        raise ValueError(f"suggest_learning_rate: need 1-D rates and losses of the same length >= 3, got "
+                         f"{lrs.shape} and {loss.shape}")
+    finite = np.flatnonzero(~np.isfinite(loss))
+    end = int(finite[0]) if finite.size else loss.size
+    if end < 3:
+        raise ValueError(f"suggest_learning_rate: the loss diverged after {end} steps; lower the minimum rate")
+    lrs, loss = lrs[:end], loss[:end]
+    avg, smooth = 0.0, np.empty_like(loss)
+    for i, value in enumerate(loss):
+        avg = smoothing * avg + (1 - smoothing) * value
+        smooth[i] = avg / (1 - smoothing ** (i + 1))
+    best = int(np.argmin(smooth))
+    above = np.flatnonzero(smooth[best:] > divergence_factor * smooth[best])
+    stop = best + int(above[0]) if above.size else smooth.size
+    slope = np.gradient(smooth[:stop], np.log(lrs[:stop])) if stop >= 2 else np.zeros(1)
+    return float(lrs[int(np.argmin(slope))]), float(lrs[best])
+
+
+def lr_range_test(loss_fn: sweep.LossFn, data: Any, init_params: Any, seeds: Sequence[int], *,
+                  optimizer: str = "sgd", min_lr: float = 1e-4, max_lr: float = 10.0, steps: int = 200,
+                  batch_size: int | None = None) -> LRRangeTest:
+    """Smith's LR range test, every seed in one vmapped run of the sweep engine.
+
+    The rate grows exponentially from ``min_lr`` to ``max_lr`` over ``steps`` updates; each seed has its
+    own start (``init_params`` may be ``key -> params``) and, with ``batch_size``, its own batch order.
+    """
+    if not 0 < min_lr < max_lr:
+        raise ValueError(f"lr_range_test: need 0 < min_lr < max_lr, got min_lr={min_lr}, max_lr={max_lr}")
+    config = sweep.SweepConfig(steps=steps, batch_size=batch_size, divergence_bound=1e12,
+                               learning_rate_schedule=ExponentialRamp(max_lr / min_lr, steps))
+    specs = sweep.grid([min_lr], seeds, init_params)
+    trace = sweep.run_sweep(loss_fn, optimizer, specs, data, config)[optimizer]
+    rates = min_lr * (max_lr / min_lr) ** (np.arange(steps) / steps)
+    losses = np.asarray(trace.losses)[:, 1:]  # the loss after update t, made at rates[t]
+    picks = [suggest_learning_rate(rates, row) for row in losses]
+    steepest = np.array([p[0] for p in picks])
+    return LRRangeTest(rates, losses, steepest, float(np.median(steepest)), np.array([p[1] for p in picks]))
