@@ -49,6 +49,7 @@ class BenchConfig:
     nhwc_shape: tuple[int, int, int, int]
     tokens_shape: tuple[int, int]
     group_norm_groups: int
+    sweep_steps: int
     effective_batch: int = 128
     num_microbatches: int = 4
     end_to_end: bool = False
@@ -57,9 +58,10 @@ class BenchConfig:
     def for_mode(cls, quick: bool) -> BenchConfig:
         if quick:
             return cls(quick=True, repeats=5, warmup=1, min_sample_s=0.005, nhwc_shape=(8, 16, 16, 32),
-                       tokens_shape=(64, 256), group_norm_groups=8)
+                       tokens_shape=(64, 256), group_norm_groups=8, sweep_steps=200)
         return cls(quick=False, repeats=15, warmup=2, min_sample_s=0.05, nhwc_shape=(32, 32, 32, 64),
-                   tokens_shape=(256, 1024), group_norm_groups=32, end_to_end=True)
+                   tokens_shape=(256, 1024), group_norm_groups=32, sweep_steps=1000,
+                   end_to_end=True)
 
     def timing(self) -> dict[str, Any]:
         return {"repeats": self.repeats, "warmup": self.warmup, "min_sample_s": self.min_sample_s}
@@ -189,6 +191,155 @@ def norm_rows(cfg: BenchConfig) -> list[Row]:
     return rows
 
 
+# --- a training step on digits-sized images (accumulation and GC rows) --------------------------------
+
+
+def _digits_workload(cfg: BenchConfig, model: Any = None) -> tuple[Any, Any, Callable[[Any], Any]]:
+    """A digits model of the real-data experiments (default: the CNN with batch norm) on a random
+    (128, 8, 8, 1) batch. Returns ``(batch, momentum_sgd, state_for(tx))``; timings do not depend on
+    the pixel values.
+    """
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from jaxopt_lab import models, training
+
+    ki, kl, kp = jax.random.split(jax.random.key(2), 3)
+    images = jax.random.normal(ki, (cfg.effective_batch, 8, 8, 1), jnp.float32)
+    labels = jax.random.randint(kl, (cfg.effective_batch,), 0, 10)
+    model = models.CNN() if model is None else model
+    return (training.Batch(images, labels), optax.sgd(0.05, momentum=0.9),
+            lambda tx: training.create_train_state(model, tx, kp, images[:1]))
+
+
+def _steps(step: Callable, state: Any, batches: Sequence[Any]) -> Any:
+    for batch in batches:
+        state, _ = step(state, batch)
+    return state
+
+
+def accumulation_rows(cfg: BenchConfig) -> list[Row]:
+    import jax
+    import optax
+
+    from jaxopt_lab import benchmarking as bm
+    from jaxopt_lab import models, training
+    from jaxopt_lab.accumulation import microbatched_value_and_grad
+
+    k, n = cfg.num_microbatches, cfg.effective_batch
+    target = bm.Target("max_ratio", 1.15)
+    rows = []
+    for label, model in (("CNN", models.CNN()), ("MLP", models.MLP())):
+        batch, tx, state_for = _digits_workload(cfg, model)
+        micro = jax.tree.map(lambda a: a.reshape(k, n // k, *a.shape[1:]), batch)
+        micro_batches = [jax.tree.map(lambda a, i=i: a[i], micro) for i in range(k)]
+        one_step = jax.jit(training.make_train_step())
+        microbatched_step = jax.jit(training.make_train_step(num_microbatches=k))
+        state, multi_state = state_for(tx), state_for(optax.MultiSteps(tx, every_k_schedule=k))
+        fns = {
+            "one batch": functools.partial(one_step, state, batch),
+            "microbatched": functools.partial(microbatched_step, state, batch),
+        }
+        if label == "CNN":
+            # As MultiSteps is used: k jitted calls, one per micro-batch, the state carried between them.
+            fns["multisteps"] = functools.partial(_steps, one_step, multi_state, micro_batches)
+        t = bm.time_interleaved(fns, **cfg.timing())
+        shape = f"{label} (batch norm), {k}x{n // k} vs {n}"
+        anchor = f"train step on one batch of {n}"
+        rows.append(_compared("accumulation", f"train step, microbatched_value_and_grad {k}x{n // k}", anchor,
+                              shape, bm.Comparison(t["microbatched"], t["one batch"]), target))
+        if "multisteps" in t:
+            rows.append(_compared("accumulation", f"train step, optax.MultiSteps {k} micro-steps", anchor,
+                                  shape, bm.Comparison(t["multisteps"], t["one batch"])))
+
+    # The gradient alone against optax's own micro-batching (a fori_loop; MEAN to match our mean loss).
+    batch, _, state_for = _digits_workload(cfg, models.CNN(norm="group"))
+    params = state_for(optax.identity()).params
+    apply_fn = models.CNN(norm="group").apply
+
+    def loss_fn(params, batch):
+        return training.cross_entropy(apply_fn({"params": params}, batch.images, train=True), batch.labels)
+
+    ours = jax.jit(microbatched_value_and_grad(loss_fn, k))
+    anchor = jax.jit(optax.microbatch(jax.value_and_grad(loss_fn), argnums=1, microbatch_size=n // k,
+                                      accumulator=optax.microbatching.AccumulationType.MEAN))
+    t = bm.time_interleaved({"ours": functools.partial(ours, params, batch),
+                             "optax": functools.partial(anchor, params, batch)}, **cfg.timing())
+    rows.append(_compared("accumulation", f"microbatched_value_and_grad {k}x{n // k}",
+                          "optax.microbatch (MEAN)", f"CNN (group norm), {k}x{n // k}",
+                          bm.Comparison(t["ours"], t["optax"]), bm.Target("max_ratio", 1.05)))
+    return rows
+
+
+def gradient_centralization_rows(cfg: BenchConfig) -> list[Row]:
+    import jax
+    import optax
+
+    from jaxopt_lab import benchmarking as bm
+    from jaxopt_lab import training
+    from jaxopt_lab.centralization import gradient_centralization
+
+    batch, tx, state_for = _digits_workload(cfg)
+    tx_gc = optax.chain(gradient_centralization(), tx)
+    state, state_gc = state_for(tx), state_for(tx_gc)
+    step = jax.jit(training.train_step)
+    t = bm.time_interleaved({"plain": functools.partial(step, state, batch),
+                             "gc": functools.partial(step, state_gc, batch)}, **cfg.timing())
+    # The optimizer update alone (no forward/backward): GC's cost with nothing to hide it.
+    grads = jax.tree.map(lambda p: p * 0.01, state.params)
+
+    def update_fn(optimizer):
+        @jax.jit
+        def update(params, opt_state, grads):
+            updates, opt_state = optimizer.update(grads, opt_state, params)
+            return optax.apply_updates(params, updates), opt_state
+
+        return functools.partial(update, state.params, optimizer.init(state.params), grads)
+
+    u = bm.time_interleaved({"plain": update_fn(tx), "gc": update_fn(tx_gc)}, **cfg.timing())
+    shape = f"CNN, batch {cfg.effective_batch}"
+    return [
+        _compared("gradient-centralization", "train step with GC", "train step without GC (SGD momentum)",
+                  shape, bm.Comparison(t["gc"], t["plain"]), bm.Target("max_ratio", 1.05)),
+        _compared("gradient-centralization", "optimizer update with GC", "optimizer update without GC",
+                  "CNN params", bm.Comparison(u["gc"], u["plain"])),
+    ]
+
+
+# --- the sweep engine -----------------------------------------------------------------------------------
+
+SWEEP_OPTIMIZERS = ("sgd", "momentum", "rmsprop", "adam")
+SWEEP_LEARNING_RATES = (0.001, 0.01, 0.1, 1.0)
+
+
+def sweep_rows(cfg: BenchConfig) -> list[Row]:
+    import jax
+
+    from jaxopt_lab import benchmarking as bm
+    from jaxopt_lab import landscapes, sweep
+
+    # The optimizer grid of mission.md part F: 4 optimizers x 4 rates on the synthetic regression.
+    problem = landscapes.make_regression(0)
+    features = problem.data["x"].shape[1]
+    specs = sweep.grid(SWEEP_LEARNING_RATES, seeds=[0], init_params=landscapes.init_linear(features))
+    config = sweep.SweepConfig(steps=cfg.sweep_steps, target_loss=0.1)
+    singles = [jax.tree.map(lambda a, i=i: a[i], specs) for i in range(len(SWEEP_LEARNING_RATES))]
+
+    def vmapped():
+        return sweep.run_sweep(landscapes.mse_loss, SWEEP_OPTIMIZERS, specs, problem.data, config)
+
+    def loop():
+        return [sweep.run_single(landscapes.mse_loss, name, spec, problem.data, config)
+                for name in SWEEP_OPTIMIZERS for spec in singles]
+
+    t = bm.time_interleaved({"vmapped": vmapped, "loop": loop}, **cfg.timing())
+    runs = len(SWEEP_OPTIMIZERS) * len(SWEEP_LEARNING_RATES)
+    return [_compared("sweep", f"{runs}-run grid, one vmapped jit", f"Python loop of {runs} jitted runs",
+                      f"{runs} runs x {cfg.sweep_steps} steps", bm.Comparison(t["vmapped"], t["loop"]),
+                      bm.Target("min_speedup", 10.0))]
+
+
 # --- end to end -----------------------------------------------------------------------------------------
 
 
@@ -208,6 +359,11 @@ def end_to_end_rows(cfg: BenchConfig) -> list[Row]:
 # (group, the library modules it needs, the function producing its rows)
 GROUPS: tuple[tuple[str, tuple[str, ...], Callable[[BenchConfig], list[Row]]], ...] = (
     ("norms", ("jaxopt_lab.normalization",), norm_rows),
+    ("accumulation", ("jaxopt_lab.accumulation", "jaxopt_lab.models", "jaxopt_lab.training"),
+     accumulation_rows),
+    ("gradient-centralization", ("jaxopt_lab.centralization", "jaxopt_lab.models", "jaxopt_lab.training"),
+     gradient_centralization_rows),
+    ("sweep", ("jaxopt_lab.sweep", "jaxopt_lab.landscapes"), sweep_rows),
     ("end-to-end", (), end_to_end_rows),
 )
 
