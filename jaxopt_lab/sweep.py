@@ -78,6 +78,7 @@ class OptimizerSpec(NamedTuple):
     factory: Callable[..., optax.GradientTransformation]
     hyperparams: Mapping[str, float]
     note: str
+    static_args: tuple[str, ...] = ()  # numeric arguments inject_hyperparams must not turn into arrays
 
 
 OPTIMIZERS: dict[str, OptimizerSpec] = {
@@ -95,12 +96,15 @@ def _register_gradient_centralization() -> None:
         from jaxopt_lab import centralization
     except ImportError:  # pragma: no cover - only before the GC module lands
         return
+    # feature_axis and weight_decay steer Python control flow in the GC factories: keep them static.
+    static = ("feature_axis", "weight_decay")
     OPTIMIZERS.update({
-        "sgd_gc": OptimizerSpec(centralization.sgd_gc, {}, "SGD with gradient centralization"),
+        "sgd_gc": OptimizerSpec(centralization.sgd_gc, {}, "SGD with gradient centralization", static),
         "momentum_gc": OptimizerSpec(centralization.sgd_gc, {"momentum": MOMENTUM},
-                                     f"SGD(momentum={MOMENTUM}) with gradient centralization"),
-        "adam_gc": OptimizerSpec(centralization.adam_gc, {}, "Adam with gradient centralization"),
-        "adamw_gc": OptimizerSpec(centralization.adamw_gc, {}, "AdamW with gradient centralization"),
+                                     f"SGD(momentum={MOMENTUM}) with gradient centralization", static),
+        "adam_gc": OptimizerSpec(centralization.adam_gc, {}, "Adam with gradient centralization", static),
+        "adamw_gc": OptimizerSpec(centralization.adamw_gc, {}, "AdamW with gradient centralization",
+                                  ("feature_axis",)),
     })
 
 
@@ -130,7 +134,8 @@ def make_optimizer(name: str, learning_rate: optax.ScalarOrSchedule) -> optax.Gr
         raise ValueError(f"make_optimizer: unknown optimizer {name!r}; "
                          f"expected one of {available_optimizers()}")
     spec = OPTIMIZERS[name]
-    return optax.inject_hyperparams(spec.factory)(learning_rate=learning_rate, **spec.hyperparams)
+    factory = optax.inject_hyperparams(spec.factory, static_args=spec.static_args)
+    return factory(learning_rate=learning_rate, **spec.hyperparams)
 
 
 @dataclasses.dataclass(frozen=True)
