@@ -179,6 +179,66 @@ def check_batchnorm_statistics_are_global_not_per_device():
     assert "all-reduce" in hlo
 
 
+@_check
+def check_gradient_centralization_is_unchanged_under_data_parallel():
+    from jaxopt_lab.centralization import gradient_centralization
+
+    tx = optax.chain(gradient_centralization(), optax.sgd(0.1, momentum=0.9))
+    _assert_dp_equals_single(_train_step_fn(tx), _init_state(tx))
+
+
+@_check
+def check_microbatching_is_unchanged_under_data_parallel():
+    from jaxopt_lab.accumulation import microbatched_value_and_grad
+
+    def microbatched(loss_fn, has_aux):
+        # Batch norm statistics thread through the 4 micro-batches (carry), as in the digits train step.
+        value_and_grad = microbatched_value_and_grad(lambda p, s, b: _with_carry(loss_fn(p, s, b)), 4,
+                                                     has_aux=has_aux, batch_argnums=2, carry_argnum=1,
+                                                     aux_mode="mean")
+
+        def unwrapped(params, batch_stats, batch):
+            (loss, (batch_stats, _)), grads = value_and_grad(params, batch_stats, batch)
+            return (loss, batch_stats), grads
+
+        return unwrapped
+
+    tx = optax.adam(1e-2)
+    _assert_dp_equals_single(_train_step_fn(tx, value_and_grad=microbatched), _init_state(tx))
+
+
+def _with_carry(loss_and_stats):
+    loss, batch_stats = loss_and_stats
+    return loss, (batch_stats, jnp.zeros(()))
+
+
+def _digits_state_and_batches(tx: optax.GradientTransformation):
+    from jaxopt_lab import models, training
+
+    state = training.create_train_state(models.CNN(widths=(8, 16)), tx, jax.random.key(0), _batch()["x"][:1])
+    return state, [training.Batch(b["x"], b["y"]) for b in (_batch(seed=i) for i in range(3))]
+
+
+@_check
+def check_digits_train_step_with_gc_and_microbatches_equals_single_device():
+    from jaxopt_lab import training
+    from jaxopt_lab.centralization import gradient_centralization
+
+    tx = optax.chain(gradient_centralization(), optax.sgd(0.05, momentum=0.9))
+    mesh = parallel.data_parallel_mesh()
+    for num_microbatches in (1, 4):
+        train_step = training.make_train_step(num_microbatches=num_microbatches)
+        state, batches = _digits_state_and_batches(tx)
+        single, dp = state, state
+        dp_step, single_step = parallel.data_parallel_step(train_step, mesh), jax.jit(train_step)
+        for batch in batches:
+            single, single_metrics = single_step(single, batch)
+            dp, dp_metrics = dp_step(dp, batch)
+            chex.assert_trees_all_close(dp_metrics, single_metrics, rtol=1e-5, atol=1e-6)
+        chex.assert_trees_all_close((dp.params, dp.batch_stats, dp.opt_state),
+                                    (single.params, single.batch_stats, single.opt_state), rtol=1e-4, atol=1e-6)
+
+
 # --- the 8-device checks, one test each ----------------------------------------------------------
 
 
