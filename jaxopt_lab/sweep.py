@@ -57,6 +57,7 @@ __all__ = [
     "RunTrace",
     "SweepConfig",
     "available_optimizers",
+    "concatenate",
     "grid",
     "make_optimizer",
     "run_histories",
@@ -244,6 +245,13 @@ def grid(learning_rates: Sequence[float], seeds: Sequence[int], init_params: Any
         init_params=jax.tree.map(lambda x: x[seed_idx], starts),
         gradient_noise=jnp.asarray(noise[noise_idx]),
     )
+
+
+def concatenate(*specs: RunSpec) -> RunSpec:
+    """Several batched :class:`RunSpec` as one (e.g. grids from different starts), in the given order."""
+    if not specs or not all(isinstance(s, RunSpec) for s in specs):
+        raise TypeError(f"concatenate: expected one or more RunSpec, got {[type(s).__name__ for s in specs]}")
+    return jax.tree.map(lambda *xs: jnp.concatenate(xs, axis=0), *specs)
 
 
 def _sample_batch(data: Any, key: jax.Array, step: jax.Array, batch_size: int) -> Any:
