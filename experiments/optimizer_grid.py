@@ -153,7 +153,8 @@ def run(ctx: RunContext) -> None:
             if logy:
                 ax.set_ylim(1e-2, 1e7)
         fig.suptitle(f"Synthetic linear regression (n={cfg.num_samples}, d={cfg.num_features}), init seed "
-                     f"{seeds[0]}; dotted: target", y=1.01)
+                     f"{seeds[0]}; dotted: target")
+        fig.tight_layout()
         ctx.save_figure(fig, filename)
 
     checks = _claim_checks(cells, cfg)
