@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import socket
 import subprocess
 import sys
 import traceback
@@ -258,6 +259,38 @@ def test_on_8_simulated_devices(outcomes_on_8_devices, name):
 
 
 
+def _multihost_worker(process_id: int, port: int) -> None:
+    """One of two processes (4 CPU devices each): the BN net's data-parallel step over all 8 devices,
+    each process feeding its half of the batch, against one device on the whole batch."""
+    jax.config.update("jax_cpu_collectives_implementation", "gloo")
+    parallel.initialize_distributed(f"localhost:{port}", num_processes=2, process_id=process_id)
+    tx = optax.adam(1e-2)
+    train_step, state, batch = _train_step_fn(tx), _init_state(tx), _batch()
+    half = jax.tree.map(lambda a: a[process_id * 16:(process_id + 1) * 16], batch)
+    dp_state, dp_loss = parallel.data_parallel_step(train_step, parallel.data_parallel_mesh())(state, half)
+    local_copy = jax.tree.map(lambda a: np.asarray(a.addressable_data(0)), (dp_state, dp_loss))
+    single = jax.jit(train_step)(state, batch)
+    chex.assert_trees_all_close(local_copy, single, rtol=1e-4, atol=1e-6)
+    print(json.dumps({"process": process_id, "devices": jax.device_count(),
+                      "local_devices": jax.local_device_count()}))
+
+
+def test_two_processes_equal_one_device():
+    """Multi-host for real: jax.distributed.initialize with 2 local processes, 4 CPU devices each."""
+    with socket.socket() as sock:
+        sock.bind(("localhost", 0))
+        port = sock.getsockname()[1]
+    env = {**os.environ, "XLA_FLAGS": "--xla_force_host_platform_device_count=4", "JAX_PLATFORMS": "cpu"}
+    procs = [subprocess.Popen([sys.executable, __file__, "multihost", str(i), str(port)], env=env,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for i in range(2)]
+    outputs = [proc.communicate(timeout=300) for proc in procs]
+    for proc, (out, err) in zip(procs, outputs, strict=True):
+        assert proc.returncode == 0, f"worker failed:\n{out}\n{err[-3000:]}"
+    reports = [json.loads(out.strip().splitlines()[-1]) for out, _ in outputs]
+    assert [r["process"] for r in reports] == [0, 1]
+    assert all(r["devices"] == 8 and r["local_devices"] == 4 for r in reports)
+
+
 def _main() -> None:
     outcomes = {}
     for name, fn in CHECKS.items():
@@ -270,4 +303,7 @@ def _main() -> None:
 
 
 if __name__ == "__main__":
-    _main()
+    if sys.argv[1:2] == ["multihost"]:
+        _multihost_worker(int(sys.argv[2]), int(sys.argv[3]))
+    else:
+        _main()
