@@ -36,6 +36,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 __all__ = [
     "DATA_AXIS",
+    "batch_sharded",
     "batch_sharding",
     "data_parallel_mesh",
     "data_parallel_step",
@@ -149,5 +150,26 @@ def data_parallel_step(train_step: Callable[[Any, Any], Any], mesh: Mesh, *,
     def step(state: Any, batch: Any) -> Any:
         # device_put is free when the state is already replicated (every step after the first).
         return compiled(jax.device_put(state, replicated), shard_batch(batch, mesh))
+
+    return step
+
+
+def batch_sharded(train_step: Callable[[Any, Any], Any], mesh: Mesh) -> Callable[[Any, Any], Any]:
+    """``train_step`` with its batch constrained to be split over the mesh, for use *inside* a jit.
+
+    :func:`data_parallel_step` compiles one step per call. A training loop that is itself one jitted
+    program (a ``lax.scan`` over mini-batches gathered from a device-resident data set, as
+    :func:`jaxopt_lab.training.fit` does) needs the sharding stated inside it instead:
+    ``jax.lax.with_sharding_constraint`` on the batch makes XLA split each step's batch over the devices
+    and all-reduce its batch statistics, as above. It composes with ``vmap`` (e.g. over seeds).
+    """
+    if not callable(train_step):
+        raise TypeError(f"batch_sharded: train_step must be callable, got {type(train_step).__name__}")
+    if not isinstance(mesh, Mesh):
+        raise TypeError(f"batch_sharded: mesh must be a jax.sharding.Mesh, got {type(mesh).__name__}")
+    sharding = batch_sharding(mesh)
+
+    def step(state: Any, batch: Any) -> Any:
+        return train_step(state, jax.lax.with_sharding_constraint(batch, sharding))
 
     return step

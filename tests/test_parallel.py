@@ -56,6 +56,8 @@ def test_bad_arguments_name_what_was_expected():
         parallel.data_parallel_step("step", parallel.data_parallel_mesh())
     with pytest.raises(TypeError, match=r"jax\.sharding\.Mesh"):
         parallel.data_parallel_step(lambda s, b: s, mesh=None)
+    with pytest.raises(TypeError, match="batch_sharded: mesh must be"):
+        parallel.batch_sharded(lambda s, b: s, mesh="data")
     with pytest.raises(ValueError, match=r"\['x'\] has shape \(\)"):
         parallel.shard_batch({"x": np.float32(1.0)}, parallel.data_parallel_mesh())
 
@@ -257,6 +259,27 @@ def test_on_8_simulated_devices(outcomes_on_8_devices, name):
     assert set(outcomes_on_8_devices) == set(CHECKS)
     assert outcomes_on_8_devices[name] is None, outcomes_on_8_devices[name]
 
+
+
+@_check
+def check_batch_sharded_step_inside_a_jitted_scan_and_vmap_equals_single_device():
+    tx = optax.adam(1e-2)
+    train_step, state = _train_step_fn(tx), _init_state(tx)
+    mesh = parallel.data_parallel_mesh()
+    batches = jax.tree.map(lambda *xs: jnp.stack(xs), *[_batch(seed=i) for i in range(3)])
+
+    def loop(step):
+        return jax.jit(lambda state, batches: jax.lax.scan(step, state, batches))
+
+    single = loop(train_step)(state, batches)
+    sharded_loop = loop(parallel.batch_sharded(train_step, mesh))
+    chex.assert_trees_all_close(sharded_loop(state, batches), single, rtol=1e-4, atol=1e-6)
+    assert "all-reduce" in sharded_loop.lower(state, batches).compile().as_text()
+    # Under vmap (two copies of the run, as training.train_seeds vmaps seeds) the batch axis is still split.
+    two = jax.tree.map(lambda a: jnp.stack([a, a]), (state, batches))
+    vmapped = jax.jit(jax.vmap(lambda s, b: jax.lax.scan(parallel.batch_sharded(train_step, mesh), s, b)))
+    chex.assert_trees_all_close(vmapped(*two), jax.tree.map(lambda a: jnp.stack([a, a]), single),
+                                rtol=1e-4, atol=1e-6)
 
 
 def _multihost_worker(process_id: int, port: int) -> None:
