@@ -160,16 +160,34 @@ def _flax_apply(module: Any, x: Any) -> tuple[Callable, Any]:
     return apply, params
 
 
+LARGE_OFFSET = 1e3  # the accuracy check's common offset (unit spread): one-pass variance fails here
+
+
+def _reference_norm(x: Any, name: str, groups: int, eps: float) -> Any:
+    """The norm in float64 NumPy (scale 1, bias 0, as initialized): the accuracy yardstick."""
+    import numpy as np
+
+    x = np.asarray(x, np.float64)
+    spatial = tuple(range(1, x.ndim - 1))
+    if name == "group_norm":
+        grouped = x.reshape(*x.shape[:-1], groups, x.shape[-1] // groups)
+        axes = (*spatial, grouped.ndim - 1)
+        y = (grouped - grouped.mean(axes, keepdims=True)) / np.sqrt(grouped.var(axes, keepdims=True) + eps)
+        return y.reshape(x.shape)
+    axes = {"layer_norm": (-1,), "instance_norm": spatial, "batch_norm": tuple(range(x.ndim - 1))}[name]
+    return (x - x.mean(axes, keepdims=True)) / np.sqrt(x.var(axes, keepdims=True) + eps)
+
+
 def norm_rows(cfg: BenchConfig) -> list[Row]:
     import jax
     import jax.numpy as jnp
+    import numpy as np
 
     from jaxopt_lab import benchmarking as bm
 
     rows = []
     for name, shape, ours_apply, make_module in _norm_cases(cfg):
         kx, kd = jax.random.split(jax.random.key(1))
-        # A common offset as large as real activations can have: the case one-pass variance gets wrong.
         x = jax.random.normal(kx, shape, jnp.float32) * 2.0 + 5.0
         dy = jax.random.normal(kd, shape, jnp.float32)
         flax_fast, params = _flax_apply(make_module(True), x)
@@ -181,8 +199,15 @@ def norm_rows(cfg: BenchConfig) -> list[Row]:
         moved = 4 * bm.nbytes(x)
         copy_gbps = bm.achieved_gbps(2 * bm.nbytes(x), t["copy"].median)
         gbps = {k: bm.achieved_gbps(moved, t[k].median) for k in ("ours", "flax", "flax_two_pass")}
+        # Accuracy on the same shape with a large common offset, against float64 (speed must not cost it).
+        x_offset = jax.random.normal(kx, shape, jnp.float32) + LARGE_OFFSET
+        eps = 1e-5 if name == "batch_norm" else 1e-6
+        reference = _reference_norm(x_offset, name, cfg.group_norm_groups, eps)
+        error = {k: float(np.max(np.abs(np.asarray(jax.jit(apply)(x_offset, params)[0]) - reference)))
+                 for k, apply in paths.items()}
         extra = {"gbps": gbps, "copy_gbps": copy_gbps,
-                 "fraction_of_copy_bandwidth": {k: v / copy_gbps for k, v in gbps.items()}}
+                 "fraction_of_copy_bandwidth": {k: v / copy_gbps for k, v in gbps.items()},
+                 "max_abs_error_at_large_offset": error}
         shape_text = "x".join(map(str, shape))
         rows.append(_compared("norms", f"{name} fwd+bwd", "flax.linen default (fast variance)", shape_text,
                               bm.Comparison(t["ours"], t["flax"]), bm.Target("max_ratio", 1.0), **extra))
@@ -463,13 +488,18 @@ def _summary(cfg: BenchConfig, rows: list[Row], unavailable: dict[str, str], env
     if norms:
         lines += ["", "Norms against the memory-bandwidth floor (GB/s; fwd+bwd moves at least 4x the bytes of "
                   "x: read x and dy, write y and dx; the copy reads and writes x once):", "",
-                  "| norm | shape | ours | flax default | flax two-pass | streaming copy | ours / copy |",
-                  "|---|---|---|---|---|---|---|"]
+                  "| norm | shape | ours | flax default | flax two-pass | streaming copy | ours / copy "
+                  "| max error ours / flax default / two-pass |",
+                  "|---|---|---|---|---|---|---|---|"]
         for r in norms:
-            g = r.extra["gbps"]
+            g, e = r.extra["gbps"], r.extra["max_abs_error_at_large_offset"]
             lines.append(f"| {r.ours.split()[0]} | {r.shape} | {g['ours']:.1f} | {g['flax']:.1f} | "
                          f"{g['flax_two_pass']:.1f} | {r.extra['copy_gbps']:.1f} | "
-                         f"{100 * r.extra['fraction_of_copy_bandwidth']['ours']:.0f}% |")
+                         f"{100 * r.extra['fraction_of_copy_bandwidth']['ours']:.0f}% | "
+                         f"{e['ours']:.2g} / {e['flax']:.2g} / {e['flax_two_pass']:.2g} |")
+        lines += ["", f"Max error: max |y - y_float64| of the forward pass on the same shape with a common "
+                  f"offset of {LARGE_OFFSET:g} and unit spread; the float64 reference normalizes the same "
+                  f"float32 input, so an exact float32 computation would be off by ~1e-7 (its rounding of y)."]
     if unavailable:
         lines += ["", "Not measured: " + "; ".join(f"{g} ({why})" for g, why in unavailable.items()) + "."]
     lines += ["", "![ratios and bandwidth](ratios.png)", "", "---",
