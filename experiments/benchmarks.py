@@ -371,12 +371,19 @@ def sweep_rows(cfg: BenchConfig) -> list[Row]:
 def end_to_end_rows(cfg: BenchConfig) -> list[Row]:
     if not cfg.end_to_end:
         return []
+    from jaxopt_lab.experiment import available_experiments
+
+    names = list(available_experiments())
     with tempfile.TemporaryDirectory(prefix="jaxopt-lab-e2e-") as out:
         start = time.perf_counter()
-        subprocess.run([sys.executable, "-m", "jaxopt_lab.cli", "run", "all", "--quick", "--out", out,
-                        "--no-progress"], check=True, capture_output=True, text=True)
+        proc = subprocess.run([sys.executable, "-m", "jaxopt_lab.cli", "run", "all", "--quick", "--out", out,
+                               "--no-progress"], capture_output=True, text=True)
         elapsed = time.perf_counter() - start
-    return [Row("end-to-end", "jaxopt-lab run all --quick", None, "-", elapsed)]
+    # A failing experiment is reported in its row, not allowed to discard every other measurement.
+    ours = "jaxopt-lab run all --quick" + ("" if proc.returncode == 0 else f" (FAILED, exit {proc.returncode})")
+    return [Row("end-to-end", ours, None, f"{len(names)} experiments", elapsed,
+                extra={"experiments": names, "returncode": proc.returncode,
+                       "stderr_tail": proc.stderr[-2000:] if proc.returncode else ""})]
 
 
 # --- the suite ------------------------------------------------------------------------------------------

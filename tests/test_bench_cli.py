@@ -55,6 +55,7 @@ def test_every_row_is_consistent(bench_out):
             assert row["met"] is None
         if row["group"] == "norms":
             assert row["copy_gbps"] > 0 and set(row["gbps"]) == {"ours", "flax", "flax_two_pass"}
+            assert set(row["max_abs_error_at_large_offset"]) == set(row["gbps"])
         assert f"| {row['group']} | {row['ours']} | {row['anchor'] or '-'} | {row['shape']} |" in summary
     assert "`jaxopt-lab bench --quick`" in summary and "![ratios and bandwidth](ratios.png)" in summary
     for group, why in meta["unavailable"].items():
