@@ -65,19 +65,24 @@ def _as_history(history: Any, name: str) -> np.ndarray:
     return h
 
 
-def loss_noise(history: Any) -> dict[str, float]:
+def loss_noise(history: Any, *, rtol: float = 1e-6) -> dict[str, float]:
     """How jagged a loss curve is, independent of its scale.
 
     Returns:
-      ``increase_fraction``: share of steps on which the loss went *up* (0 for full-batch gradient descent on
-      a smooth convex problem with a stable rate; near 0.5 for pure noise).
-      ``roughness``: standard deviation of the step-to-step change of ``log(loss)`` (0 for a straight line on a
-      log plot — geometric decay — whatever its slope; needs positive losses, else NaN).
+      ``increase_fraction``: share of steps on which the loss went *up* by more than ``rtol`` (relative):
+      0 for full-batch gradient descent on a smooth convex problem with a stable rate, near 0.5 for pure
+      noise. The tolerance keeps float32 rounding at a converged loss floor from counting as a rise.
+      ``roughness``: standard deviation of the step-to-step change of ``log(loss)`` (0 for a straight line on
+      a log plot — geometric decay — whatever its slope). Pairs with a non-positive loss are skipped (a
+      one-example batch can fit exactly); NaN when no pair is left.
     """
     h = _as_history(history, "loss_noise")
     steps = np.diff(h)
-    roughness = float(np.std(np.diff(np.log(h)))) if np.all(h > 0) else math.nan
-    return {"increase_fraction": float(np.mean(steps > 0)), "roughness": roughness}
+    positive = (h[:-1] > 0) & (h[1:] > 0)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        log_steps = np.log(h[1:][positive]) - np.log(h[:-1][positive])
+    roughness = float(np.std(log_steps)) if log_steps.size else math.nan
+    return {"increase_fraction": float(np.mean(steps > rtol * np.abs(h[:-1]))), "roughness": roughness}
 
 
 def diagnose(history: Any, *, target: float | None = None, blowup_factor: float = 10.0,

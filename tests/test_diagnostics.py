@@ -126,3 +126,10 @@ def test_bad_histories_are_rejected():
         diagnose(np.array([1.0]))
     with pytest.raises(ValueError, match="need 0 < min_lr < max_lr"):
         diagnostics.lr_range_test(lambda w, b: jnp.sum(w ** 2), None, jnp.ones(2), [0], min_lr=1.0, max_lr=0.1)
+
+
+def test_loss_noise_ignores_rounding_at_a_floor_and_exact_zeros():
+    floor = 0.0093 * (1 + 1e-8 * np.random.default_rng(1).normal(size=100))  # float32-level jitter
+    assert diagnostics.loss_noise(floor)["increase_fraction"] == 0.0
+    with_zero = diagnostics.loss_noise(np.array([1.0, 0.5, 0.0, 0.25, 0.125]))
+    assert with_zero["roughness"] == pytest.approx(0.0)  # the two pairs touching 0 are skipped
