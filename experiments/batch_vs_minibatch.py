@@ -156,10 +156,11 @@ seeds (initial weights and batch order), one vmapped sweep per batch size. A fre
 per epoch; mini-batches drop the remainder.
 
 **Noise, quantified** on the loss each step actually saw (the batch loss; medians over seeds): the share of
-steps on which it *rose*, the roughness (std of the step-to-step change of log loss: 0 for a smooth
-geometric decay), and the std of the raw loss differences over the second half of training. Time per
-update: one run, without the monitoring pass over all data, median of {cfg.timing_repeats} interleaved
-repetitions; wall-clock to target = time per update x median updates to the target.
+steps on which it *rose*, the roughness (std of the second difference of log loss: how much the slope on
+a log plot changes from step to step, ~0 for any smooth curve), and the std of the raw loss differences
+over the second half of training. Time per update: one run, without the monitoring pass over all data,
+median of {cfg.timing_repeats} interleaved repetitions; wall-clock to target = time per update x median
+updates to the target.
 
 {header}
 |---|---|---|---|---|---|---|---|---|---|

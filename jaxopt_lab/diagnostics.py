@@ -72,16 +72,17 @@ def loss_noise(history: Any, *, rtol: float = 1e-6) -> dict[str, float]:
       ``increase_fraction``: share of steps on which the loss went *up* by more than ``rtol`` (relative):
       0 for full-batch gradient descent on a smooth convex problem with a stable rate, near 0.5 for pure
       noise. The tolerance keeps float32 rounding at a converged loss floor from counting as a rise.
-      ``roughness``: standard deviation of the step-to-step change of ``log(loss)`` (0 for a straight line on
-      a log plot — geometric decay — whatever its slope). Pairs with a non-positive loss are skipped (a
-      one-example batch can fit exactly); NaN when no pair is left.
+      ``roughness``: standard deviation of the second difference of ``log(loss)`` — how much the slope on a
+      log plot changes from one step to the next: ~0 for any smooth curve (geometric decay, a bend into a
+      plateau), large for a jagged one. Entries with a non-positive loss are skipped (a one-example batch
+      can fit exactly); NaN when fewer than 3 positive neighbours are left.
     """
     h = _as_history(history, "loss_noise")
     steps = np.diff(h)
-    positive = (h[:-1] > 0) & (h[1:] > 0)
     with np.errstate(divide="ignore", invalid="ignore"):
-        log_steps = np.log(h[1:][positive]) - np.log(h[:-1][positive])
-    roughness = float(np.std(log_steps)) if log_steps.size else math.nan
+        curvature = np.diff(np.log(np.where(h > 0, h, np.nan)), n=2)
+    curvature = curvature[np.isfinite(curvature)]
+    roughness = float(np.std(curvature)) if curvature.size else math.nan
     return {"increase_fraction": float(np.mean(steps > rtol * np.abs(h[:-1]))), "roughness": roughness}
 
 

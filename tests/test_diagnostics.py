@@ -131,5 +131,5 @@ def test_bad_histories_are_rejected():
 def test_loss_noise_ignores_rounding_at_a_floor_and_exact_zeros():
     floor = 0.0093 * (1 + 1e-8 * np.random.default_rng(1).normal(size=100))  # float32-level jitter
     assert diagnostics.loss_noise(floor)["increase_fraction"] == 0.0
-    with_zero = diagnostics.loss_noise(np.array([1.0, 0.5, 0.0, 0.25, 0.125]))
-    assert with_zero["roughness"] == pytest.approx(0.0)  # the two pairs touching 0 are skipped
+    with_zero = diagnostics.loss_noise(np.array([1.0, 0.5, 0.25, 0.0, 0.125, 0.0625, 0.03125]))
+    assert with_zero["roughness"] == pytest.approx(0.0)  # the triples touching 0 are skipped
