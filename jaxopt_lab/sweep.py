@@ -279,8 +279,12 @@ def _init_carry(name: str, spec: RunSpec, config: SweepConfig) -> _Carry:
 
 
 def _scan_steps(loss_fn: LossFn, name: str, config: SweepConfig, spec: RunSpec, data: Any,
-                carry: _Carry, first_step: jax.Array, num_steps: int) -> tuple[_Carry, tuple]:
-    """``num_steps`` steps of one run from ``first_step`` (the unbatched core; vmapped by the callers)."""
+                carry: _Carry, first_step: jax.Array, num_steps: int, noisy: bool) -> tuple[_Carry, tuple]:
+    """``num_steps`` steps of one run from ``first_step`` (the unbatched core; vmapped by the callers).
+
+    ``noisy`` (static) says whether any run has gradient noise: without it the per-step normal draws,
+    the costliest part of a small problem's step, are left out of the program.
+    """
     optimizer = _optimizer_for(name, spec, config)
     data_key, noise_key = jax.random.split(spec.key)
     value_and_grad = jax.value_and_grad(loss_fn)
@@ -297,12 +301,12 @@ def _scan_steps(loss_fn: LossFn, name: str, config: SweepConfig, spec: RunSpec, 
         reached = ~diverged & (loss < config.target_loss if config.target_loss is not None else False)
         stopping = carry.active & (diverged | reached | (t >= config.steps))
         update = carry.active & ~stopping
-        # Gradient noise: an exactly-zero gradient (a run sitting on a saddle) gets kicked off it.
-        noise_keys = jax.random.split(jax.random.fold_in(noise_key, t), len(jax.tree.leaves(grads)))
-        noise = [jax.random.normal(k, g.shape, g.dtype) for k, g in
-                 zip(noise_keys, jax.tree.leaves(grads), strict=True)]
-        grads = jax.tree.map(lambda g, z: g + spec.gradient_noise.astype(g.dtype) * z,
-                             grads, jax.tree.unflatten(jax.tree.structure(grads), noise))
+        if noisy:  # an exactly-zero gradient (a run sitting on a saddle) gets kicked off it
+            noise_keys = jax.random.split(jax.random.fold_in(noise_key, t), len(jax.tree.leaves(grads)))
+            noise = [jax.random.normal(k, g.shape, g.dtype) for k, g in
+                     zip(noise_keys, jax.tree.leaves(grads), strict=True)]
+            grads = jax.tree.map(lambda g, z: g + spec.gradient_noise.astype(g.dtype) * z,
+                                 grads, jax.tree.unflatten(jax.tree.structure(grads), noise))
         updates, new_opt_state = optimizer.update(grads, carry.opt_state, carry.params)
         new_params = optax.apply_updates(carry.params, updates)
         keep = lambda new, old: jax.tree.map(lambda n, o: jnp.where(update, n, o), new, old)
@@ -354,15 +358,19 @@ def _init_all(loss_fn: LossFn, names: tuple[str, ...], config: SweepConfig, spec
     return {name: jax.vmap(lambda s, n=name: _init_carry(n, s, config))(specs) for name in names}
 
 
-@functools.partial(jax.jit, static_argnames=("loss_fn", "names", "config", "num_steps"))
+@functools.partial(jax.jit, static_argnames=("loss_fn", "names", "config", "num_steps", "noisy"))
 def _advance_all(loss_fn: LossFn, names: tuple[str, ...], config: SweepConfig, specs: RunSpec, data: Any,
-                 carries: dict, first_step: jax.Array, num_steps: int) -> tuple[dict, dict]:
+                 carries: dict, first_step: jax.Array, num_steps: int, noisy: bool) -> tuple[dict, dict]:
     """One chunk of every optimizer's runs: the whole grid in one program."""
     new, records = {}, {}
     for name in names:
-        scan = lambda s, c, n=name: _scan_steps(loss_fn, n, config, s, data, c, first_step, num_steps)
+        scan = lambda s, c, n=name: _scan_steps(loss_fn, n, config, s, data, c, first_step, num_steps, noisy)
         new[name], records[name] = jax.vmap(scan)(specs, carries[name])
     return new, records
+
+
+def _has_noise(specs: RunSpec) -> bool:
+    return bool(np.any(np.asarray(specs.gradient_noise) > 0))
 
 
 def run_sweep(loss_fn: LossFn, optimizers: str | Sequence[str], specs: RunSpec, data: Any = None,
@@ -395,12 +403,13 @@ def run_sweep(loss_fn: LossFn, optimizers: str | Sequence[str], specs: RunSpec, 
     if chunk < 1:
         raise ValueError(f"run_sweep: chunk_size must be a positive int, got {chunk_size!r}")
     carries = _init_all(loss_fn, names, config, specs)
+    noisy = _has_noise(specs)
     pieces: dict[str, list] = {name: [] for name in names}
     done = 0
     while done < total:
         n = min(chunk, total - done)
         carries, records = _advance_all(loss_fn, names, config, specs, data, carries,
-                                        jnp.asarray(done, jnp.int32), n)
+                                        jnp.asarray(done, jnp.int32), n, noisy)
         for name in names:
             pieces[name].append(jax.device_get(records[name]))
         done += n
@@ -430,11 +439,12 @@ def _assemble(pieces: list, carry: _Carry, total: int, config: SweepConfig, axis
                     np.asarray(carry.diverged), carry.params, params)
 
 
-@functools.partial(jax.jit, static_argnames=("loss_fn", "name", "config"))
-def _run_single_jit(loss_fn: LossFn, name: str, config: SweepConfig, spec: RunSpec, data: Any) -> tuple:
+@functools.partial(jax.jit, static_argnames=("loss_fn", "name", "config", "noisy"))
+def _run_single_jit(loss_fn: LossFn, name: str, config: SweepConfig, spec: RunSpec, data: Any,
+                    noisy: bool) -> tuple:
     carry = _init_carry(name, spec, config)
     carry, records = _scan_steps(loss_fn, name, config, spec, data, carry, jnp.zeros((), jnp.int32),
-                                 config.steps + 1)
+                                 config.steps + 1, noisy)
     return carry, records
 
 
@@ -450,7 +460,7 @@ def run_single(loss_fn: LossFn, optimizer: str, spec: RunSpec, data: Any = None,
     _check_data(data, config)
     if not isinstance(spec, RunSpec):
         raise TypeError(f"run_single: spec must be a RunSpec, got {type(spec).__name__}")
-    carry, records = jax.device_get(_run_single_jit(loss_fn, optimizer, config, spec, data))
+    carry, records = jax.device_get(_run_single_jit(loss_fn, optimizer, config, spec, data, _has_noise(spec)))
     return _assemble([records], carry, config.steps + 1, config, axis=0)
 
 
