@@ -1,0 +1,363 @@
+"""Tests of jaxopt_lab.normalization against a float64 NumPy reference, invariances and gradients."""
+
+from __future__ import annotations
+
+import functools
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from absl.testing import parameterized
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from jax.test_util import check_grads
+
+from jaxopt_lab import normalization as norm
+from jaxopt_lab.normalization import BatchNormStats
+
+EPS = 1e-5
+# Few distinct shapes: each new one recompiles. (N, *spatial, C) of rank 2, 3 and 4.
+SHAPES = [(4, 8), (3, 5, 6), (2, 3, 4, 8)]
+TOLERANCE = {jnp.float32: 2e-5, jnp.bfloat16: 3e-2, jnp.float16: 3e-3}
+
+
+# --- float64 NumPy reference ------------------------------------------------------------------------
+
+def reference_standardize(x: np.ndarray, axes: tuple[int, ...], eps: float = EPS) -> np.ndarray:
+    x = np.asarray(x, np.float64)
+    mean = x.mean(axes, keepdims=True)
+    var = ((x - mean) ** 2).mean(axes, keepdims=True)  # two-pass, in float64
+    return (x - mean) / np.sqrt(var + eps)
+
+
+def reference(kind: str, x: np.ndarray, groups: int = 1, eps: float = EPS) -> np.ndarray:
+    x = np.asarray(x, np.float64)
+    spatial = tuple(range(1, x.ndim - 1))
+    if kind == "layer":
+        return reference_standardize(x, (x.ndim - 1,), eps)
+    if kind == "instance":
+        return reference_standardize(x, spatial, eps)
+    if kind == "batch":
+        return reference_standardize(x, (0, *spatial), eps)
+    grouped = x.reshape(*x.shape[:-1], groups, x.shape[-1] // groups)
+    return reference_standardize(grouped, (*spatial, x.ndim), eps).reshape(x.shape)
+
+
+@functools.partial(jax.jit, static_argnames=("kind", "groups", "eps"))
+def apply(kind: str, x, scale=None, bias=None, groups: int = 1, eps: float = EPS):
+    """One norm by name, jitted (one compilation per shape instead of one per operation)."""
+    if kind == "layer":
+        return norm.layer_norm(x, scale, bias, eps=eps)
+    if kind == "instance":
+        return norm.instance_norm(x, scale, bias, eps=eps)
+    if kind == "group":
+        return norm.group_norm(x, groups, scale, bias, eps=eps)
+    y, _ = norm.batch_norm(x, norm.batch_norm_init(x.shape[-1]), scale, bias, training=True, eps=eps)
+    return y
+
+
+KINDS = ["batch", "layer", "instance", "group"]
+
+
+def _valid(kind: str, shape: tuple[int, ...]) -> bool:
+    return not (kind == "instance" and len(shape) < 3)
+
+
+# --- exactness --------------------------------------------------------------------------------------
+
+@settings(max_examples=12, deadline=None)
+@given(kind=st.sampled_from(KINDS), shape=st.sampled_from(SHAPES),
+       dtype=st.sampled_from([jnp.float32, jnp.bfloat16, jnp.float16]), seed=st.integers(0, 2**16),
+       loc=st.floats(-3, 3), log_spread=st.floats(-1, 1))
+def test_matches_float64_reference(kind, shape, dtype, seed, loc, log_spread):
+    if not _valid(kind, shape):
+        shape = SHAPES[-1]
+    rng = np.random.default_rng(seed)
+    x = jnp.asarray(loc + 10.0**log_spread * rng.standard_normal(shape), dtype)
+    scale, bias = rng.standard_normal((2, shape[-1])).astype(np.float32)
+    groups = 2 if shape[-1] % 2 == 0 else 1
+    y = apply(kind, x, scale, bias, groups)
+    assert y.dtype == dtype
+    # The reference sees exactly the (rounded) input the function saw.
+    expected = reference(kind, np.asarray(x, np.float64), groups) * scale + bias
+    tol = TOLERANCE[dtype]
+    np.testing.assert_allclose(np.asarray(y, np.float64), expected, atol=tol * 4, rtol=tol)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_large_offset_keeps_float32_accuracy(kind):
+    # mean 1e4, spread 1: E[x^2] and E[x]^2 are both ~1e8 and agree to float32's 7 digits, so the
+    # naive one-pass variance has no correct digit left. Ours must match the float64 reference.
+    x = 1e4 + jax.random.normal(jax.random.key(0), (4, 6, 6, 8), jnp.float32)
+    y = apply(kind, x, groups=2)
+    np.testing.assert_allclose(y, reference(kind, np.asarray(x, np.float64), 2), atol=2e-4, rtol=1e-4)
+
+
+def test_large_offset_defeats_the_naive_variance():
+    # Guards the test above: the offset is large enough that E[x^2] - E[x]^2 really fails in float32.
+    x = 1e4 + jax.random.normal(jax.random.key(0), (256, 64), jnp.float32)
+    naive = jnp.maximum(jnp.mean(x**2, -1) - jnp.mean(x, -1) ** 2, 0.0)
+    exact = np.asarray(x, np.float64).var(-1)
+    assert np.max(np.abs(np.asarray(naive) - exact)) > 0.5
+    ours = norm._moments(x, (1,)).var[:, 0]
+    np.testing.assert_allclose(ours, exact, rtol=1e-4)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_constant_input_gives_bias_not_nan(kind):
+    x = jnp.full((2, 3, 3, 4), 7.25)
+    bias = jnp.arange(4.0)
+    y = apply(kind, x, jnp.full(4, 3.0), bias, groups=2)
+    chex.assert_tree_all_finite(y)
+    np.testing.assert_array_equal(y, jnp.broadcast_to(bias, x.shape))
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_half_precision_statistics_in_float32(kind):
+    # 3 + small spread in bf16: bf16 sums would lose the spread; float32 statistics keep it.
+    x32 = 3.0 + 0.01 * jax.random.normal(jax.random.key(1), (4, 8, 8, 16))
+    x = x32.astype(jnp.bfloat16)
+    y = apply(kind, x, groups=4)
+    assert y.dtype == jnp.bfloat16
+    expected = reference(kind, np.asarray(x, np.float64), 4)
+    np.testing.assert_allclose(np.asarray(y, np.float64), expected, atol=4e-2, rtol=2e-2)
+
+
+# --- the properties that define each norm -----------------------------------------------------------
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_outputs_have_zero_mean_and_unit_variance_over_their_axes(kind):
+    x = 2.0 + 5.0 * jax.random.normal(jax.random.key(2), (4, 5, 5, 8))
+    y = np.asarray(apply(kind, x, groups=2, eps=0.0), np.float64)
+    spatial = (1, 2)
+    if kind == "group":
+        y, axes = y.reshape(4, 5, 5, 2, 4), (1, 2, 4)
+    else:
+        axes = {"layer": (3,), "instance": spatial, "batch": (0, *spatial)}[kind]
+    np.testing.assert_allclose(y.mean(axes), 0.0, atol=1e-5)
+    np.testing.assert_allclose(y.var(axes), 1.0, rtol=1e-4)
+
+
+def _affine_invariance_factors(kind: str, key: jax.Array, shape: tuple[int, ...]):
+    """Positive scale a and shift b constant over each reduction group of the norm."""
+    n, c = shape[0], shape[-1]
+    group_shape = {"layer": (*shape[:-1], 1), "instance": (n, 1, 1, c), "batch": (1, 1, 1, c),
+                   "group": (n, 1, 1, 2, 1)}[kind]
+    a_key, b_key = jax.random.split(key)
+    a = jnp.exp(jax.random.uniform(a_key, group_shape, minval=-2.0, maxval=2.0))
+    b = 10.0 * jax.random.normal(b_key, group_shape)
+    return a, b
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_invariant_to_scale_and_shift_of_each_reduction_group(kind):
+    shape = (4, 5, 5, 8)
+    x = jax.random.normal(jax.random.key(3), shape)
+    a, b = _affine_invariance_factors(kind, jax.random.key(4), shape)
+    if kind == "group":
+        transformed = (x.reshape(4, 5, 5, 2, 4) * a + b).reshape(shape)
+    else:
+        transformed = x * a + b
+    np.testing.assert_allclose(apply(kind, transformed, groups=2, eps=0.0),
+                               apply(kind, x, groups=2, eps=0.0), atol=2e-4)
+
+
+def test_invariances_are_specific_to_the_norm():
+    # A per-sample shift changes batch norm, a per-channel shift changes layer norm: the tests above
+    # could fail.
+    x = jax.random.normal(jax.random.key(5), (4, 5, 5, 8))
+    per_sample = x + jnp.arange(4.0)[:, None, None, None]
+    per_channel = x + jnp.arange(8.0)
+    assert not np.allclose(apply("batch", per_sample), apply("batch", x), atol=1e-2)
+    assert not np.allclose(apply("layer", per_channel), apply("layer", x), atol=1e-2)
+
+
+def test_group_norm_one_group_is_layer_norm_over_spatial_and_channels():
+    x = jax.random.normal(jax.random.key(6), (3, 4, 4, 6))
+    scale, bias = jnp.linspace(0.5, 2, 6), jnp.linspace(-1, 1, 6)
+    np.testing.assert_allclose(norm.group_norm(x, 1, scale, bias),
+                               norm.layer_norm(x, scale, bias, reduction_axes=(1, 2, 3)), atol=1e-5)
+
+
+def test_group_norm_one_channel_per_group_is_instance_norm():
+    x = jax.random.normal(jax.random.key(7), (3, 4, 4, 6))
+    np.testing.assert_allclose(norm.group_norm(x, group_size=1), norm.instance_norm(x), atol=1e-5)
+    np.testing.assert_allclose(norm.group_norm(x, 6), norm.group_norm(x, group_size=1), atol=0)
+
+
+def test_group_norm_groups_are_contiguous_channels():
+    x = jnp.array([[1.0, 3.0, 10.0, 30.0]])
+    np.testing.assert_allclose(norm.group_norm(x, 2, eps=0.0), [[-1.0, 1.0, -1.0, 1.0]], atol=1e-6)
+
+
+# --- gradients --------------------------------------------------------------------------------------
+
+def _plain_formula(kind: str, x, scale, bias, groups: int = 2, eps: float = EPS):
+    """The textbook two-pass formula, differentiated by plain autodiff: the gradients' reference."""
+    spatial = tuple(range(1, x.ndim - 1))
+    shape = x.shape
+    if kind == "group":
+        x = x.reshape(*shape[:-1], groups, shape[-1] // groups)
+        axes = (*spatial, x.ndim - 1)
+    else:
+        axes = {"layer": (x.ndim - 1,), "instance": spatial, "batch": (0, *spatial)}[kind]
+    mean = jnp.mean(x, axes, keepdims=True)
+    var = jnp.mean(jnp.square(x - mean), axes, keepdims=True)
+    return ((x - mean) / jnp.sqrt(var + eps)).reshape(shape) * scale + bias
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_gradients_match_autodiff_of_the_plain_formula(kind):
+    keys = jax.random.split(jax.random.key(8), 4)
+    x = 1.5 + 2.0 * jax.random.normal(keys[0], (3, 4, 4, 6))
+    scale = 1.0 + jax.random.normal(keys[1], (6,))
+    bias = jax.random.normal(keys[2], (6,))
+    cotangent = jax.random.normal(keys[3], x.shape)
+
+    def loss(f):
+        return lambda x, s, b: jnp.sum(f(x, s, b) * cotangent)
+
+    ours = jax.grad(loss(functools.partial(apply, kind, groups=2)), argnums=(0, 1, 2))(x, scale, bias)
+    plain = jax.grad(loss(functools.partial(_plain_formula, kind)), argnums=(0, 1, 2))(x, scale, bias)
+    chex.assert_trees_all_close(ours, plain, atol=2e-4, rtol=2e-4)
+
+
+@pytest.mark.parametrize("kind", KINDS)
+def test_check_grads(kind):
+    keys = jax.random.split(jax.random.key(9), 3)
+    x = jax.random.normal(keys[0], (2, 3, 3, 4))
+    scale = 1.0 + 0.3 * jax.random.normal(keys[1], (4,))
+    bias = jax.random.normal(keys[2], (4,))
+    # Weighted sum so the check does not reduce to the (zero) gradient of sum(normalized).
+    weights = jnp.linspace(-1.0, 2.0, x.size).reshape(x.shape)
+    check_grads(lambda x, s, b: jnp.sum(apply(kind, x, s, b, groups=2) * weights), (x, scale, bias),
+                order=1, modes=["rev"], atol=5e-2, rtol=5e-2)
+
+
+def test_batch_norm_training_and_eval_gradients():
+    x = jax.random.normal(jax.random.key(10), (8, 3))
+    stats = BatchNormStats(jnp.array([0.5, -1.0, 2.0]), jnp.array([2.0, 0.5, 1.0]))
+    eval_grad = jax.grad(lambda x: jnp.sum(norm.batch_norm(x, stats, training=False)[0] * x))(x)
+    # Eval mode is elementwise affine: d/dx sum(y * x) = y + x / sqrt(var + eps).
+    expected = norm.batch_norm(x, stats, training=False)[0] + x / jnp.sqrt(stats.var + EPS)
+    np.testing.assert_allclose(eval_grad, expected, rtol=1e-5, atol=1e-6)
+    # The running-statistics update carries no gradient back to x.
+    stats_grad = jax.grad(lambda x: jnp.sum(norm.batch_norm(x, stats, training=True)[1].var))(x)
+    np.testing.assert_array_equal(stats_grad, 0.0)
+
+
+class VariantsTest(chex.TestCase):
+    """The same results with and without jit."""
+
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.parameters(*KINDS)
+    def test_variants_agree_with_reference(self, kind):
+        x = jax.random.normal(jax.random.key(11), (3, 4, 4, 6))
+        fn = self.variant(lambda x, s, b: apply(kind, x, s, b, groups=3))
+        y = fn(x, jnp.full(6, 2.0), jnp.ones(6))
+        np.testing.assert_allclose(y, 2.0 * reference(kind, np.asarray(x), 3) + 1.0, atol=1e-4)
+
+    @chex.variants(with_jit=True, without_jit=True)
+    def test_variants_batch_norm_returns_updated_stats(self):
+        x = 1.0 + 2.0 * jax.random.normal(jax.random.key(12), (64, 4))
+        step = self.variant(functools.partial(norm.batch_norm, training=True, momentum=0.5))
+        _, stats = step(x, norm.batch_norm_init(4))
+        np.testing.assert_allclose(stats.mean, 0.5 * np.asarray(x).mean(0), rtol=1e-5)
+        np.testing.assert_allclose(stats.var, 0.5 + 0.5 * np.asarray(x).var(0), rtol=1e-5)
+
+
+# --- batch norm's running statistics ----------------------------------------------------------------
+
+def test_running_statistics_converge_to_the_biased_batch_statistics():
+    # 64 channels, each N(mu_c, sigma_c^2); batches of m = 8 samples. The running variance averages
+    # the *biased* batch variance, whose expectation is (m - 1) / m * sigma^2 = 0.875 sigma^2.
+    mu = jnp.linspace(-5.0, 5.0, 64)
+    sigma = jnp.linspace(0.5, 3.0, 64)
+    m = 8
+
+    @jax.jit
+    def run(key):
+        def step(stats, key):
+            x = mu + sigma * jax.random.normal(key, (m, 64))
+            return norm.batch_norm(x, stats, training=True, momentum=0.99)[1], None
+        return jax.lax.scan(step, norm.batch_norm_init(64), jax.random.split(key, 1500))[0]
+
+    stats = run(jax.random.key(13))
+    np.testing.assert_allclose(stats.mean, mu, atol=0.25 * float(sigma.max()))
+    ratio = np.asarray(stats.var / sigma**2)
+    assert abs(ratio.mean() - (m - 1) / m) < 0.02, ratio.mean()
+
+
+def test_eval_mode_is_independent_of_the_batch_and_keeps_the_stats():
+    stats = BatchNormStats(jnp.array([1.0, -2.0]), jnp.array([4.0, 0.25]))
+    x = jax.random.normal(jax.random.key(14), (16, 3, 2))
+    y, returned = norm.batch_norm(x, stats, jnp.array([2.0, 1.0]), jnp.array([0.0, 1.0]), training=False)
+    assert returned is stats
+    y_single, _ = norm.batch_norm(x[3:4], stats, jnp.array([2.0, 1.0]), jnp.array([0.0, 1.0]),
+                                  training=False)
+    np.testing.assert_allclose(y_single[0], y[3], rtol=1e-6)
+    expected = (np.asarray(x) - [1.0, -2.0]) / np.sqrt(np.array([4.0, 0.25]) + EPS) * [2.0, 1.0] + [0.0, 1.0]
+    np.testing.assert_allclose(y, expected, rtol=1e-5, atol=1e-6)
+
+
+def test_training_mode_depends_on_the_batch():
+    x = jax.random.normal(jax.random.key(15), (16, 2))
+    y, _ = norm.batch_norm(x, norm.batch_norm_init(2), training=True)
+    y_half, _ = norm.batch_norm(x[:8], norm.batch_norm_init(2), training=True)
+    assert not np.allclose(y[:8], y_half, atol=1e-3)
+
+
+def test_batch_norm_momentum_convention():
+    x = jnp.array([[0.0, 10.0], [2.0, 30.0]])  # batch mean (1, 20), biased var (1, 100)
+    stats = BatchNormStats(jnp.array([5.0, 5.0]), jnp.array([3.0, 3.0]))
+    _, new = norm.batch_norm(x, stats, training=True, momentum=0.75)
+    np.testing.assert_allclose(new.mean, 0.75 * 5.0 + 0.25 * np.array([1.0, 20.0]), rtol=1e-6)
+    np.testing.assert_allclose(new.var, 0.75 * 3.0 + 0.25 * np.array([1.0, 100.0]), rtol=1e-6)
+    assert isinstance(new, BatchNormStats)
+
+
+def test_batch_norm_init():
+    stats = norm.batch_norm_init(5)
+    chex.assert_trees_all_equal(stats, BatchNormStats(jnp.zeros(5), jnp.ones(5)))
+
+
+# --- bad input --------------------------------------------------------------------------------------
+
+BAD_INPUTS = [
+    (lambda: norm.group_norm(jnp.ones((2, 10)), 4), ValueError,
+     r"10 channels .* not divisible by num_groups=4"),
+    (lambda: norm.group_norm(jnp.ones((2, 10)), group_size=3), ValueError, r"not divisible by group_size=3"),
+    (lambda: norm.group_norm(jnp.ones((2, 8))), ValueError, "exactly one of num_groups and group_size"),
+    (lambda: norm.group_norm(jnp.ones((2, 8)), 2, group_size=4), ValueError, "exactly one"),
+    (lambda: norm.group_norm(jnp.ones((2, 8)), 0), ValueError, "num_groups must be a positive integer"),
+    (lambda: norm.group_norm(jnp.ones(8), 2), ValueError, r"rank >= 2 .* got shape \(8,\)"),
+    (lambda: norm.instance_norm(jnp.ones((2, 8))), ValueError, r"instance_norm: x must have rank >= 3"),
+    (lambda: norm.layer_norm(jnp.ones(())), ValueError, r"layer_norm: x must have rank >= 1"),
+    (lambda: norm.batch_norm(jnp.ones(8), norm.batch_norm_init(8), training=True), ValueError,
+     r"batch_norm: x must have rank >= 2"),
+    (lambda: norm.layer_norm(jnp.ones((2, 4)), jnp.ones(3)), ValueError,
+     r"layer_norm: scale must have shape \(C,\) = \(4,\) for x of shape \(2, 4\), got shape \(3,\)"),
+    (lambda: norm.instance_norm(jnp.ones((2, 3, 4)), None, jnp.ones((1, 4))), ValueError,
+     r"instance_norm: bias must have shape \(C,\) = \(4,\)"),
+    (lambda: norm.group_norm(jnp.ones((2, 3, 4)), 2, jnp.ones(2)), ValueError, r"group_norm: scale .* \(2,\)"),
+    (lambda: norm.batch_norm(jnp.ones((2, 4)), norm.batch_norm_init(4), None, jnp.ones(5), training=True),
+     ValueError, r"batch_norm: bias must have shape \(C,\) = \(4,\)"),
+    (lambda: norm.batch_norm(jnp.ones((2, 4)), norm.batch_norm_init(3), training=True), ValueError,
+     r"stats.mean has shape \(3,\), expected \(4,\) for x of shape \(2, 4\)"),
+    (lambda: norm.batch_norm(jnp.ones((2, 4)), {"mean": 0, "var": 1}, training=False), TypeError,
+     "stats must be a BatchNormStats"),
+    (lambda: norm.batch_norm(jnp.ones((2, 4)), norm.batch_norm_init(4), training=True, momentum=1.5),
+     ValueError, r"momentum must be a number in \[0, 1\], got 1.5"),
+    (lambda: norm.layer_norm(jnp.ones((2, 4)), eps=-1.0), ValueError, "eps must be a finite number >= 0"),
+    (lambda: norm.layer_norm(jnp.ones((2, 4)), reduction_axes=(2,)), ValueError, "reduction_axes"),
+    (lambda: norm.layer_norm(jnp.ones((2, 4), jnp.int32)), TypeError, "floating-point array, got dtype int32"),
+    (lambda: norm.batch_norm_init(0), ValueError, "num_features must be a positive integer, got 0"),
+]
+
+
+@pytest.mark.parametrize("call, error, message", BAD_INPUTS)
+def test_bad_input_raises_a_clear_error(call, error, message):
+    with pytest.raises(error, match=message):
+        call()
