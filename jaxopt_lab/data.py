@@ -1,0 +1,217 @@
+"""Image-classification data for the real-data experiments: bundled digits, any ``.npz``, and batching.
+
+Two sources give the same :class:`Dataset` (NHWC ``float32`` images standardized with the *training*
+set's mean and standard deviation, ``int32`` labels):
+
+- :func:`load_digits`: scikit-learn's bundled 1,797 real 8x8 handwritten digits (shipped inside the
+  wheel, no download), split once into train/test with a fixed *stratified* split so every class keeps
+  its share in both parts.
+- :func:`load_npz`: a user's file with the arrays ``x_train, y_train, x_test, y_test`` (MNIST, CIFAR-10,
+  anything), so the same experiments run on other data through ``jaxopt-lab run NAME --data PATH.npz``.
+
+Batching happens inside the jitted training loop: :func:`shuffled_batches` turns a key into one epoch's
+index matrix, so an epoch is a ``lax.scan`` over its rows and the data never leaves the device.
+
+>>> from jaxopt_lab import data
+>>> ds = data.load_digits()
+>>> ds.x_train.shape, ds.x_test.shape, ds.num_classes
+((1347, 8, 8, 1), (450, 8, 8, 1), 10)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+import zipfile
+from pathlib import Path
+
+import jax
+import numpy as np
+
+__all__ = [
+    "NPZ_KEYS",
+    "Dataset",
+    "load_dataset",
+    "load_digits",
+    "load_npz",
+    "num_batches",
+    "shuffled_batches",
+    "standardize",
+]
+
+NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    """A train/test split of images (N, H, W, C) ``float32`` and labels (N,) ``int32`` in ``[0, num_classes)``.
+
+    ``pixel_mean``/``pixel_std`` are the training-set statistics the images were standardized with
+    (one per channel), kept so a caller can map a change in raw pixel units into standardized units.
+    """
+
+    name: str
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    num_classes: int
+    pixel_mean: np.ndarray
+    pixel_std: np.ndarray
+
+    @property
+    def image_shape(self) -> tuple[int, ...]:
+        return tuple(self.x_train.shape[1:])
+
+    def describe(self) -> str:
+        """One line for summaries: name, sizes, image shape, classes."""
+        h, w, c = self.image_shape
+        return (f"{self.name}: {len(self.y_train)} train / {len(self.y_test)} test images of {h}x{w}x{c}, "
+                f"{self.num_classes} classes")
+
+
+def standardize(x_train: np.ndarray, x_test: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray,
+                                                                 np.ndarray]:
+    """Per-channel standardization with the training set's statistics (never the test set's).
+
+    One mean and one standard deviation per channel over all training pixels, so the spatial
+    structure of an image is kept (per-pixel statistics would turn every always-blank border pixel
+    into a 0/0). Returns ``(x_train, x_test, mean, std)`` in ``float32``.
+    """
+    axes = tuple(range(x_train.ndim - 1))
+    mean = x_train.mean(axis=axes, dtype=np.float64)
+    std = x_train.std(axis=axes, dtype=np.float64)
+    std = np.where(std > 0, std, 1.0)  # a constant channel is only centred
+
+    def scale(x: np.ndarray) -> np.ndarray:
+        return ((x - mean) / std).astype(np.float32)
+    return scale(x_train), scale(x_test), mean.astype(np.float32), std.astype(np.float32)
+
+
+def load_digits(*, test_fraction: float = 0.25, split_seed: int = 0) -> Dataset:
+    """scikit-learn's bundled 8x8 digits, a fixed stratified split, standardized.
+
+    Args:
+      test_fraction: share of the 1,797 images held out for testing (default 0.25: 1,347 / 450).
+      split_seed: seed of the split. Keep the default so every experiment and run sees the same split;
+        the training seeds of an experiment vary initialization and batch order, not the data.
+    """
+    if not 0.0 < test_fraction < 1.0:
+        raise ValueError(f"load_digits: test_fraction must lie in (0, 1), got {test_fraction!r}")
+    from sklearn.datasets import load_digits as sklearn_digits
+    from sklearn.model_selection import train_test_split
+
+    bunch = sklearn_digits()
+    images = bunch.images.astype(np.float32)[..., None]  # (1797, 8, 8, 1), pixel values 0..16
+    labels = bunch.target.astype(np.int32)
+    x_train, x_test, y_train, y_test = train_test_split(
+        images, labels, test_size=test_fraction, stratify=labels, random_state=split_seed)
+    x_train, x_test, mean, std = standardize(x_train, x_test)
+    return Dataset("digits", x_train, y_train, x_test, y_test, 10, mean, std)
+
+
+def _as_images(x: np.ndarray, key: str, path: Path) -> np.ndarray:
+    """(N, H, W) -> (N, H, W, 1); (N, H*W) with a square H*W -> (N, H, W, 1); (N, H, W, C) as it is."""
+    if x.ndim == 2:
+        side = math.isqrt(x.shape[1])
+        if side * side != x.shape[1]:
+            raise ValueError(f"load_npz: {path}: {key} has shape {x.shape}; flat rows must hold a square image "
+                             f"(H*W with H == W), got {x.shape[1]} values per row. Save (N, H, W[, C]) instead")
+        return x.reshape(x.shape[0], side, side, 1)
+    if x.ndim == 3:
+        return x[..., None]
+    if x.ndim == 4:
+        if x.shape[1] in (1, 3, 4) and x.shape[-1] not in (1, 3, 4):
+            raise ValueError(f"load_npz: {path}: {key} has shape {x.shape}, which looks channels-first "
+                             f"(N, C, H, W); expected channels-last (N, H, W, C): "
+                             f"save x.transpose(0, 2, 3, 1)")
+        return x
+    raise ValueError(f"load_npz: {path}: {key} must have 2, 3 or 4 dimensions (N, H*W), (N, H, W) or "
+                     f"(N, H, W, C), got shape {x.shape}")
+
+
+def load_npz(path: str | os.PathLike[str]) -> Dataset:
+    """A dataset from a ``.npz`` file holding ``x_train, y_train, x_test, y_test``.
+
+    Images may be ``(N, H, W, C)`` (channels last), ``(N, H, W)`` or flat ``(N, H*W)`` square images,
+    of any real dtype (``uint8`` is fine); labels are integers ``0..K-1`` with ``K`` = the largest label + 1.
+    The images are standardized per channel with the training statistics, like :func:`load_digits`.
+
+    Raises:
+      FileNotFoundError: no such file.
+      ValueError: not a readable ``.npz``, a missing array, mismatched lengths or image shapes,
+        non-integer or negative labels, non-finite pixels, or an empty split.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"load_npz: no such file: {path}")
+    try:
+        archive = np.load(path, allow_pickle=False)
+    except (OSError, ValueError, zipfile.BadZipFile) as err:
+        raise ValueError(f"load_npz: {path} is not a readable .npz archive ({err})") from None
+    if not isinstance(archive, np.lib.npyio.NpzFile):
+        raise ValueError(f"load_npz: {path} holds a single array, expected a .npz archive with the arrays "
+                         f"{', '.join(NPZ_KEYS)}")
+    with archive:
+        missing = [k for k in NPZ_KEYS if k not in archive.files]
+        if missing:
+            raise ValueError(f"load_npz: {path} lacks the array(s) {', '.join(missing)}; expected "
+                             f"{', '.join(NPZ_KEYS)}, found {', '.join(archive.files) or 'none'}")
+        try:
+            arrays = {k: archive[k] for k in NPZ_KEYS}
+        except ValueError as err:  # object arrays need pickle, which we refuse
+            raise ValueError(f"load_npz: {path}: cannot read the arrays without pickle ({err})") from None
+
+    xs, ys = {}, {}
+    for split in ("train", "test"):
+        x, y = arrays[f"x_{split}"], arrays[f"y_{split}"]
+        if not (np.issubdtype(x.dtype, np.integer) or np.issubdtype(x.dtype, np.floating)):
+            raise ValueError(f"load_npz: {path}: x_{split} must hold real numbers, got dtype {x.dtype}")
+        y = np.squeeze(y) if y.ndim == 2 and 1 in y.shape else y
+        if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+            raise ValueError(f"load_npz: {path}: y_{split} must be a 1-D array of integer class labels, "
+                             f"got shape {arrays[f'y_{split}'].shape} and dtype {y.dtype}")
+        if len(y) == 0 or len(x) != len(y):
+            raise ValueError(f"load_npz: {path}: x_{split} and y_{split} must hold the same number (> 0) of "
+                             f"examples, got {len(x)} and {len(y)}")
+        if y.min() < 0:
+            raise ValueError(f"load_npz: {path}: y_{split} holds a negative label ({y.min()})")
+        x = _as_images(x, f"x_{split}", path).astype(np.float32)
+        if not np.isfinite(x).all():
+            raise ValueError(f"load_npz: {path}: x_{split} holds NaN or infinite values")
+        xs[split], ys[split] = x, y.astype(np.int32)
+    if xs["train"].shape[1:] != xs["test"].shape[1:]:
+        raise ValueError(f"load_npz: {path}: train and test images differ in shape: "
+                         f"{xs['train'].shape[1:]} vs {xs['test'].shape[1:]}")
+    num_classes = int(max(ys["train"].max(), ys["test"].max())) + 1
+    x_train, x_test, mean, std = standardize(xs["train"], xs["test"])
+    return Dataset(path.stem, x_train, ys["train"], x_test, ys["test"], num_classes, mean, std)
+
+
+def load_dataset(data_path: str | os.PathLike[str] | None = None) -> Dataset:
+    """The experiments' data: the ``.npz`` at ``data_path`` when given (``--data``), else the digits."""
+    return load_digits() if data_path is None else load_npz(data_path)
+
+
+def num_batches(num_examples: int, batch_size: int) -> int:
+    """Full batches per epoch (the last partial batch is dropped, so every step has the same shape)."""
+    for name, value in (("num_examples", num_examples), ("batch_size", batch_size)):
+        if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+            raise ValueError(f"num_batches: {name} must be a positive integer, got {value!r}")
+    if batch_size > num_examples:
+        raise ValueError(f"num_batches: batch_size={batch_size} exceeds the {num_examples} examples")
+    return num_examples // batch_size
+
+
+def shuffled_batches(key: jax.Array, num_examples: int, batch_size: int) -> jax.Array:
+    """One epoch's example indices, ``(num_batches, batch_size)``: a fresh permutation, remainder dropped.
+
+    Jit-friendly (``num_examples`` and ``batch_size`` are static). With the same key, batches of 32 are
+    the batches of 128 cut into consecutive quarters whenever both sizes divide ``num_examples``, which
+    is what makes accumulated and large-batch runs comparable step for step.
+    """
+    count = num_batches(num_examples, batch_size)
+    order = jax.random.permutation(key, num_examples)
+    return order[: count * batch_size].reshape(count, batch_size)
+
