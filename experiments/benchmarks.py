@@ -294,6 +294,18 @@ def accumulation_rows(cfg: BenchConfig) -> list[Row]:
     rows.append(_compared("accumulation", f"microbatched_value_and_grad {k}x{n // k}",
                           "optax.microbatch (MEAN)", f"CNN (group norm), {k}x{n // k}",
                           bm.Comparison(t["ours"], t["optax"]), bm.Target("max_ratio", 1.05)))
+
+    # The gradient alone against one batch of n: with the scan as a loop (bounded memory) and unrolled
+    # (XLA:CPU runs a conv backward inside a loop body slowly, jax-ml/jax#12868; unrolling removes the loop).
+    unrolled = jax.jit(microbatched_value_and_grad(loss_fn, k, unroll=True))
+    full = jax.jit(jax.value_and_grad(loss_fn))
+    t = bm.time_interleaved({"looped": functools.partial(ours, params, batch),
+                             "unrolled": functools.partial(unrolled, params, batch),
+                             "full": functools.partial(full, params, batch)}, **cfg.timing())
+    for variant, key in (("lax.scan loop", "looped"), ("unroll=True", "unrolled")):
+        rows.append(_compared("accumulation", f"microbatched_value_and_grad {k}x{n // k}, {variant}",
+                              f"jax.value_and_grad on one batch of {n}", f"CNN (group norm), {k}x{n // k}",
+                              bm.Comparison(t[key], t["full"]), target))
     return rows
 
 

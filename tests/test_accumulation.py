@@ -150,6 +150,17 @@ class MicrobatchedTest(chex.TestCase):
         got = self.variant(microbatched_value_and_grad(_loss_fn(model), K, interleave=True))(params, batch)
         chex.assert_trees_all_close(got, want, rtol=1e-4, atol=1e-6)
 
+    @chex.variants(with_jit=True)
+    def test_unrolled_scan_gives_the_same_result(self):
+        model, batch = ConvNet(), _data()
+        params = _init(model, batch)["params"]
+        want = self.variant(microbatched_value_and_grad(_loss_fn(model), K))(params, batch)
+        got = self.variant(microbatched_value_and_grad(_loss_fn(model), K, unroll=True))(params, batch)
+        chex.assert_trees_all_close(got, want, rtol=1e-4, atol=1e-6)
+        hlo = jax.jit(microbatched_value_and_grad(_loss_fn(model), K, unroll=True)).lower(
+            params, batch).as_text()
+        assert "while" not in hlo  # unrolled: no loop left for XLA:CPU to run slowly
+
 
 @settings(max_examples=8, deadline=None)
 @given(st.sampled_from([1, 2, 3, 6]), st.integers(0, 2**31 - 1), st.floats(0.1, 10.0))
