@@ -10,10 +10,11 @@ with Flax's names, shapes and initializers, then calls the pure function. Constr
 :class:`BatchNorm` and ``1e-6`` for the others. A Flax checkpoint therefore loads unchanged. What
 differs: the variance is always the stable shifted estimate (there is no ``use_fast_variance``).
 
-NNX users wrap a module with ``flax.nnx.bridge.ToNNX`` (see ``docs/normalization.md``)::
+NNX users wrap a module with ``flax.nnx.bridge.ToNNX`` (tested; see ``docs/normalization.md``)::
 
-    model = nnx.bridge.ToNNX(BatchNorm(use_running_average=False), rngs=nnx.Rngs(0)).lazy_init(x)
-    y = model(x)  # updates model.mean / model.var in place
+    model = nnx.bridge.ToNNX(BatchNorm(), rngs=nnx.Rngs(0)).lazy_init(x, use_running_average=False)
+    y = model(x, use_running_average=False, mutable=["batch_stats"])  # updates model.mean, model.var
+    y = model(x, use_running_average=True)                             # eval: running statistics
 
 >>> import jax, jax.numpy as jnp
 >>> from jaxopt_lab import nn
