@@ -94,7 +94,7 @@ def test_nnx_bridge_trains_and_evaluates_like_linen():
         variables = {**variables, **updates}
         np.testing.assert_allclose(y_nnx, y, atol=1e-5)  # jit vs eager rounding
     state = nnx.state(model, nnx.BatchStat)
-    np.testing.assert_allclose(state["mean"][...], variables["batch_stats"]["mean"], rtol=1e-6)
-    np.testing.assert_allclose(state["var"][...], variables["batch_stats"]["var"], rtol=1e-6)
+    np.testing.assert_allclose(state["mean"][...], variables["batch_stats"]["mean"], rtol=1e-5)
+    np.testing.assert_allclose(state["var"][...], variables["batch_stats"]["var"], rtol=1e-5)
     np.testing.assert_allclose(model(X, use_running_average=True),
                                bn.apply(variables, X, use_running_average=True), atol=1e-5)
