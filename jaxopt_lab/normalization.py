@@ -26,7 +26,7 @@ All four share one statistics helper, :func:`_moments` (like ``flax.linen.normal
   ~7 digits, so the naive difference keeps no correct digit of the variance 1; the shifted one keeps them
   because ``x - s`` is of the order of the spread. A constant input gives variance exactly 0 (no NaN).
 * Under ``axis_name`` (``shard_map``/``pmap``) the per-device ``(mean, var)`` pairs travel in one
-  collective (an ``all_gather`` of the stacked pair) and are combined exactly with the law of total
+  collective (a ``psum`` gathering the stacked pairs) and are combined exactly with the law of total
   variance, so the cross-device statistics are as stable as the local ones. Under plain ``jit`` with a
   sharded batch no ``axis_name`` is needed: XLA's SPMD partitioner makes the reductions global.
 
@@ -121,9 +121,15 @@ def _moments(x: jax.Array, axes: tuple[int, ...], axis_name: str | None = None) 
     if axis_name is not None:
         # One collective for all statistics. Combining per-device (mean, var) pairs with the law of total
         # variance (var = mean of the vars + var of the means) keeps the stability of the local
-        # statistics, which a psum of [sum, sum of squares] would lose to cancellation.
-        shifts, offsets, variances = lax.all_gather(jnp.stack([shift, offset, var]), axis_name, axis=1)
-        device_offsets = (shifts - shift) + offsets  # each device's mean, relative to our shift
+        # statistics, which a psum of [sum, sum of squares] would lose to cancellation. The gather is a
+        # psum of each device's triple written into its own slot: unlike all_gather, its result is
+        # known to be the same on every device, so shard_map can return the statistics replicated.
+        local = jnp.stack([shift, offset, var])
+        slots = jnp.zeros((lax.axis_size(axis_name), *local.shape), local.dtype)
+        shifts, offsets, variances = jnp.moveaxis(
+            lax.psum(slots.at[lax.axis_index(axis_name)].set(local), axis_name), 1, 0)
+        shift = shifts[0]  # a shift common to all devices, so every result is replicated
+        device_offsets = (shifts - shift) + offsets  # each device's mean, relative to that shift
         offset = jnp.mean(device_offsets, axis=0)
         var = jnp.mean(variances, axis=0) + jnp.mean(jnp.square(device_offsets - offset), axis=0)
     return _Moments(shift, offset, var)
