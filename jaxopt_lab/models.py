@@ -40,10 +40,7 @@ import flax.linen as nn
 import jax
 import jax.numpy as jnp
 
-try:
-    from jaxopt_lab import nn as norms
-except ImportError:  # TEMP until jaxopt_lab.nn lands
-    from flax import linen as norms
+from jaxopt_lab import nn as norms
 
 __all__ = ["CNN", "MLP", "NORMS", "Norm", "RowRNN", "make_norm"]
 
