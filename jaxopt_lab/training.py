@@ -6,6 +6,8 @@ Layers, from the inside out:
   gradients, optimizer update, batch-norm statistics), optionally over ``k`` micro-batches with
   :func:`jaxopt_lab.accumulation.microbatched_value_and_grad`. Being pure and batch-first, it is also
   what :func:`jaxopt_lab.parallel.data_parallel_step` shards over devices.
+- :func:`train_seeds` splits each step's batch over all visible devices (``data_parallel``) with
+  :func:`jaxopt_lab.parallel.batch_sharded`; on one device it is plain single-device training.
 - :func:`fit`: ``epochs`` as a ``lax.scan``, each epoch a ``lax.scan`` of ``train_step`` over shuffled
   mini-batches (:func:`jaxopt_lab.data.shuffled_batches`), then a test evaluation.
 - :func:`train_seeds`: ``jax.jit(jax.vmap(init + fit))`` over seeds: every seed's run is one lane of one
@@ -35,6 +37,7 @@ import optax
 from flax import struct
 from flax.training import train_state
 
+from jaxopt_lab import parallel
 from jaxopt_lab.accumulation import microbatched_value_and_grad
 from jaxopt_lab.data import Dataset, num_batches, shuffled_batches
 
@@ -129,7 +132,8 @@ def _classification_loss(apply_fn: Callable[..., Any]) -> Callable[..., Any]:
     return loss_fn
 
 
-def make_train_step(*, num_microbatches: int = 1) -> TrainStep:
+def make_train_step(*, num_microbatches: int = 1, interleave: bool = False,
+                    unroll: int | bool = 1) -> TrainStep:
     """``train_step(state, batch) -> (state, {"loss", "accuracy"})``: one optimizer step on ``batch``.
 
     Args:
@@ -138,6 +142,10 @@ def make_train_step(*, num_microbatches: int = 1) -> TrainStep:
         :func:`~jaxopt_lab.accumulation.microbatched_value_and_grad` (a ``lax.scan``; activations of one
         micro-batch live at a time), threading ``batch_stats`` through them: batch norm then normalizes
         each micro-batch with its own statistics and updates its running averages ``k`` times.
+      interleave: micro-batch ``i`` takes examples ``i, i + k, ...`` (keeps a batch sharded over devices
+        sharded; see :func:`jaxopt_lab.accumulation.split_microbatches`).
+      unroll: passed to the micro-batch ``lax.scan``; ``True`` sidesteps XLA:CPU's slow convolution
+        backward inside loops (jax-ml/jax#12868) at the cost of the one-micro-batch memory bound.
 
     The function is pure and not jitted: :func:`fit` compiles it inside its scan, and
     :func:`jaxopt_lab.parallel.data_parallel_step` can compile it sharded over devices.
@@ -151,7 +159,8 @@ def make_train_step(*, num_microbatches: int = 1) -> TrainStep:
             value_and_grad = jax.value_and_grad(loss_fn, has_aux=True)
         else:
             value_and_grad = microbatched_value_and_grad(loss_fn, num_microbatches, has_aux=True,
-                                                         carry_argnum=2, aux_mode="mean")
+                                                         carry_argnum=2, aux_mode="mean",
+                                                         interleave=interleave, unroll=unroll)
         (loss, (batch_stats, accuracy)), grads = value_and_grad(state.params, batch, state.batch_stats)
         state = state.apply_gradients(grads=grads, batch_stats=batch_stats)
         return state, {"loss": loss, "accuracy": accuracy}
@@ -232,7 +241,8 @@ def fit(state: TrainState, key: jax.Array, train: Batch, test: Batch, *, epochs:
 
 def train_seeds(model: nn.Module, tx: optax.GradientTransformation, dataset: Dataset, seeds: Sequence[int], *,
                 epochs: int, batch_size: int, num_microbatches: int = 1, probe: Probe | None = None,
-                train_size: int | None = None) -> TrainResult:
+                train_size: int | None = None, unroll: int | bool = 1,
+                data_parallel: bool | None = None) -> TrainResult:
     """Trains one run per seed, all seeds vmapped in one jitted program.
 
     Seed ``s`` initializes the model from ``fold_in(key(s), 0)`` and orders the data with
@@ -247,6 +257,11 @@ def train_seeds(model: nn.Module, tx: optax.GradientTransformation, dataset: Dat
       epochs, batch_size, num_microbatches, probe: see :func:`fit` and :func:`make_train_step`.
       train_size: use only the first ``train_size`` training examples (e.g. a multiple of every batch
         size compared), default all.
+      unroll: see :func:`make_train_step`.
+      data_parallel: ``None`` splits every step's batch over all devices when more than one is visible,
+        ``True`` always uses a device mesh, ``False`` never (:func:`jaxopt_lab.parallel.batch_sharded`).
+        The numbers are those of one device up to float reassociation; the batch size must then be
+        divisible by the device count (and by it times ``num_microbatches`` when micro-batching).
 
     Returns:
       A :class:`TrainResult`; every leaf has a leading axis of ``len(seeds)``.
@@ -260,7 +275,16 @@ def train_seeds(model: nn.Module, tx: optax.GradientTransformation, dataset: Dat
     num_batches(count, batch_size)  # validates batch_size early, before compiling
     train = Batch(jnp.asarray(dataset.x_train[:count]), jnp.asarray(dataset.y_train[:count]))
     test = Batch(jnp.asarray(dataset.x_test), jnp.asarray(dataset.y_test))
-    step_fn = make_train_step(num_microbatches=num_microbatches)
+    mesh = parallel.maybe_data_parallel_mesh(data_parallel)
+    # Interleaved micro-batches keep each device's shard local; contiguous ones would move data.
+    step_fn = make_train_step(num_microbatches=num_microbatches, interleave=mesh is not None, unroll=unroll)
+    if mesh is not None:
+        devices = mesh.devices.size
+        if batch_size % (devices * num_microbatches):
+            raise ValueError(f"train_seeds: batch_size={batch_size} must be divisible by the {devices} devices "
+                             f"x num_microbatches={num_microbatches} for data-parallel training "
+                             f"(pass data_parallel=False to train on one device)")
+        step_fn = parallel.batch_sharded(step_fn, mesh)
 
     def one_run(seed_key: jax.Array, train: Batch, test: Batch) -> tuple[TrainState, History]:
         state = create_train_state(model, tx, jax.random.fold_in(seed_key, 0), train.images[:1])

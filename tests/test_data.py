@@ -1,0 +1,118 @@
+"""Data loading: bundled digits (split, standardization), .npz files (shapes, clear errors), batching."""
+
+import re
+
+import jax
+import numpy as np
+import pytest
+
+from jaxopt_lab import data
+
+
+@pytest.fixture(scope="module")
+def digits() -> data.Dataset:
+    return data.load_digits()
+
+
+def test_digits_split_is_stratified_standardized_and_fixed(digits):
+    assert digits.x_train.shape == (1347, 8, 8, 1) and digits.x_test.shape == (450, 8, 8, 1)
+    assert digits.x_train.dtype == np.float32 and digits.y_train.dtype == np.int32
+    # Stratified: every class keeps its share of the whole set in both parts (within one example).
+    all_labels = np.concatenate([digits.y_train, digits.y_test])
+    for part in (digits.y_train, digits.y_test):
+        expected = np.bincount(all_labels, minlength=10) * len(part) / len(all_labels)
+        assert np.all(np.abs(np.bincount(part, minlength=10) - expected) <= 1.0)
+    # Standardized with the training statistics: the training pixels have mean 0 and std 1.
+    np.testing.assert_allclose(digits.x_train.mean(), 0.0, atol=1e-5)
+    np.testing.assert_allclose(digits.x_train.std(), 1.0, atol=1e-5)
+    assert abs(digits.x_test.mean()) > 1e-4  # the test set is NOT re-centred with its own statistics
+    again = data.load_digits()
+    np.testing.assert_array_equal(again.x_test, digits.x_test)
+    assert "1347 train / 450 test" in digits.describe()
+
+
+def test_test_fraction_is_checked():
+    with pytest.raises(ValueError, match="test_fraction"):
+        data.load_digits(test_fraction=1.5)
+
+
+def _save(path, **arrays):
+    np.savez(path, **arrays)
+    return path
+
+
+def _arrays(x_train, x_test, num_classes=3):
+    rng = np.random.default_rng(0)
+    return dict(x_train=x_train, y_train=rng.integers(0, num_classes, len(x_train)),
+                x_test=x_test, y_test=rng.integers(0, num_classes, len(x_test)))
+
+
+@pytest.mark.parametrize("shape, expected", [((6, 4, 4), (4, 4, 1)), ((6, 16), (4, 4, 1)),
+                                             ((6, 4, 4, 3), (4, 4, 3))])
+def test_npz_accepts_common_layouts_and_standardizes_with_train_statistics(tmp_path, shape, expected):
+    rng = np.random.default_rng(1)
+    x_train = rng.integers(0, 256, shape).astype(np.uint8)
+    x_test = rng.integers(0, 256, (5, *shape[1:])).astype(np.uint8)
+    ds = data.load_npz(_save(tmp_path / "mine.npz", **_arrays(x_train, x_test)))
+    assert ds.name == "mine" and ds.image_shape == expected and ds.x_train.dtype == np.float32
+    channels = x_train.reshape(6, *expected).astype(np.float64)
+    mean, std = channels.mean(axis=(0, 1, 2)), channels.std(axis=(0, 1, 2))
+    np.testing.assert_allclose(ds.pixel_mean, mean, rtol=1e-5)
+    np.testing.assert_allclose(ds.x_test, (x_test.reshape(5, *expected) - mean) / std, rtol=1e-4, atol=1e-5)
+    assert ds.num_classes == int(max(ds.y_train.max(), ds.y_test.max())) + 1
+    assert data.load_dataset(tmp_path / "mine.npz").image_shape == expected
+
+
+def test_npz_column_labels_are_squeezed(tmp_path):
+    arrays = _arrays(np.zeros((4, 2, 2)), np.ones((3, 2, 2)))
+    arrays["y_train"] = arrays["y_train"][:, None]
+    assert data.load_npz(_save(tmp_path / "a.npz", **arrays)).y_train.shape == (4,)
+
+
+def _bad(tmp_path, **changes):
+    arrays = {**_arrays(np.zeros((4, 2, 2)), np.ones((3, 2, 2))), **changes}
+    arrays = {k: v for k, v in arrays.items() if v is not None}
+    return _save(tmp_path / "bad.npz", **arrays)
+
+
+@pytest.mark.parametrize("changes, message", [
+    (dict(y_test=None), "lacks the array(s) y_test"),
+    (dict(y_train=np.zeros(3, np.int64)), "same number"),
+    (dict(y_train=np.zeros(4, np.float32)), "integer class labels"),
+    (dict(y_train=-np.ones(4, np.int64)), "negative label"),
+    (dict(x_train=np.full((4, 2, 2), np.nan)), "NaN or infinite"),
+    (dict(x_train=np.zeros((4, 3))), "square image"),
+    (dict(x_train=np.zeros((4, 3, 5, 5)), x_test=np.zeros((3, 3, 5, 5))), "channels-first"),
+    (dict(x_test=np.zeros((3, 3, 3))), "differ in shape"),
+    (dict(x_train=np.zeros((4,))), "2, 3 or 4 dimensions"),
+])
+def test_bad_npz_files_raise_a_clear_error(tmp_path, changes, message):
+    with pytest.raises(ValueError, match=re.escape(message)):
+        data.load_npz(_bad(tmp_path, **changes))
+
+
+def test_missing_or_unreadable_files(tmp_path):
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        data.load_npz(tmp_path / "absent.npz")
+    (tmp_path / "text.npz").write_text("not an archive")
+    with pytest.raises(ValueError, match="not a readable .npz"):
+        data.load_npz(tmp_path / "text.npz")
+    np.save(tmp_path / "single.npy", np.zeros(3))
+    with pytest.raises(ValueError, match="single array"):
+        data.load_npz(tmp_path / "single.npy")
+
+
+def test_shuffled_batches_are_a_permutation_and_large_batches_are_consecutive_small_ones():
+    key = jax.random.key(3)
+    order = np.asarray(data.shuffled_batches(key, 100, 8))
+    assert order.shape == (12, 8) and len(set(order.ravel().tolist())) == 96
+    large = np.asarray(data.shuffled_batches(key, 128, 32))
+    small = np.asarray(data.shuffled_batches(key, 128, 8))
+    np.testing.assert_array_equal(large.reshape(-1, 8), small)
+
+
+@pytest.mark.parametrize("count, size, message", [(10, 0, "batch_size"), (0, 1, "num_examples"),
+                                                  (10, 11, "exceeds"), (10, 2.0, "batch_size")])
+def test_num_batches_checks_its_arguments(count, size, message):
+    with pytest.raises(ValueError, match=message):
+        data.num_batches(count, size)
