@@ -47,6 +47,7 @@ Normalization", ECCV 2018; Chan, Golub & LeVeque, "Algorithms for computing the 
 
 from __future__ import annotations
 
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -151,6 +152,64 @@ def _affine(x_hat: jax.Array, scale: jax.Array | None, bias: jax.Array | None, d
     return y.astype(dtype)
 
 
+def _normalize_impl(x, scale, bias, axes, eps, dtype):
+    moments = _moments(x, axes)
+    return _affine(_standardize(x, moments, eps), scale, bias, dtype), moments
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _normalize(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None, axes: tuple[int, ...],
+               eps: float, dtype: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """``(y, mean, var)`` of the normalization of ``x`` over ``axes``, with a hand-derived backward.
+
+    ``x`` is in its statistics layout (for group norm ``(N, *spatial, G, C/G)``) and ``scale``/``bias``
+    broadcast against its trailing (parameter) axes. Autodiff of the forward would differentiate the
+    shifted statistics term by term; the closed form below needs one reduction pass over ``x`` and
+    ``dy`` and one elementwise pass (Ioffe & Szegedy 2015, section 3), recomputing ``x_hat`` from ``x``
+    instead of storing it.
+    """
+    y, moments = _normalize_impl(x, scale, bias, axes, eps, dtype)
+    return y, moments.mean, moments.var
+
+
+def _normalize_fwd(x, scale, bias, axes, eps, dtype):
+    y, moments = _normalize_impl(x, scale, bias, axes, eps, dtype)
+    rstd = lax.rsqrt(moments.var + eps)
+    return (y, moments.mean, moments.var), (x, scale, bias, moments.shift, moments.offset, rstd)
+
+
+def _normalize_bwd(axes, eps, dtype, residuals, cotangents):
+    x, scale, bias, shift, offset, rstd = residuals
+    dy, dmean, dvar = cotangents
+    dy = dy.astype(rstd.dtype)
+    x_hat = ((x.astype(rstd.dtype) - shift) - offset) * rstd
+    count = math.prod(x.shape[a] for a in axes)
+    # Parameter axes: the trailing ones scale/bias vary over. Sum dy and dy * x_hat first over the
+    # statistics axes that are not parameter axes; both the parameter gradients and the per-group
+    # means below are small reductions of these partial sums.
+    param_ndim = max((p.ndim for p in (scale, bias) if p is not None), default=1)
+    first_param_axis = x.ndim - param_ndim
+    inner = tuple(a for a in axes if a < first_param_axis)
+    outer = tuple(a for a in range(first_param_axis) if a not in axes)
+    param_axes_in_stats = tuple(a for a in axes if a >= first_param_axis)
+    sum_dy = jnp.sum(dy, inner, keepdims=True)
+    sum_dy_x_hat = jnp.sum(dy * x_hat, inner, keepdims=True)
+    dscale = None if scale is None else jnp.sum(sum_dy_x_hat, outer).reshape(scale.shape).astype(scale.dtype)
+    dbias = None if bias is None else jnp.sum(sum_dy, outer).reshape(bias.shape).astype(bias.dtype)
+    if scale is not None:  # the gradient reaching x_hat is g = dy * scale
+        sum_dy, sum_dy_x_hat, dy = sum_dy * scale, sum_dy_x_hat * scale, dy * scale
+    mean_g = jnp.sum(sum_dy, param_axes_in_stats, keepdims=True) / count
+    mean_g_x_hat = jnp.sum(sum_dy_x_hat, param_axes_in_stats, keepdims=True) / count
+    dx = rstd * (dy - mean_g - x_hat * mean_g_x_hat)
+    # Cotangents of the returned statistics (zero unless a caller differentiates through them):
+    # d mean / dx = 1 / count, d var / dx = 2 (x - mean) / count.
+    dx = dx + (dmean + 2.0 * dvar * x_hat / rstd) / count
+    return dx.astype(x.dtype), dscale, dbias
+
+
+_normalize.defvjp(_normalize_fwd, _normalize_bwd)
+
+
 # --------------------------------------------------------------------------------------------------
 # Input validation: every message names the function, the argument, what was expected and what came.
 
@@ -227,7 +286,7 @@ def layer_norm(x: jax.typing.ArrayLike, scale: jax.typing.ArrayLike | None = Non
     axes = _canonical_axes(fn, reduction_axes, x.ndim)
     scale = _check_param(fn, "scale", scale, x.shape[-1], x.shape)
     bias = _check_param(fn, "bias", bias, x.shape[-1], x.shape)
-    return _affine(_standardize(x, _moments(x, axes), eps), scale, bias, dtype or x.dtype)
+    return _normalize(x, scale, bias, axes, eps, dtype or x.dtype)[0]
 
 
 def instance_norm(x: jax.typing.ArrayLike, scale: jax.typing.ArrayLike | None = None,
@@ -257,8 +316,7 @@ def instance_norm(x: jax.typing.ArrayLike, scale: jax.typing.ArrayLike | None = 
     _check_eps(fn, eps)
     scale = _check_param(fn, "scale", scale, x.shape[-1], x.shape)
     bias = _check_param(fn, "bias", bias, x.shape[-1], x.shape)
-    moments = _moments(x, tuple(range(1, x.ndim - 1)))
-    return _affine(_standardize(x, moments, eps), scale, bias, dtype or x.dtype)
+    return _normalize(x, scale, bias, tuple(range(1, x.ndim - 1)), eps, dtype or x.dtype)[0]
 
 
 def _resolve_groups(fn: str, num_channels: int, num_groups: int | None, group_size: int | None) -> int:
@@ -308,9 +366,11 @@ def group_norm(x: jax.typing.ArrayLike, num_groups: int | None = None,
     scale = _check_param(fn, "scale", scale, channels, x.shape)
     bias = _check_param(fn, "bias", bias, channels, x.shape)
     grouped = x.reshape(*x.shape[:-1], groups, channels // groups)
-    moments = _moments(grouped, (*range(1, x.ndim - 1), x.ndim))
-    x_hat = _standardize(grouped, moments, eps).reshape(x.shape)
-    return _affine(x_hat, scale, bias, dtype or x.dtype)
+    per_group = (groups, channels // groups)  # channel c = g * C/G + j: scale[c] becomes scale[g, j]
+    y, _, _ = _normalize(grouped, None if scale is None else scale.reshape(per_group),
+                         None if bias is None else bias.reshape(per_group),
+                         (*range(1, x.ndim - 1), x.ndim), eps, dtype or x.dtype)
+    return y.reshape(x.shape)
 
 
 def batch_norm_init(num_features: int, dtype: Any = jnp.float32) -> BatchNormStats:
@@ -401,10 +461,13 @@ def batch_norm(x: jax.typing.ArrayLike, stats: BatchNormStats, scale: jax.typing
         running = _Moments(shift=jnp.zeros((), stat_dtype), offset=mean, var=var)
         return _affine(_standardize(x, running, eps), scale, bias, dtype), given_stats
 
-    moments = _moments(x, tuple(range(x.ndim - 1)), axis_name)
-    y = _affine(_standardize(x, moments, eps), scale, bias, dtype)
-    batch_stats = (lax.stop_gradient(moments.mean).reshape(channels),
-                   lax.stop_gradient(moments.var).reshape(channels))
+    axes = tuple(range(x.ndim - 1))
+    if axis_name is None:
+        y, mean, var = _normalize(x, scale, bias, axes, eps, dtype)
+    else:  # autodiff differentiates through the collective of the shared helper
+        moments = _moments(x, axes, axis_name)
+        y, mean, var = _affine(_standardize(x, moments, eps), scale, bias, dtype), moments.mean, moments.var
+    batch_stats = (lax.stop_gradient(mean).reshape(channels), lax.stop_gradient(var).reshape(channels))
     new_stats = BatchNormStats(*(
         (momentum * running + (1.0 - momentum) * batch).astype(jnp.result_type(running))
         for running, batch in zip(stats, batch_stats, strict=True)))

@@ -224,6 +224,29 @@ def test_gradients_match_autodiff_of_the_plain_formula(kind):
     chex.assert_trees_all_close(ours, plain, atol=2e-4, rtol=2e-4)
 
 
+@pytest.mark.parametrize("axes, param_shape", [((1, 2), (6,)), ((3,), (6,)), ((0, 1, 2), (6,)),
+                                               ((1, 2, 4), (3, 2)), ((1, 2), None)])
+def test_custom_backward_matches_autodiff_of_the_same_forward(axes, param_shape):
+    # The hand-derived VJP of the core (output and the returned statistics) against jax.grad of its
+    # own forward, for every layout the norms use: IN, LN, BN, grouped GN, and no affine parameters.
+    keys = jax.random.split(jax.random.key(16), 6)
+    x = 3.0 + jax.random.normal(keys[0], (2, 3, 4, 6) if len(param_shape or ()) < 2 else (2, 3, 4, 3, 2))
+    scale = None if param_shape is None else 1.0 + jax.random.normal(keys[1], param_shape)
+    bias = None if param_shape is None else jax.random.normal(keys[2], param_shape)
+    stats_shape = tuple(1 if a in axes else d for a, d in enumerate(x.shape))
+    cts = (jax.random.normal(keys[3], x.shape), jax.random.normal(keys[4], stats_shape),
+           jax.random.normal(keys[5], stats_shape))
+
+    def plain(x, scale, bias):
+        y, moments = norm._normalize_impl(x, scale, bias, axes, EPS, jnp.float32)
+        return y, moments.mean, moments.var
+
+    ours = jax.vjp(lambda *a: norm._normalize(*a, axes, EPS, jnp.float32), x, scale, bias)
+    reference = jax.vjp(plain, x, scale, bias)
+    chex.assert_trees_all_close(ours[0], reference[0], atol=1e-5)
+    chex.assert_trees_all_close(ours[1](cts), reference[1](cts), atol=2e-4, rtol=2e-4)
+
+
 @pytest.mark.parametrize("kind", KINDS)
 def test_check_grads(kind):
     keys = jax.random.split(jax.random.key(9), 3)
