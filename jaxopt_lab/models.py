@@ -81,7 +81,7 @@ def make_norm(norm: str, *, train: bool, num_groups: int = 8, spatial: bool = Tr
         # The Group Norm paper's LN for conv features: one mean/variance per example over (H, W, C),
         # a scale and shift per channel.
         axes = (-3, -2, -1) if spatial else -1
-        return norms.LayerNorm(reduction_axes=axes, feature_axes=-1, name=name)
+        return norms.LayerNorm(reduction_axes=axes, name=name)
     if norm == "instance":
         if not spatial:
             raise ValueError("make_norm: instance norm needs spatial axes (N, H, W, C); this layer's input "

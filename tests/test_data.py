@@ -95,7 +95,7 @@ def test_missing_or_unreadable_files(tmp_path):
     with pytest.raises(FileNotFoundError, match="no such file"):
         data.load_npz(tmp_path / "absent.npz")
     (tmp_path / "text.npz").write_text("not an archive")
-    with pytest.raises(ValueError, match="not a readable .npz"):
+    with pytest.raises(ValueError, match=r"not a readable \.npz"):
         data.load_npz(tmp_path / "text.npz")
     np.save(tmp_path / "single.npy", np.zeros(3))
     with pytest.raises(ValueError, match="single array"):
