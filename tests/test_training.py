@@ -1,0 +1,98 @@
+"""The jitted training loop: it learns, vmapped seeds equal single runs, accumulation is exact where it
+should be, divergence is recorded, evaluation chunks, data-parallel on one device equals plain."""
+
+import chex
+import jax
+import numpy as np
+import optax
+import pytest
+
+from jaxopt_lab import data, models, training
+
+MLP = models.MLP(widths=(32,))
+
+
+@pytest.fixture(scope="module")
+def digits() -> data.Dataset:
+    return data.load_digits()
+
+
+@pytest.fixture(scope="module")
+def two_seeds(digits) -> training.TrainResult:
+    return training.train_seeds(MLP, optax.adam(3e-3), digits, seeds=[0, 1], epochs=2, batch_size=64,
+                                probe=lambda p: p["head"]["kernel"].mean())
+
+
+def test_train_seeds_learns_and_records_a_history_per_seed(two_seeds):
+    history = two_seeds.history
+    assert history.step_loss.shape == (2, 2 * (1347 // 64)) and history.test_accuracy.shape == (2, 2)
+    assert history.probes.shape == (2, 3)  # before training and after each epoch
+    assert np.all(two_seeds.final_test_accuracy > 0.8)  # chance is 0.1
+    assert np.all(np.asarray(history.epoch_loss[:, 1]) < np.asarray(history.step_loss[:, 0]))
+    assert not two_seeds.diverged.any() and training.diverged_at(history.step_loss) == [None, None]
+
+
+def test_a_vmapped_seed_equals_its_run_alone(digits, two_seeds):
+    alone = training.train_seeds(MLP, optax.adam(3e-3), digits, seeds=[1], epochs=2, batch_size=64,
+                                 probe=lambda p: p["head"]["kernel"].mean())
+    lane = jax.tree.map(lambda a: a[1:], (two_seeds.state.params, two_seeds.history))
+    chex.assert_trees_all_close(lane, (alone.state.params, alone.history), rtol=1e-5, atol=1e-6)
+
+
+def _one_step(model, images, labels, num_microbatches, key=0):
+    state = training.create_train_state(model, optax.sgd(0.1), jax.random.key(key), images[:1])
+    step = jax.jit(training.make_train_step(num_microbatches=num_microbatches))
+    return step(state, training.Batch(images, labels))
+
+
+@pytest.mark.parametrize("norm, exact", [("group", True), ("batch", False)])
+def test_microbatched_step_equals_the_full_batch_step_unless_batch_norm(digits, norm, exact):
+    model = models.MLP(norm=norm, widths=(16,), num_groups=4)
+    images, labels = digits.x_train[:32], digits.y_train[:32]
+    (full, full_metrics), (micro, micro_metrics) = (_one_step(model, images, labels, k) for k in (1, 4))
+    if exact:
+        chex.assert_trees_all_close(micro.params, full.params, rtol=1e-5, atol=1e-6)
+        chex.assert_trees_all_close(micro_metrics, full_metrics, rtol=1e-5, atol=1e-6)
+    else:  # each micro-batch normalized with its own 8-example statistics: a different gradient
+        difference = jax.tree.map(lambda a, b: float(np.abs(a - b).max()), micro.params, full.params)
+        assert max(jax.tree.leaves(difference)) > 1e-4
+
+
+def test_multisteps_over_small_batches_equals_large_batches_without_batch_norm(digits):
+    """Same key: the 128-example batches are the 32-example batches taken four at a time."""
+    run = lambda tx, batch_size: training.train_seeds(
+        MLP, tx, digits, seeds=[0], epochs=1, batch_size=batch_size, train_size=512)
+    large = run(optax.sgd(0.1), 128)
+    accumulated = run(optax.MultiSteps(optax.sgd(0.1), every_k_schedule=4), 32)
+    chex.assert_trees_all_close(accumulated.state.params, large.state.params, rtol=1e-4, atol=1e-6)
+
+
+def test_a_diverging_run_is_recorded_not_raised(digits):
+    result = training.train_seeds(MLP, optax.sgd(1e6), digits, seeds=[0], epochs=1, batch_size=256)
+    assert result.diverged.tolist() == [True]
+    assert isinstance(training.diverged_at(result.history.step_loss)[0], int)
+
+
+def test_evaluate_in_chunks_equals_one_pass(digits, two_seeds):
+    state = jax.tree.map(lambda a: a[0], two_seeds.state)
+    images, labels = digits.x_test, digits.y_test
+    chex.assert_trees_all_close(training.evaluate(state, images, labels, batch_size=7),
+                                training.evaluate(state, images, labels), rtol=1e-5)
+
+
+def test_data_parallel_on_a_one_device_mesh_equals_plain_training(digits):
+    run = lambda data_parallel: training.train_seeds(
+        models.MLP(norm="batch", widths=(16,)), optax.adam(1e-2), digits, seeds=[0], epochs=1, batch_size=64,
+        train_size=256, data_parallel=data_parallel)
+    chex.assert_trees_all_close(run(True).state.params, run(False).state.params, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(seeds=[]), "at least one seed"), (dict(batch_size=2000), "exceeds"),
+    (dict(epochs=0), "epochs must be a positive int"), (dict(train_size=0), "train_size"),
+    (dict(num_microbatches=0), "num_microbatches"),
+])
+def test_bad_arguments_raise_value_error(digits, kwargs, message):
+    args = dict(seeds=[0], epochs=1, batch_size=64) | kwargs
+    with pytest.raises(ValueError, match=message):
+        training.train_seeds(MLP, optax.sgd(0.1), digits, **args)
