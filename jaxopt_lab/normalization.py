@@ -113,8 +113,14 @@ def _moments(x: jax.Array, axes: tuple[int, ...], axis_name: str | None = None) 
     and ``pmap`` give), with a single collective.
     """
     x = x.astype(_statistics_dtype(x.dtype))
+    # Any shift near the mean makes E[(x-s)^2] - E[x-s]^2 exact to rounding. When the reduced axes are
+    # the trailing ones (layer norm), each group is contiguous and cache-resident, so its own mean is a
+    # cheap first pass and the shifted sums are the corrected two-pass algorithm of Chan, Golub &
+    # LeVeque. Otherwise a second pass would stream x from memory again; one sample of each group
+    # (its first element) is near enough the mean, and keeps the statistics to one pass.
     # The shift does not change the variance mathematically, only the rounding; so it gets no gradient.
-    shift = lax.stop_gradient(_first_along(x, axes))
+    trailing = axes == tuple(range(x.ndim - len(axes), x.ndim))
+    shift = lax.stop_gradient(jnp.mean(x, axes, keepdims=True) if trailing else _first_along(x, axes))
     centered = x - shift
     offset = jnp.mean(centered, axes, keepdims=True)
     # Rounding can leave a tiny negative difference; clip it so that rsqrt(var + eps) stays finite.
