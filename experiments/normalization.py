@@ -48,7 +48,7 @@ class Config:
 
 
 # Quick: 14 compiled programs (compilation, not training, dominates on CPU at this size).
-QUICK = Config(batch_sizes=(4, 32), epochs=3, seeds=3, widths=(8, 16), num_groups=4, group_counts=(2, 4),
+QUICK = Config(batch_sizes=(4, 32), epochs=3, seeds=3, widths=(16, 32), num_groups=4, group_counts=(1, 4),
                rnn_batch_sizes=(32,), rnn_hidden=32)
 FULL = Config(batch_sizes=(2, 4, 8, 16, 32, 64), epochs=8, seeds=5, widths=(16, 32, 32), num_groups=8,
               group_counts=(1, 2, 4, 8, 16, 32), rnn_batch_sizes=(4, 32), rnn_hidden=64)
