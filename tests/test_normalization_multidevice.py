@@ -93,6 +93,31 @@ def _checks() -> None:
     assert len(y_jit.sharding.device_set) == NUM_DEVICES
     chex.assert_trees_all_close((y_jit, stats_jit, grads_jit), (y_single, stats_single, grads_single),
                                 atol=2e-4, rtol=2e-4)
+    # 3. The linen module: nn.BatchNorm(axis_name=...) inside shard_map, parameters replicated, equals the
+    # module on one device and the global batch (loss, batch_stats and parameter gradients).
+    from jaxopt_lab import nn
+
+    variables = nn.BatchNorm().init(jax.random.key(1), x, use_running_average=True)
+
+    def module_step(module, x, cotangent):
+        def module_loss(params):
+            y, updates = module.apply({**variables, "params": params}, x, use_running_average=False,
+                                      mutable=["batch_stats"])
+            return jnp.sum(y * cotangent), updates
+        return jax.value_and_grad(module_loss, has_aux=True)(variables["params"])
+
+    (loss_single, updates_single), grads_single = jax.jit(
+        lambda x: module_step(nn.BatchNorm(), x, cotangent))(x)
+
+    def module_per_device(x, cotangent):
+        (loss, updates), grads = module_step(nn.BatchNorm(axis_name="data"), x, cotangent)
+        return jax.lax.psum(loss, "data"), updates, grads
+
+    loss, updates, grads = jax.jit(jax.shard_map(
+        module_per_device, mesh=mesh, in_specs=(PartitionSpec("data"), PartitionSpec("data")),
+        out_specs=(PartitionSpec(), PartitionSpec(), PartitionSpec())))(x, cotangent)
+    chex.assert_trees_all_close((loss, updates, grads), (loss_single, updates_single, grads_single),
+                                atol=2e-4, rtol=2e-4)
     print("all cross-device checks passed")
 
 
