@@ -168,10 +168,33 @@ def _normalize_impl(x, scale, bias, axes, eps, dtype):
     return _affine(_standardize(x, moments, eps), scale, bias, dtype), moments
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _varying_axes(x: jax.Array) -> tuple[Any, ...]:
+    """The manual mesh axes (inside ``shard_map``) over which ``x`` holds different values per device."""
+    aval = jax.typeof(x)
+    manual = getattr(aval, "mat", None)  # jax >= 0.9; older releases call it ``vma``
+    varying = getattr(manual, "varying", None) if manual is not None else getattr(aval, "vma", ())
+    return tuple(sorted(varying or (), key=str))
+
+
 def _normalize(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None, axes: tuple[int, ...],
                eps: float, dtype: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
     """``(y, mean, var)`` of the normalization of ``x`` over ``axes``, with a hand-derived backward.
+
+    Inside ``shard_map`` a replicated ``scale``/``bias`` meets a per-device ``x``; a custom backward must
+    return each cotangent with its primal's type, so the parameters are first marked as varying like
+    ``x`` (``pcast``): the backward then gives the per-device gradient, and autodiff of the ``pcast``
+    sums it over the devices, as it would for the plain formula.
+    """
+    x_axes = _varying_axes(x)
+    scale, bias = (None if p is None else lax.pcast(p, tuple(a for a in x_axes if a not in _varying_axes(p)),
+                                                     to="varying") for p in (scale, bias))
+    return _normalize_core(x, scale, bias, axes, eps, dtype)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _normalize_core(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None, axes: tuple[int, ...],
+                    eps: float, dtype: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """:func:`_normalize` for parameters of ``x``'s type, with a hand-derived backward.
 
     ``x`` is in its statistics layout (for group norm ``(N, *spatial, G, C/G)``) and ``scale``/``bias``
     broadcast against its trailing (parameter) axes. Autodiff of the forward would differentiate the
@@ -218,7 +241,7 @@ def _normalize_bwd(axes, eps, dtype, residuals, cotangents):
     return dx.astype(x.dtype), dscale, dbias
 
 
-_normalize.defvjp(_normalize_fwd, _normalize_bwd)
+_normalize_core.defvjp(_normalize_fwd, _normalize_bwd)
 
 
 # --------------------------------------------------------------------------------------------------

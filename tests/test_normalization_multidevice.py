@@ -93,7 +93,26 @@ def _checks() -> None:
     assert len(y_jit.sharding.device_set) == NUM_DEVICES
     chex.assert_trees_all_close((y_jit, stats_jit, grads_jit), (y_single, stats_single, grads_single),
                                 atol=2e-4, rtol=2e-4)
-    # 3. The linen module: nn.BatchNorm(axis_name=...) inside shard_map, parameters replicated, equals the
+    # 3. The per-sample norms inside shard_map (no axis_name needed: their statistics never cross a
+    # sample), replicated scale and bias: the custom backward must give x's gradient per device and the
+    # parameters' summed over devices, as autodiff of the plain formula would on one device.
+    per_sample_norms = {
+        "layer_norm": lambda x, s, b: norm.layer_norm(x, s, b),
+        "instance_norm": lambda x, s, b: norm.instance_norm(x, s, b),
+        "group_norm": lambda x, s, b: norm.group_norm(x, None, s, b, group_size=1),
+    }
+    for name, f in per_sample_norms.items():
+        def norm_grads(x, scale, bias, cotangent, f=f):
+            return jax.grad(lambda *a: jnp.sum(f(*a) * cotangent), argnums=(0, 1, 2))(x, scale, bias)
+
+        expected = jax.jit(norm_grads)(x, scale, bias, cotangent)
+        got = jax.jit(jax.shard_map(
+            norm_grads, mesh=mesh,
+            in_specs=(PartitionSpec("data"), PartitionSpec(), PartitionSpec(), PartitionSpec("data")),
+            out_specs=(PartitionSpec("data"), PartitionSpec(), PartitionSpec())))(x, scale, bias, cotangent)
+        chex.assert_trees_all_close(got, expected, atol=2e-4, rtol=2e-4, custom_message=name)
+
+    # 4. The linen module: nn.BatchNorm(axis_name=...) inside shard_map, parameters replicated, equals the
     # module on one device and the global batch (loss, batch_stats and parameter gradients).
     from jaxopt_lab import nn
 
