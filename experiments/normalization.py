@@ -276,11 +276,11 @@ def _summary(cfg, ds, cnn, rnn, robust, groups, claims, figures) -> str:
     for c in claims:
         gap = f"{100 * c['difference']:+.1f} ± {100 * c['standard_error']:.1f}"
         lines.append(f"| {c['claim']} | {c['test']} | {gap} | {c['verdict']} | {c['numbers']} |")
-    lines += ["", "Notes: instance norm removes a per-image *contrast* change exactly (the first conv has no "
-              "bias and zero padding), but not a brightness shift: the zero padding does not move with the "
-              "image, "
-              "so the border responses change. Batch norm's running statistics are fixed at test time, so a "
-              "changed image reaches the network un-normalized."]
+    lines += ["", "Notes: a contrast change in raw pixels is, in standardized units, a scale *and* a shift (the "
+              "blank background is not 0 after standardization), and the first conv's zero padding does not move "
+              "with a shift; so instance norm is close to, not exactly, invariant to these changes (it is "
+              "exactly invariant to a pure scale of its input: tests/test_models.py). Batch norm's running "
+              "statistics are fixed at test time, so a changed image reaches the network un-normalized."]
     return "\n".join(lines)
 
 
