@@ -171,7 +171,8 @@ def _summary(cfg, ds, rows, b_vs_c, timing, timing_model, device, figure, train_
     for r in rows:
         d, a, loss = r["max_abs_param_diff_to_a"], r["test_accuracy"], r["final_train_loss"]
         lines.append(f"| {r['model']} | {r['variant']} | {np.median(d['values']):.1e} ({max(d['values']):.1e}) "
-                     f"| {r['relative_l2_diff_to_a']['mean']:.1e} | {100 * a['mean']:.1f} ± {100 * a['std']:.1f} "
+                     f"| {r['relative_l2_diff_to_a']['mean']:.1e} "
+                     f"| {100 * a['mean']:.1f} ± {100 * a['std']:.1f} "
                      f"| {loss['mean']:.3f} ± {loss['std']:.3f} |")
     lines += ["", "(b) vs (c), max abs param difference: "
               + "; ".join(f"{m}: {v['mean']:.1e}" for m, v in b_vs_c.items()) + ".", "",

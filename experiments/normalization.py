@@ -276,10 +276,10 @@ def _summary(cfg, ds, cnn, rnn, robust, groups, claims, figures) -> str:
     for c in claims:
         gap = f"{100 * c['difference']:+.1f} ± {100 * c['standard_error']:.1f}"
         lines.append(f"| {c['claim']} | {c['test']} | {gap} | {c['verdict']} | {c['numbers']} |")
-    lines += ["", "Notes: a contrast change in raw pixels is, in standardized units, a scale *and* a shift (the "
-              "blank background is not 0 after standardization), and the first conv's zero padding does not move "
-              "with a shift; so instance norm is close to, not exactly, invariant to these changes (it is "
-              "exactly invariant to a pure scale of its input: tests/test_models.py). Batch norm's running "
+    lines += ["", "Notes: a contrast change in raw pixels is, in standardized units, a scale *and* a shift "
+              "(the blank background is not 0 after standardization), and the first conv's zero padding does "
+              "not move with a shift; so instance norm is close to, not exactly, invariant to these changes "
+              "(it is exactly invariant to a pure scale of its input: tests/test_models.py). Batch norm's running "
               "statistics are fixed at test time, so a changed image reaches the network un-normalized."]
     return "\n".join(lines)
 
