@@ -280,7 +280,8 @@ def _summary(cfg, ds, cnn, rnn, robust, groups, claims, figures) -> str:
               "(the blank background is not 0 after standardization), and the first conv's zero padding does "
               "not move with a shift; so instance norm is close to, not exactly, invariant to these changes "
               "(it is exactly invariant to a pure scale of its input: tests/test_models.py). Batch norm's "
-              "running statistics are fixed at test time, so a changed image reaches the network un-normalized."]
+              "running statistics are fixed at test time, so a changed image reaches the network "
+              "un-normalized."]
     return "\n".join(lines)
 
 
