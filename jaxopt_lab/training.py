@@ -283,8 +283,11 @@ def train_seeds(model: nn.Module, tx: optax.GradientTransformation, dataset: Dat
       unroll: see :func:`make_train_step`.
       data_parallel: ``None`` splits every step's batch over all devices when more than one is visible,
         ``True`` always uses a device mesh, ``False`` never (:func:`jaxopt_lab.parallel.batch_sharded`).
-        The numbers are those of one device up to float reassociation; the batch size must then be
-        divisible by the device count (and by it times ``num_microbatches`` when micro-batching).
+        The numbers are those of one device up to float reassociation. The batch size must be divisible
+        by devices x ``num_microbatches``; if it is not, ``True`` raises and ``None`` trains on one device.
+        Under a mesh micro-batch ``i`` holds examples ``i, i + k, ...`` (each device keeps its shard)
+        instead of a contiguous slice: as random a split of the shuffled batch, but with batch norm a
+        different one from a single-device run.
 
     Returns:
       A :class:`TrainResult`; every leaf has a leading axis of ``len(seeds)``.
@@ -299,14 +302,15 @@ def train_seeds(model: nn.Module, tx: optax.GradientTransformation, dataset: Dat
     train = Batch(jnp.asarray(dataset.x_train[:count]), jnp.asarray(dataset.y_train[:count]))
     test = Batch(jnp.asarray(dataset.x_test), jnp.asarray(dataset.y_test))
     mesh = parallel.maybe_data_parallel_mesh(data_parallel)
+    if mesh is not None and batch_size % (mesh.devices.size * num_microbatches):
+        if data_parallel:
+            raise ValueError(f"train_seeds: batch_size={batch_size} must be divisible by the "
+                             f"{mesh.devices.size} devices x num_microbatches={num_microbatches} for "
+                             "data-parallel training (pass data_parallel=False to train on one device)")
+        mesh = None  # automatic mode: a batch that cannot be split evenly (e.g. 2 on 8 GPUs) stays on one
     # Interleaved micro-batches keep each device's shard local; contiguous ones would move data.
     step_fn = make_train_step(num_microbatches=num_microbatches, interleave=mesh is not None, unroll=unroll)
     if mesh is not None:
-        devices = mesh.devices.size
-        if batch_size % (devices * num_microbatches):
-            raise ValueError(f"train_seeds: batch_size={batch_size} must be divisible by the {devices} devices "
-                             f"x num_microbatches={num_microbatches} for data-parallel training "
-                             f"(pass data_parallel=False to train on one device)")
         step_fn = parallel.batch_sharded(step_fn, mesh)
 
     def one_run(seed_key: jax.Array, train: Batch, test: Batch) -> tuple[TrainState, History]:
