@@ -119,7 +119,8 @@ def run(ctx: RunContext) -> None:
         batch_size, k, multi = VARIANTS[variant]
         results[model_name, variant] = training.train_seeds(
             build_model(model_name, ds.num_classes), _optimizer(cfg, multi), ds, seeds, epochs=cfg.epochs,
-            batch_size=batch_size, num_microbatches=k, train_size=train_size, unroll=unroll)
+            batch_size=batch_size, num_microbatches=k, train_size=train_size, unroll=unroll,
+            data_parallel=ctx.data_parallel)
     for model_name in cfg.models:
         reference = results[model_name, "(a) 1 x 128"].state.params
         for variant, (_, _, multi) in VARIANTS.items():

@@ -86,7 +86,8 @@ def run(ctx: RunContext) -> None:
     rows, curves, drift = [], {}, {}
     for model_name, opt_name, variant in ctx.progress(jobs, desc="training"):
         result = training.train_seeds(model_for[model_name], optimizer(opt_name, variant), ds, seeds,
-                                      epochs=cfg.epochs, batch_size=cfg.batch_size, probe=per_output_means)
+                                      epochs=cfg.epochs, batch_size=cfg.batch_size, probe=per_output_means,
+                                      data_parallel=ctx.data_parallel)
         step_loss = np.asarray(result.history.step_loss)
         # |per-output mean now - at initialization|, averaged over outputs and seeds: (epochs + 1,) per layer.
         layer_drift = {layer: np.abs(means - means[:, :1]).mean(axis=(0, 2))

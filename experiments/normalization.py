@@ -9,6 +9,7 @@ count; and a verdict per claim of the seed. Every configuration trains all its s
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 
 import jax
@@ -58,9 +59,10 @@ def _optimizer(cfg: Config, batch_size: int) -> optax.GradientTransformation:
     return optax.adam(cfg.learning_rate * math.sqrt(batch_size / cfg.reference_batch))
 
 
-def _train(model, cfg: Config, ds: data.Dataset, seeds: list[int], batch_size: int) -> training.TrainResult:
+def _train(model, cfg: Config, ds: data.Dataset, seeds: list[int], batch_size: int,
+           data_parallel: bool | None) -> training.TrainResult:
     return training.train_seeds(model, _optimizer(cfg, batch_size), ds, seeds, epochs=cfg.epochs,
-                                batch_size=batch_size)
+                                batch_size=batch_size, data_parallel=data_parallel)
 
 
 def _record(result: training.TrainResult) -> dict:
@@ -160,17 +162,18 @@ def run(ctx: RunContext) -> None:
             + [("rnn", n, b) for n in RNN_NORMS for b in cfg.rnn_batch_sizes]
             + [("groups", g, cfg.reference_batch) for g in cfg.group_counts if g != cfg.num_groups])
     cnn, rnn, groups, reference_states = {n: {} for n in CNN_NORMS}, {n: {} for n in RNN_NORMS}, {}, {}
+    train = functools.partial(_train, cfg=cfg, ds=ds, seeds=seeds, data_parallel=ctx.data_parallel)
     for kind, what, batch_size in ctx.progress(jobs, desc="training"):
         if kind == "cnn":
-            result = _train(cnn_for(what), cfg, ds, seeds, batch_size)
+            result = train(cnn_for(what), batch_size=batch_size)
             cnn[what][batch_size] = _record(result)
             if batch_size == cfg.reference_batch:
                 reference_states[what] = result.state
         elif kind == "rnn":
             model = models.RowRNN(norm=what, num_classes=ds.num_classes, hidden=cfg.rnn_hidden)
-            rnn[what][batch_size] = _record(_train(model, cfg, ds, seeds, batch_size))
+            rnn[what][batch_size] = _record(train(model, batch_size=batch_size))
         else:
-            groups[what] = _record(_train(cnn_for("group", what), cfg, ds, seeds, batch_size))
+            groups[what] = _record(train(cnn_for("group", what), batch_size=batch_size))
     groups[cfg.num_groups] = cnn["group"][cfg.reference_batch]
     groups = dict(sorted(groups.items()))
 

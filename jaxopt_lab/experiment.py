@@ -65,6 +65,9 @@ class RunContext:
     out_dir: Path
     show_progress: bool = True
     data_path: Path | None = None  # `--data PATH.npz`: read by the real-data experiments only
+    # `--data-parallel`: None splits batches over devices when more than one is visible, True always,
+    # False never (see `training.train_seeds`); read by the real-data experiments only.
+    data_parallel: bool | None = None
     config: Any = None
     metrics: Any = None
     summary: str | None = None
@@ -131,20 +134,26 @@ def available_experiments() -> dict[str, Experiment]:
 
 
 def _footer(ctx: RunContext, elapsed: float, env: dict[str, Any]) -> str:
-    quick = " --quick" if ctx.quick else ""
+    flags = " --quick" if ctx.quick else ""
+    flags += f" --seed {ctx.seed}"
+    if ctx.data_path is not None:
+        flags += f" --data {ctx.data_path}"
+    if ctx.data_parallel is not None:
+        flags += f" --data-parallel {'on' if ctx.data_parallel else 'off'}"
     return (
-        f"\n\n---\n*Measured by `jaxopt-lab run {ctx.name}{quick} --seed {ctx.seed}` in "
+        f"\n\n---\n*Measured by `jaxopt-lab run {ctx.name}{flags}` in "
         f"{elapsed:.1f} s on {env['device_count']}x {env['device_kind']} ({env['backend']}), "
         f"JAX {env['jax']}.*\n"
     )
 
 
 def run_experiment(experiment: Experiment, out: str | Path, *, quick: bool, seed: int,
-                   show_progress: bool = True, data_path: Path | None = None) -> float:
+                   show_progress: bool = True, data_path: Path | None = None,
+                   data_parallel: bool | None = None) -> float:
     """Runs one experiment into ``out/NAME`` atomically and returns its wall-clock seconds."""
     env = environment()
     with results.staging_dir(Path(out) / experiment.name) as staged:
-        ctx = RunContext(experiment.name, quick, seed, staged, show_progress, data_path)
+        ctx = RunContext(experiment.name, quick, seed, staged, show_progress, data_path, data_parallel)
         start = time.perf_counter()
         experiment.run(ctx)
         elapsed = time.perf_counter() - start
@@ -158,6 +167,7 @@ def run_experiment(experiment: Experiment, out: str | Path, *, quick: bool, seed
             "quick": quick,
             "seed": seed,
             "data_path": data_path,
+            "data_parallel": {None: "auto", True: "on", False: "off"}[data_parallel],
             "elapsed_s": elapsed,
             "environment": env,
             "figures": ctx.figures,
@@ -169,7 +179,7 @@ def run_experiment(experiment: Experiment, out: str | Path, *, quick: bool, seed
 
 
 def main_for(name: str, argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python experiments/<name>.py [--quick] [--out DIR] [--seed N]``."""
+    """Entry point of ``python experiments/<name>.py [--quick] [--out DIR] [--seed N] ...`` (run's flags)."""
     from jaxopt_lab import cli
 
     return cli.main(["run", name, *(sys.argv[1:] if argv is None else argv)])

@@ -17,6 +17,7 @@ def _run(name, out, *extra):
     folder = out / name
     meta = json.loads((folder / "metrics.json").read_text())
     summary = (folder / "summary.md").read_text()
+    assert f"`jaxopt-lab run {name} --quick --seed 0{''.join(' ' + e for e in extra)}`" in summary  # reproduce
     for figure in meta["figures"]:
         assert (folder / figure).stat().st_size > 10_000 and f"]({figure})" in summary
     return meta["config"], meta["metrics"], summary
@@ -38,8 +39,11 @@ def test_normalization(tmp_path):
     assert "Wu & He" in summary and "| claim (seed) |" in summary
 
 
-def test_gradient_centralization(tmp_path):
-    config, metrics, summary = _run("gradient-centralization", tmp_path)
+def test_gradient_centralization_on_a_device_mesh(tmp_path):
+    # --data-parallel on: the batch-sharded train step, on a 1-device mesh here (8 devices: test_parallel).
+    config, metrics, summary = _run("gradient-centralization", tmp_path, "--data-parallel", "on")
+    meta = json.loads((tmp_path / "gradient-centralization" / "metrics.json").read_text())
+    assert meta["data_parallel"] == "on"
     runs = {(r["model"], r["optimizer"], r["variant"]): r for r in metrics["runs"]}
     assert len(runs) == 2 * len(config["optimizers"]) * 3
     for model in ("CNN (batch norm)", "MLP"):

@@ -133,6 +133,14 @@ def test_code_is_ruff_clean():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+def test_data_parallel_flag_names_its_choices(capsys):
+    with pytest.raises(SystemExit) as exc:
+        cli.main(["run", "hand-backprop", "--data-parallel", "yes"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert len(err.strip().splitlines()) == 1 and "'auto', 'on', 'off'" in err, err
+
+
 def test_data_flag_needs_an_existing_npz(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["run", "hand-backprop", "--data", str(tmp_path / "missing.npz")])
