@@ -167,7 +167,8 @@ def _figure(ctx, cfg, results, train_size) -> str:
 
 
 def _summary(cfg, ds, rows, b_vs_c, timing, timing_model, device, figure, train_size) -> str:
-    lines = [f"Data: {ds.describe()} (first {train_size} training images, a multiple of 128). SGD, lr "
+    lines = ["# gradient-accumulation — an effective batch of 128 four ways: where it is exact, what it costs",
+             "", f"Data: {ds.describe()} (first {train_size} training images, a multiple of 128). SGD, lr "
              f"{cfg.learning_rate}, momentum {cfg.momentum}, {cfg.epochs} epochs, mean ± std over {cfg.seeds} "
              "seeds; the same examples in the same order for every variant.", "",
              "| model | variant | max abs param diff to (a): median (max) over seeds | relative L2 diff | "

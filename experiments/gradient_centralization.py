@@ -153,7 +153,9 @@ def _fmt(r: dict) -> str:
 
 def _summary(cfg, ds, rows, figures) -> str:
     by = {(r["model"], r["optimizer"], r["variant"]): r for r in rows}
-    lines = [f"Data: {ds.describe()}. Batch {cfg.batch_size}, {cfg.epochs} epochs, mean ± std over {cfg.seeds} "
+    lines = ["# gradient-centralization — GC on four optimizers, two models, and the weight-space constraint",
+             "",
+             f"Data: {ds.describe()}. Batch {cfg.batch_size}, {cfg.epochs} epochs, mean ± std over {cfg.seeds} "
              f"seeds. Steps to target: first step where the {cfg.smoothing_steps}-step moving average of the "
              f"training loss is below {cfg.loss_target} (mean over the seeds that reached it).", "",
              "| model | optimizer | variant | test accuracy (%) | Δ vs plain (pts) | final train loss "

@@ -247,7 +247,8 @@ def _figure_rnn_robust_groups(ctx: RunContext, cfg: Config, rnn: dict, robust: d
 
 def _summary(cfg, ds, cnn, rnn, robust, groups, claims, figures) -> str:
     sizes = sorted(cfg.batch_sizes)
-    lines = [f"Data: {ds.describe()}. CNN widths {cfg.widths}, {cfg.epochs} epochs at every batch size, "
+    lines = ["# normalization — which norm wins at which batch size, in RNNs and under contrast changes", "",
+             f"Data: {ds.describe()}. CNN widths {cfg.widths}, {cfg.epochs} epochs at every batch size, "
              f"Adam with lr {cfg.learning_rate:g} x sqrt(batch/{cfg.reference_batch}); mean ± std over "
              f"{cfg.seeds} seeds (test accuracy, %).", "",
              "| norm | " + " | ".join(f"batch {b}" for b in sizes) + " |",

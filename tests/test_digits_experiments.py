@@ -17,6 +17,7 @@ def _run(name, out, *extra):
     folder = out / name
     meta = json.loads((folder / "metrics.json").read_text())
     summary = (folder / "summary.md").read_text()
+    assert summary.startswith(f"# {name} — "), summary[:80]  # the report's section heading
     assert f"`jaxopt-lab run {name} --quick --seed 0{''.join(' ' + e for e in extra)}`" in summary  # reproduce
     for figure in meta["figures"]:
         assert (folder / figure).stat().st_size > 10_000 and f"]({figure})" in summary
