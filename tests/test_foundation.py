@@ -123,6 +123,16 @@ def test_readme_test_command_is_what_ci_runs():
     assert readme_commands[1] in (root / ".ci" / "run").read_text()
 
 
+def test_installed_version_and_type_marker():
+    import importlib.metadata
+    import importlib.resources
+
+    import jaxopt_lab
+
+    assert importlib.metadata.version("jaxopt-lab") == jaxopt_lab.__version__
+    assert importlib.resources.files("jaxopt_lab").joinpath("py.typed").is_file()  # PEP 561
+
+
 def test_code_is_ruff_clean():
     import subprocess
     import sys
