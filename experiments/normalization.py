@@ -161,7 +161,9 @@ def run(ctx: RunContext) -> None:
     jobs = ([("cnn", n, b) for n in CNN_NORMS for b in cfg.batch_sizes]
             + [("rnn", n, b) for n in RNN_NORMS for b in cfg.rnn_batch_sizes]
             + [("groups", g, cfg.reference_batch) for g in cfg.group_counts if g != cfg.num_groups])
-    cnn, rnn, groups, reference_states = {n: {} for n in CNN_NORMS}, {n: {} for n in RNN_NORMS}, {}, {}
+    cnn: dict[str, dict] = {n: {} for n in CNN_NORMS}
+    rnn: dict[str, dict] = {n: {} for n in RNN_NORMS}
+    groups, reference_states = {}, {}
     train = functools.partial(_train, cfg=cfg, ds=ds, seeds=seeds, data_parallel=ctx.data_parallel)
     for kind, what, batch_size in ctx.progress(jobs, desc="training"):
         if kind == "cnn":

@@ -20,7 +20,7 @@ from jaxopt_lab.plotting import new_figure
 NAME = "saddle-points"
 OPTIMIZER_NAMES = ("sgd", "momentum", "rmsprop", "adam")
 # Starts per landscape: exactly on the stable manifold, and a small step off it towards the way out.
-STARTS = {
+STARTS: dict[str, dict[str, tuple[float, ...]]] = {
     "cubic": {"at the saddle": (0.0,), "stable side, x0 = 0.5": (0.5,)},
     "hyperbolic": {"on the stable manifold": (1.0, 0.0), "1e-3 off it": (1.0, 1e-3)},
     "two_weight_net": {"on the stable manifold": (0.5, -0.5), "1e-3 off it": (0.5, -0.499)},
@@ -69,7 +69,7 @@ def run(ctx: RunContext) -> None:
             traces = sweep.run_sweep(saddle.loss, OPTIMIZER_NAMES, specs, None, config, chunk_size=500,
                                      progress=bar.update)
             results[land] = traces
-    table = {}
+    table: dict[str, dict] = {}
     for land, traces in results.items():
         table[land] = {}
         for name, trace in traces.items():

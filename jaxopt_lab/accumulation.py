@@ -58,7 +58,7 @@ def _as_tuple(argnums: int | Sequence[int], name: str) -> tuple[int, ...]:
 
 
 def _batch_size(batches: Sequence[Any]) -> int:
-    sizes = {}
+    sizes: dict[int, str] = {}
     for path, leaf in jax.tree_util.tree_leaves_with_path(batches):
         if jnp.ndim(leaf) == 0:
             raise ValueError(

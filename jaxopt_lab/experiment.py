@@ -174,7 +174,8 @@ def run_experiment(experiment: Experiment, out: str | Path, *, quick: bool, seed
             "config": ctx.config,
             "metrics": ctx.metrics,
         })
-        results.atomic_write_text(staged / "summary.md", ctx.summary.rstrip() + _footer(ctx, elapsed, env))
+        summary = (ctx.summary or "").rstrip() + _footer(ctx, elapsed, env)
+        results.atomic_write_text(staged / "summary.md", summary)
     return elapsed
 
 

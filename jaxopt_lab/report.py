@@ -21,6 +21,11 @@ def _experiment_dirs(out: Path) -> list[Path]:
     return sorted(dirs, key=lambda d: (rank.get(d.name, len(rank)), d.name))
 
 
+def _rebase_links(text: str, folder: str) -> str:
+    """A summary's links to its own files, made relative to the results folder (``folder/file``)."""
+    return _LOCAL_LINK.sub(lambda m: f"{m.group(1)}{folder}/{m.group(2)})", text)
+
+
 def write_report(out: str | Path = "results") -> Path:
     """Writes ``out/REPORT.md`` from every ``out/*/summary.md`` and returns its path.
 
@@ -39,7 +44,7 @@ def write_report(out: str | Path = "results") -> Path:
                     f"{meta.get('seed', '?')} | {meta.get('elapsed_s', float('nan')):.1f} | "
                     f"{env.get('device_kind', '?')} |")
         text = (d / "summary.md").read_text()
-        text = _LOCAL_LINK.sub(lambda m, d=d: f"{m.group(1)}{d.name}/{m.group(2)})", text)
+        text = _rebase_links(text, d.name)
         # Demote the summary's headings one level so the report keeps a single title.
         text = re.sub(r"^(#+) ", r"#\1 ", text, flags=re.M)
         shown = set(re.findall(rf"{re.escape(d.name)}/([^)\s]+\.png)", text))

@@ -19,10 +19,11 @@ only the term on the path it follows (E1 for w21, E2 for w12); the total-loss gr
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import NamedTuple
+from typing import NamedTuple, TypeAlias
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.typing import ArrayLike
 
 __all__ = [
@@ -51,6 +52,8 @@ INPUTS = (2.0, -1.0)
 TARGETS = (1.0, 0.5)
 
 Params = Mapping[str, ArrayLike]
+# Two values (i1, i2) or (t1, t2): a pair of scalars or an array of length 2.
+Pair: TypeAlias = tuple[ArrayLike, ArrayLike] | jax.Array | np.ndarray
 
 
 def _check_params(params: Params) -> None:
@@ -59,7 +62,7 @@ def _check_params(params: Params) -> None:
         raise ValueError(f"params: missing {sorted(missing)}; expected the keys {list(PARAM_NAMES)}")
 
 
-def forward(params: Params, inputs: tuple[ArrayLike, ArrayLike] | ArrayLike) -> dict[str, jax.Array]:
+def forward(params: Params, inputs: Pair) -> dict[str, jax.Array]:
     """Every intermediate of the forward pass: ``z1, z2, h1, h2, o1, o2``."""
     _check_params(params)
     i1, i2 = inputs[0], inputs[1]
@@ -73,25 +76,25 @@ def forward(params: Params, inputs: tuple[ArrayLike, ArrayLike] | ArrayLike) -> 
             {"z1": z1, "z2": z2, "h1": h1, "h2": h2, "o1": o1, "o2": o2}.items()}
 
 
-def loss_terms(params: Params, inputs: tuple[ArrayLike, ArrayLike] | ArrayLike,
-               targets: tuple[ArrayLike, ArrayLike] | ArrayLike) -> tuple[jax.Array, jax.Array]:
+def loss_terms(params: Params, inputs: Pair,
+               targets: Pair) -> tuple[jax.Array, jax.Array]:
     """``(E1, E2)`` with ``Ek = 1/2 (tk - ok)^2``."""
     out = forward(params, inputs)
-    return 0.5 * (targets[0] - out["o1"]) ** 2, 0.5 * (targets[1] - out["o2"]) ** 2
+    return 0.5 * (jnp.asarray(targets[0]) - out["o1"]) ** 2, 0.5 * (jnp.asarray(targets[1]) - out["o2"]) ** 2
 
 
-def total_loss(params: Params, inputs: tuple[ArrayLike, ArrayLike] | ArrayLike,
-               targets: tuple[ArrayLike, ArrayLike] | ArrayLike) -> jax.Array:
+def total_loss(params: Params, inputs: Pair,
+               targets: Pair) -> jax.Array:
     """``E = E1 + E2``."""
     e1, e2 = loss_terms(params, inputs, targets)
     return e1 + e2
 
 
-def mse(params: Params, inputs: tuple[ArrayLike, ArrayLike] | ArrayLike,
-        targets: tuple[ArrayLike, ArrayLike] | ArrayLike) -> jax.Array:
+def mse(params: Params, inputs: Pair,
+        targets: Pair) -> jax.Array:
     """The seed's MSE, ``((t1-o1)^2 + (t2-o2)^2) / 2``; with two outputs it equals ``E1 + E2``."""
     out = forward(params, inputs)
-    return ((targets[0] - out["o1"]) ** 2 + (targets[1] - out["o2"]) ** 2) / 2
+    return ((jnp.asarray(targets[0]) - out["o1"]) ** 2 + (jnp.asarray(targets[1]) - out["o2"]) ** 2) / 2
 
 
 class HandGradients(NamedTuple):
@@ -117,8 +120,8 @@ def _term_gradient(p: Params, i1: ArrayLike, i2: ArrayLike, h1: ArrayLike, h2: A
     return {k: jnp.asarray(grads[k], dtype=jnp.result_type(float)) for k in PARAM_NAMES}
 
 
-def hand_gradients(params: Params, inputs: tuple[ArrayLike, ArrayLike] | ArrayLike,
-                   targets: tuple[ArrayLike, ArrayLike] | ArrayLike) -> HandGradients:
+def hand_gradients(params: Params, inputs: Pair,
+                   targets: Pair) -> HandGradients:
     """The gradient of ``E``, ``E1`` and ``E2`` for all 12 parameters, by the chain rule alone.
 
     ``dE1/do1 = o1 - t1`` and ``dE2/do2 = o2 - t2``; each term's gradient starts from its own output

@@ -183,18 +183,18 @@ class RunSpec(NamedTuple):
 
 
 class RunTrace(NamedTuple):
-    """One run's (or, batched, every run's) outcome.
+    """One run's (or, batched, every run's) outcome, as host NumPy arrays.
 
     ``losses[t]`` is the loss at the parameters after ``t`` updates, for ``t = 0..stop_step``; entries
     after the stop are NaN (not drawn by :func:`jaxopt_lab.plotting.plot_loss_curves`). ``stop_step`` is
     the number of updates made: the step the target was reached or divergence seen, else ``steps``.
     """
 
-    losses: jax.Array  # (T + 1,)
-    batch_losses: jax.Array  # (T + 1,): loss on the step's mini-batch (== losses for the full batch)
-    stop_step: jax.Array  # () int32
-    reached: jax.Array  # () bool: loss fell below target_loss
-    diverged: jax.Array  # () bool
+    losses: np.ndarray  # (T + 1,)
+    batch_losses: np.ndarray  # (T + 1,): loss on the step's mini-batch (== losses for the full batch)
+    stop_step: np.ndarray  # () int32
+    reached: np.ndarray  # () bool: loss fell below target_loss
+    diverged: np.ndarray  # () bool
     final_params: Any
     params: Any  # (T + 1, ...) per leaf when config.record_params, else None
 
@@ -208,8 +208,8 @@ class _Carry(NamedTuple):
     stop_step: jax.Array
 
 
-def grid(learning_rates: Sequence[float], seeds: Sequence[int], init_params: Any,
-         gradient_noise: Sequence[float] | float = 0.0) -> RunSpec:
+def grid(learning_rates: Sequence[float] | np.ndarray, seeds: Sequence[int] | np.ndarray, init_params: Any,
+         gradient_noise: Sequence[float] | np.ndarray | float = 0.0) -> RunSpec:
     """The cartesian product rates x seeds x noise levels as one batched :class:`RunSpec`.
 
     Runs are ordered rate-major: ``run = (rate_index * len(seeds) + seed_index) * len(noise) + noise_index``.
@@ -345,9 +345,9 @@ def _check_data(data: Any, config: SweepConfig) -> None:
     if not leaves:
         raise ValueError(f"sweep: batch_size={config.batch_size} needs data to sample from, got {data!r}")
     sizes = {np.shape(leaf)[0] if np.ndim(leaf) else None for leaf in leaves}
-    if len(sizes) != 1 or None in sizes:
+    (n, *others) = sizes
+    if others or n is None:
         raise ValueError(f"sweep: every data array needs the same leading (examples) axis, got sizes {sizes}")
-    (n,) = sizes
     if config.batch_size > n:
         raise ValueError(f"sweep: batch_size={config.batch_size} exceeds the {n} examples in data")
 

@@ -115,7 +115,7 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 
 
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation, key: jax.Array,
-                       sample_images: jax.Array) -> TrainState:
+                       sample_images: jax.typing.ArrayLike) -> TrainState:
     """Initializes ``model`` (params and, if any, ``batch_stats``) and ``tx`` from ``key``."""
     variables = model.init(key, sample_images, train=False)
     return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,

@@ -143,6 +143,15 @@ def test_code_is_ruff_clean():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+def test_library_and_experiments_type_check():
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[1]
+    proc = subprocess.run([sys.executable, "-m", "mypy"], capture_output=True, text=True, cwd=root)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
 def test_data_parallel_flag_names_its_choices(capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["run", "hand-backprop", "--data-parallel", "yes"])
