@@ -26,6 +26,7 @@ A run whose loss becomes NaN/inf is not an error: its history carries the non-fi
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
 
@@ -117,9 +118,23 @@ def cross_entropy(logits: jax.Array, labels: jax.Array) -> jax.Array:
 def create_train_state(model: nn.Module, tx: optax.GradientTransformation, key: jax.Array,
                        sample_images: jax.typing.ArrayLike) -> TrainState:
     """Initializes ``model`` (params and, if any, ``batch_stats``) and ``tx`` from ``key``."""
-    variables = model.init(key, sample_images, train=False)
+    return _state_from_variables(model, tx, model.init(key, sample_images, train=False))
+
+
+def _state_from_variables(model: nn.Module, tx: optax.GradientTransformation, variables: Any) -> TrainState:
     return TrainState.create(apply_fn=model.apply, params=variables["params"], tx=tx,
                              batch_stats=variables.get("batch_stats", {}))
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _init_variables(model: nn.Module, keys: jax.Array, sample_images: jax.Array) -> Any:
+    """``model.init`` for every key (vmapped), compiled once per model and input shape.
+
+    Kept out of the training program: the initializers' random-bit generation is slow to compile on
+    XLA:CPU (seconds for a small CNN), and experiments train one model under many optimizers and batch
+    sizes, so a separate, cached initialization is compiled once instead of inside every program.
+    """
+    return jax.vmap(lambda key: model.init(key, sample_images, train=False))(keys)
 
 
 def _classification_loss(apply_fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -313,13 +328,15 @@ def train_seeds(model: nn.Module, tx: optax.GradientTransformation, dataset: Dat
     if mesh is not None:
         step_fn = parallel.batch_sharded(step_fn, mesh)
 
-    def one_run(seed_key: jax.Array, train: Batch, test: Batch) -> tuple[TrainState, History]:
-        state = create_train_state(model, tx, jax.random.fold_in(seed_key, 0), train.images[:1])
+    def one_run(variables: Any, seed_key: jax.Array, train: Batch, test: Batch) -> tuple[TrainState, History]:
+        state = _state_from_variables(model, tx, variables)
         return fit(state, jax.random.fold_in(seed_key, 1), train, test, epochs=epochs, batch_size=batch_size,
                    step_fn=step_fn, probe=probe)
 
     keys = jax.vmap(jax.random.key)(jnp.asarray(seeds, dtype=jnp.uint32))
-    state, history = jax.jit(jax.vmap(one_run, in_axes=(0, None, None)))(keys, train, test)
+    init_keys = jax.vmap(lambda key: jax.random.fold_in(key, 0))(keys)
+    variables = _init_variables(model, init_keys, train.images[:1])
+    state, history = jax.jit(jax.vmap(one_run, in_axes=(0, 0, None, None)))(variables, keys, train, test)
     return TrainResult(state, history)
 
 

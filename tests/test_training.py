@@ -43,6 +43,20 @@ def test_a_vmapped_seed_equals_its_run_alone(digits, two_seeds):
     chex.assert_trees_all_close(lane, (alone.state.params, alone.history), rtol=1e-5, atol=1e-6)
 
 
+def test_each_seed_starts_from_create_train_state_and_the_init_compiles_once_per_model(digits):
+    model = models.MLP(widths=(24,))  # a model no other test initializes
+    compiled = training._init_variables._cache_size()
+    runs = {}
+    for lr in (0.0, 0.1):
+        runs[lr] = training.train_seeds(model, optax.sgd(lr), digits, seeds=[3, 4], epochs=1, batch_size=64)
+        # The initialization is shared by every optimizer: compiled for the first, reused by the second.
+        assert training._init_variables._cache_size() == compiled + 1
+    for i, seed in enumerate((3, 4)):  # a zero learning rate leaves the initial parameters
+        alone = training.create_train_state(model, optax.sgd(0.0), jax.random.fold_in(jax.random.key(seed), 0),
+                                            digits.x_train[:1])
+        chex.assert_trees_all_close(jax.tree.map(lambda a, i=i: a[i], runs[0.0].state.params), alone.params)
+
+
 def _one_step(model, images, labels, num_microbatches, key=0):
     state = training.create_train_state(model, optax.sgd(0.1), jax.random.key(key), images[:1])
     step = jax.jit(training.make_train_step(num_microbatches=num_microbatches))
