@@ -13,6 +13,8 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import NoReturn
 
+from jaxopt_lab.experiment import DATA_PARALLEL_MODES
+
 __all__ = ["main"]
 
 
@@ -40,9 +42,6 @@ def _npz_file(text: str) -> Path:
     return path
 
 
-_DATA_PARALLEL = {"auto": None, "on": True, "off": False}
-
-
 def _build_parser() -> _Parser:
     parser = _Parser(prog="jaxopt-lab", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="command", required=True, parser_class=_Parser,
@@ -56,7 +55,7 @@ def _build_parser() -> _Parser:
     run.add_argument("--data", type=_npz_file, default=None, metavar="PATH.npz",
                      help="arrays x_train, y_train, x_test, y_test for the real-data experiments "
                           "(default: scikit-learn's bundled digits)")
-    run.add_argument("--data-parallel", choices=tuple(_DATA_PARALLEL), default="auto",
+    run.add_argument("--data-parallel", choices=tuple(DATA_PARALLEL_MODES), default="auto",
                      help="split each training batch over all visible devices: auto (when more than one "
                           "device is visible and the batch divides), on (always; a batch that does not "
                           "divide is an error), off (default: auto)")
@@ -93,7 +92,7 @@ def _cmd_run(parser: _Parser, args: argparse.Namespace) -> int:
         print(f"[jaxopt-lab] running {name}{' (quick)' if args.quick else ''} ...", flush=True)
         elapsed = run_experiment(experiments[name], args.out, quick=args.quick, seed=args.seed,
                                  show_progress=not args.no_progress, data_path=args.data,
-                                 data_parallel=_DATA_PARALLEL[args.data_parallel])
+                                 data_parallel=DATA_PARALLEL_MODES[args.data_parallel])
         print(f"[jaxopt-lab] {name}: done in {elapsed:.1f} s -> {args.out / name}/", flush=True)
     report = write_report(args.out)
     print(f"[jaxopt-lab] report: {report}", flush=True)

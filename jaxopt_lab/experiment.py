@@ -26,6 +26,7 @@ from jaxopt_lab import results
 
 __all__ = [
     "CANONICAL_ORDER",
+    "DATA_PARALLEL_MODES",
     "Experiment",
     "RunContext",
     "available_experiments",
@@ -44,6 +45,13 @@ CANONICAL_ORDER = (
     "gradient-centralization",
     "gradient-accumulation",
 )
+
+# `--data-parallel MODE` -> the `data_parallel` argument of `training.train_seeds`.
+DATA_PARALLEL_MODES: dict[str, bool | None] = {"auto": None, "on": True, "off": False}
+
+
+def _data_parallel_mode(data_parallel: bool | None) -> str:
+    return next(mode for mode, value in DATA_PARALLEL_MODES.items() if value is data_parallel)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,7 +147,7 @@ def _footer(ctx: RunContext, elapsed: float, env: dict[str, Any]) -> str:
     if ctx.data_path is not None:
         flags += f" --data {ctx.data_path}"
     if ctx.data_parallel is not None:
-        flags += f" --data-parallel {'on' if ctx.data_parallel else 'off'}"
+        flags += f" --data-parallel {_data_parallel_mode(ctx.data_parallel)}"
     return (
         f"\n\n---\n*Measured by `jaxopt-lab run {ctx.name}{flags}` in "
         f"{elapsed:.1f} s on {env['device_count']}x {env['device_kind']} ({env['backend']}), "
@@ -167,7 +175,7 @@ def run_experiment(experiment: Experiment, out: str | Path, *, quick: bool, seed
             "quick": quick,
             "seed": seed,
             "data_path": data_path,
-            "data_parallel": {None: "auto", True: "on", False: "off"}[data_parallel],
+            "data_parallel": _data_parallel_mode(data_parallel),
             "elapsed_s": elapsed,
             "environment": env,
             "figures": ctx.figures,

@@ -29,7 +29,8 @@ All four share one statistics helper, :func:`_moments` (like ``flax.linen.normal
   otherwise (one pass over ``x``). A constant input gives variance exactly 0 (no NaN).
 * The backward is hand-derived (:func:`_normalize`, a ``jax.custom_vjp``): one reduction pass over
   ``(dy, dy * x_hat)`` and one elementwise pass, 1.2-2.7x faster than autodiff of the same forward; with
-  it, forward + backward is on par with Flax's fast variance (``docs/normalization.md`` has the numbers).
+  it, forward + backward is close to Flax's fast variance, not yet faster (1.03-1.44x on XLA:CPU;
+  ``docs/benchmarks.md`` has the numbers).
 * Under ``axis_name`` (``shard_map``/``pmap``) the per-device ``(mean, var)`` pairs travel in one
   collective (a ``psum`` gathering the stacked pairs) and are combined exactly with the law of total
   variance, so the cross-device statistics are as stable as the local ones. Under plain ``jit`` with a
