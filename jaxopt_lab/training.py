@@ -222,12 +222,17 @@ def evaluate_seeds(state: TrainState, images: Any, labels: Any) -> tuple[np.ndar
     Returns ``(loss, accuracy)`` as NumPy arrays of shape ``(seeds,)``; e.g. a trained model on a test
     set changed after training.
     """
-    def one(params: Any, batch_stats: Any, x: jax.Array, y: jax.Array) -> tuple[jax.Array, jax.Array]:
-        return evaluate(state.replace(params=params, batch_stats=batch_stats), x, y)
-
-    loss, accuracy = jax.jit(jax.vmap(one, in_axes=(0, 0, None, None)))(
-        state.params, state.batch_stats, jnp.asarray(images), jnp.asarray(labels))
+    loss, accuracy = _evaluate_seeds(state, jnp.asarray(images), jnp.asarray(labels))
     return np.asarray(loss), np.asarray(accuracy)
+
+
+@jax.jit
+def _evaluate_seeds(state: TrainState, images: jax.Array, labels: jax.Array) -> tuple[jax.Array, jax.Array]:
+    # Module-level, so one state evaluated on several test sets of one shape compiles once.
+    def one(params: Any, batch_stats: Any) -> tuple[jax.Array, jax.Array]:
+        return evaluate(state.replace(params=params, batch_stats=batch_stats), images, labels)
+
+    return jax.vmap(one)(state.params, state.batch_stats)
 
 
 def mean_std(values: Any) -> dict[str, Any]:

@@ -43,6 +43,17 @@ def test_a_vmapped_seed_equals_its_run_alone(digits, two_seeds):
     chex.assert_trees_all_close(lane, (alone.state.params, alone.history), rtol=1e-5, atol=1e-6)
 
 
+def test_evaluate_seeds_equals_evaluate_per_seed_and_compiles_once_per_state(digits, two_seeds):
+    compiled = training._evaluate_seeds._cache_size()
+    for images in (digits.x_test, digits.x_test[:, ::-1]):  # the test set and a flipped copy
+        loss, accuracy = training.evaluate_seeds(two_seeds.state, images, digits.y_test)
+        assert training._evaluate_seeds._cache_size() == compiled + 1
+        for i in range(2):
+            state = jax.tree.map(lambda a, i=i: a[i], two_seeds.state)
+            expected = training.evaluate(state, images, digits.y_test)
+            chex.assert_trees_all_close((loss[i], accuracy[i]), expected, rtol=1e-5, atol=1e-6)
+
+
 def test_each_seed_starts_from_create_train_state_and_the_init_compiles_once_per_model(digits):
     model = models.MLP(widths=(24,))  # a model no other test initializes
     compiled = training._init_variables._cache_size()
