@@ -42,19 +42,39 @@ def _label(batch_size: int | None, n: int) -> str:
     return f"full batch ({n})" if batch_size is None else f"mini-batch {batch_size}"
 
 
+def _setup(cfg: Config, seed: int) -> tuple[landscapes.Regression, sweep.RunSpec]:
+    problem = landscapes.make_regression(seed, cfg.num_samples, cfg.num_features)
+    specs = sweep.grid([cfg.learning_rate], [seed * 1000 + i for i in range(cfg.seeds)],
+                       landscapes.init_linear(cfg.num_features, cfg.init_scale))
+    return problem, specs
+
+
+def _sweep_config(cfg: Config, batch_size: int | None) -> sweep.SweepConfig:
+    """``cfg.epochs`` epochs of SGD at ``batch_size`` (``None``: the full batch)."""
+    return sweep.SweepConfig(steps=cfg.epochs * sweep.steps_per_epoch(cfg.num_samples, batch_size),
+                             batch_size=batch_size)
+
+
+def check_configs() -> None:
+    """Builds the sweep of every batch size of the quick and the full config and traces it abstractly."""
+    for quick in (True, False):
+        cfg = Config.for_mode(quick)
+        problem, specs = _setup(cfg, seed=0)
+        for bs in cfg.batch_sizes:
+            sweep.check_sweep(landscapes.mse_loss, "sgd", specs, problem.data, _sweep_config(cfg, bs))
+
+
 def run(ctx: RunContext) -> None:
     cfg = Config.for_mode(ctx.quick)
-    problem = landscapes.make_regression(ctx.seed, cfg.num_samples, cfg.num_features)
+    problem, specs = _setup(cfg, ctx.seed)
     n = cfg.num_samples
-    specs = sweep.grid([cfg.learning_rate], [ctx.seed * 1000 + i for i in range(cfg.seeds)],
-                       landscapes.init_linear(cfg.num_features, cfg.init_scale))
     one_run = jax.tree.map(lambda x: x[0], specs)
     results, timings = {}, {}
     total = sum(cfg.epochs * sweep.steps_per_epoch(n, b) + 1 for b in cfg.batch_sizes)
     with ctx.progress(total=total, desc="batch sizes, vmapped over seeds") as bar:
         for bs in cfg.batch_sizes:
-            steps = cfg.epochs * sweep.steps_per_epoch(n, bs)
-            config = sweep.SweepConfig(steps=steps, batch_size=bs)
+            config = _sweep_config(cfg, bs)
+            steps = config.steps
             trace = sweep.run_sweep(landscapes.mse_loss, "sgd", specs, problem.data, config,
                                     chunk_size=max(1, steps // 10), progress=bar.update)["sgd"]
             results[bs] = trace

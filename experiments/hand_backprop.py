@@ -24,6 +24,13 @@ def _as_floats(tree: dict) -> dict[str, float]:
     return {k: float(v) for k, v in tree.items()}
 
 
+def check_configs() -> None:
+    """One fixed configuration (the seed's network, no quick/full split): its forward pass and
+    gradients traced abstractly."""
+    jax.eval_shape(net.forward, net.PARAMS, net.INPUTS)
+    jax.eval_shape(jax.grad(net.total_loss), net.PARAMS, net.INPUTS, net.TARGETS)
+
+
 def run(ctx: RunContext) -> None:
     params, inputs, targets = net.PARAMS, net.INPUTS, net.TARGETS
     forward = _as_floats(jax.jit(net.forward)(params, inputs))

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+from typing import Any
 
 import numpy as np
 
@@ -47,17 +48,46 @@ class Config:
         return cls(num_rates=13, init_seeds=2, range_test_seeds=4, range_test_steps=200) if quick else cls()
 
 
-def run(ctx: RunContext) -> None:
-    cfg = Config.for_mode(ctx.quick)
-    problem = landscapes.make_regression(ctx.seed, cfg.num_samples, cfg.num_features)
-    curvature = landscapes.regression_curvature(problem.data)
-    edge, balanced = 2.0 / curvature.max(), 2.0 / (curvature.min() + curvature.max())
+def _range_test_seeds(cfg: Config, seed: int) -> list[int]:
+    return [seed * 1000 + 500 + i for i in range(cfg.range_test_seeds)]
+
+
+def _range_test_kwargs(cfg: Config) -> dict:
+    return {"min_lr": cfg.range_test_min, "max_lr": cfg.range_test_max, "steps": cfg.range_test_steps,
+            "batch_size": cfg.range_test_batch}
+
+
+def _setup(cfg: Config, seed: int) -> tuple[landscapes.Regression, np.ndarray, list[int], Any,
+                                             sweep.RunSpec, sweep.SweepConfig]:
+    """The problem, rates, seeds, start and the sweep that :func:`run` trains (and :func:`check_configs`
+    checks)."""
+    problem = landscapes.make_regression(seed, cfg.num_samples, cfg.num_features)
     rates = np.geomspace(cfg.min_rate, cfg.max_rate, cfg.num_rates)
     rates = np.unique(np.concatenate([rates, [cfg.too_low_rate, cfg.too_high_rate]])).astype(np.float32)
-    seeds = [ctx.seed * 1000 + i for i in range(cfg.init_seeds)]
+    seeds = [seed * 1000 + i for i in range(cfg.init_seeds)]
     init = landscapes.init_linear(cfg.num_features, cfg.init_scale)
     specs = sweep.grid(rates, seeds, init)
     config = sweep.SweepConfig(steps=cfg.steps, target_loss=cfg.target_loss)
+    return problem, rates, seeds, init, specs, config
+
+
+def check_configs() -> None:
+    """Builds the rate sweep and the LR range test of the quick and the full config and traces both
+    abstractly (no training)."""
+    for quick in (True, False):
+        cfg = Config.for_mode(quick)
+        problem, _, _, init, specs, config = _setup(cfg, seed=0)
+        sweep.check_sweep(landscapes.mse_loss, OPTIMIZER_NAMES, specs, problem.data, config)
+        range_specs, range_config = diagnostics.lr_range_test_sweep(init, _range_test_seeds(cfg, 0),
+                                                                    **_range_test_kwargs(cfg))
+        sweep.check_sweep(landscapes.mse_loss, "sgd", range_specs, problem.data, range_config)
+
+
+def run(ctx: RunContext) -> None:
+    cfg = Config.for_mode(ctx.quick)
+    problem, rates, seeds, init, specs, config = _setup(cfg, ctx.seed)
+    curvature = landscapes.regression_curvature(problem.data)
+    edge, balanced = 2.0 / curvature.max(), 2.0 / (curvature.min() + curvature.max())
     desc = f"{len(rates)} rates x {len(seeds)} seeds x SGD, momentum"
     with ctx.progress(total=cfg.steps + 1, desc=desc) as bar:
         traces = sweep.run_sweep(landscapes.mse_loss, OPTIMIZER_NAMES, specs, problem.data, config,
@@ -81,11 +111,8 @@ def run(ctx: RunContext) -> None:
             for name, rows in table.items()}
 
     with ctx.progress(total=1, desc="LR range test, vmapped over seeds") as bar:
-        range_test = diagnostics.lr_range_test(
-            landscapes.mse_loss, problem.data, init,
-            [ctx.seed * 1000 + 500 + i for i in range(cfg.range_test_seeds)],
-            min_lr=cfg.range_test_min, max_lr=cfg.range_test_max, steps=cfg.range_test_steps,
-            batch_size=cfg.range_test_batch)
+        range_test = diagnostics.lr_range_test(landscapes.mse_loss, problem.data, init,
+                                               _range_test_seeds(cfg, ctx.seed), **_range_test_kwargs(cfg))
         bar.update(1)
 
     # The three example curves of the seed's plot: too low, good (the grid's best), too high.

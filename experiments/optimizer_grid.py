@@ -114,15 +114,28 @@ def _claim_checks(cells: dict, cfg: Config) -> list[dict]:
     return checks
 
 
-def run(ctx: RunContext) -> None:
-    cfg = Config.for_mode(ctx.quick)
-    problem = landscapes.make_regression(ctx.seed, cfg.num_samples, cfg.num_features, noise_std=cfg.noise_std,
+def _setup(cfg: Config, seed: int) -> tuple[landscapes.Regression, list[int], sweep.RunSpec, sweep.SweepConfig]:
+    """The problem, the init seeds and the sweep that :func:`run` trains (and :func:`check_configs` checks)."""
+    problem = landscapes.make_regression(seed, cfg.num_samples, cfg.num_features, noise_std=cfg.noise_std,
                                          weight_scale=cfg.weight_scale)
-    curvature = landscapes.regression_curvature(problem.data)
-    seeds = [ctx.seed * 1000 + i for i in range(cfg.init_seeds)]
+    seeds = [seed * 1000 + i for i in range(cfg.init_seeds)]
     specs = sweep.grid(cfg.learning_rates, seeds, landscapes.init_linear(cfg.num_features, cfg.init_scale))
     config = sweep.SweepConfig(steps=cfg.steps, target_loss=cfg.target_loss,
                                divergence_bound=cfg.divergence_bound)
+    return problem, seeds, specs, config
+
+
+def check_configs() -> None:
+    """Builds the sweep of the quick and the full config and traces it abstractly (no training)."""
+    for quick in (True, False):
+        problem, _, specs, config = _setup(Config.for_mode(quick), seed=0)
+        sweep.check_sweep(landscapes.mse_loss, OPTIMIZER_NAMES, specs, problem.data, config)
+
+
+def run(ctx: RunContext) -> None:
+    cfg = Config.for_mode(ctx.quick)
+    problem, seeds, specs, config = _setup(cfg, ctx.seed)
+    curvature = landscapes.regression_curvature(problem.data)
     with ctx.progress(total=cfg.steps + 1, desc="4 optimizers x rates x seeds, one vmapped jit") as bar:
         traces = sweep.run_sweep(landscapes.mse_loss, OPTIMIZER_NAMES, specs, problem.data, config,
                                  chunk_size=100, progress=bar.update)

@@ -52,20 +52,41 @@ def _escape_stats(steps: np.ndarray) -> dict:
             "p90_steps": float(np.percentile(escaped, 90)) if escaped.size else None}
 
 
+def _noise_levels(cfg: Config) -> tuple[float, float]:
+    return (0.0, cfg.gradient_noise)
+
+
+def _seeds(cfg: Config, seed: int) -> list[int]:
+    return [seed * 10_000 + i for i in range(cfg.noise_seeds)]
+
+
+def _sweep_for(cfg: Config, land: str, seeds: list[int]) -> tuple[sweep.RunSpec, sweep.SweepConfig]:
+    """The runs on one landscape: start-major, then seed, then noise level (sweep.grid's order)."""
+    specs = sweep.concatenate(*(sweep.grid([cfg.learning_rate], seeds, jnp.asarray(x0, jnp.float32),
+                                           gradient_noise=_noise_levels(cfg)) for x0 in STARTS[land].values()))
+    config = sweep.SweepConfig(steps=cfg.steps, target_loss=SADDLES[land].value - cfg.escape_margin,
+                               divergence_bound=1e6, record_params=True)
+    return specs, config
+
+
+def check_configs() -> None:
+    """Builds every landscape's sweep of the quick and the full config and traces it abstractly."""
+    for quick in (True, False):
+        cfg = Config.for_mode(quick)
+        for land, saddle in SADDLES.items():
+            specs, config = _sweep_for(cfg, land, _seeds(cfg, 0))
+            sweep.check_sweep(saddle.loss, OPTIMIZER_NAMES, specs, None, config)
+
+
 def run(ctx: RunContext) -> None:
     cfg = Config.for_mode(ctx.quick)
-    seeds = [ctx.seed * 10_000 + i for i in range(cfg.noise_seeds)]
-    noise = (0.0, cfg.gradient_noise)
+    seeds = _seeds(cfg, ctx.seed)
+    noise = _noise_levels(cfg)
     results: dict[str, dict] = {}
     bar = ctx.progress(total=len(SADDLES) * (cfg.steps + 1), desc="3 landscapes x 4 optimizers, vmapped")
     with bar:
         for land, saddle in SADDLES.items():
-            starts = STARTS[land]
-            # runs: start-major, then seed, then noise level (sweep.grid's order within each start)
-            specs = sweep.concatenate(*(sweep.grid([cfg.learning_rate], seeds, jnp.asarray(x0, jnp.float32),
-                                                   gradient_noise=noise) for x0 in starts.values()))
-            config = sweep.SweepConfig(steps=cfg.steps, target_loss=saddle.value - cfg.escape_margin,
-                                       divergence_bound=1e6, record_params=True)
+            specs, config = _sweep_for(cfg, land, seeds)
             traces = sweep.run_sweep(saddle.loss, OPTIMIZER_NAMES, specs, None, config, chunk_size=500,
                                      progress=bar.update)
             results[land] = traces

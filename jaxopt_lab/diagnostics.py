@@ -220,6 +220,17 @@ def suggest_learning_rate(learning_rates: Any, losses: Any, *, smoothing: float 
     return float(lrs[int(np.argmin(slope))]), float(lrs[best])
 
 
+def lr_range_test_sweep(init_params: Any, seeds: Sequence[int], *, min_lr: float = 1e-4, max_lr: float = 10.0,
+                        steps: int = 200, batch_size: int | None = None
+                        ) -> tuple[sweep.RunSpec, sweep.SweepConfig]:
+    """The runs and the sweep config of :func:`lr_range_test` (for :func:`jaxopt_lab.sweep.check_sweep`)."""
+    if not 0 < min_lr < max_lr:
+        raise ValueError(f"lr_range_test: need 0 < min_lr < max_lr, got min_lr={min_lr}, max_lr={max_lr}")
+    config = sweep.SweepConfig(steps=steps, batch_size=batch_size, divergence_bound=1e12,
+                               learning_rate_schedule=ExponentialRamp(max_lr / min_lr, steps))
+    return sweep.grid([min_lr], seeds, init_params), config
+
+
 def lr_range_test(loss_fn: sweep.LossFn, data: Any, init_params: Any, seeds: Sequence[int], *,
                   optimizer: str = "sgd", min_lr: float = 1e-4, max_lr: float = 10.0, steps: int = 200,
                   batch_size: int | None = None) -> LRRangeTest:
@@ -228,11 +239,8 @@ def lr_range_test(loss_fn: sweep.LossFn, data: Any, init_params: Any, seeds: Seq
     The rate grows exponentially from ``min_lr`` to ``max_lr`` over ``steps`` updates; each seed has its
     own start (``init_params`` may be ``key -> params``) and, with ``batch_size``, its own batch order.
     """
-    if not 0 < min_lr < max_lr:
-        raise ValueError(f"lr_range_test: need 0 < min_lr < max_lr, got min_lr={min_lr}, max_lr={max_lr}")
-    config = sweep.SweepConfig(steps=steps, batch_size=batch_size, divergence_bound=1e12,
-                               learning_rate_schedule=ExponentialRamp(max_lr / min_lr, steps))
-    specs = sweep.grid([min_lr], seeds, init_params)
+    specs, config = lr_range_test_sweep(init_params, seeds, min_lr=min_lr, max_lr=max_lr, steps=steps,
+                                        batch_size=batch_size)
     trace = sweep.run_sweep(loss_fn, optimizer, specs, data, config)[optimizer]
     rates = min_lr * (max_lr / min_lr) ** (np.arange(steps) / steps)
     losses = np.asarray(trace.losses)[:, 1:]  # the loss after update t, made at rates[t]

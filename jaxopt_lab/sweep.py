@@ -57,6 +57,7 @@ __all__ = [
     "RunTrace",
     "SweepConfig",
     "available_optimizers",
+    "check_sweep",
     "concatenate",
     "grid",
     "make_optimizer",
@@ -327,6 +328,15 @@ def _scan_steps(loss_fn: LossFn, name: str, config: SweepConfig, spec: RunSpec, 
     return jax.lax.scan(step, carry, steps)
 
 
+def _check_sweep_inputs(fn: str, loss_fn: Any, names: tuple[str, ...], specs: Any, data: Any,
+                        config: Any) -> None:
+    """The argument checks shared by :func:`run_sweep`, :func:`run_single` and :func:`check_sweep`."""
+    _check_inputs(loss_fn, names, config)
+    _check_data(data, config)
+    if not isinstance(specs, RunSpec):
+        raise TypeError(f"{fn}: specs must be a RunSpec (see sweep.grid), got {type(specs).__name__}")
+
+
 def _check_inputs(loss_fn: Any, names: tuple[str, ...], config: Any) -> None:
     if not callable(loss_fn):
         raise TypeError(f"sweep: loss_fn must be callable (params, batch) -> loss, "
@@ -394,10 +404,7 @@ def run_sweep(loss_fn: LossFn, optimizers: str | Sequence[str], specs: RunSpec, 
     """
     config = SweepConfig() if config is None else config
     names = (optimizers,) if isinstance(optimizers, str) else tuple(optimizers)
-    _check_inputs(loss_fn, names, config)
-    _check_data(data, config)
-    if not isinstance(specs, RunSpec):
-        raise TypeError(f"run_sweep: specs must be a RunSpec (see sweep.grid), got {type(specs).__name__}")
+    _check_sweep_inputs("run_sweep", loss_fn, names, specs, data, config)
     total = config.steps + 1  # step T only evaluates the final loss
     chunk = total if chunk_size is None else int(chunk_size)
     if chunk < 1:
@@ -456,12 +463,39 @@ def run_single(loss_fn: LossFn, optimizer: str, spec: RunSpec, data: Any = None,
     baseline the vmapped sweep is benchmarked against, and the reference it is tested against.
     """
     config = SweepConfig() if config is None else config
-    _check_inputs(loss_fn, (optimizer,), config)
-    _check_data(data, config)
-    if not isinstance(spec, RunSpec):
-        raise TypeError(f"run_single: spec must be a RunSpec, got {type(spec).__name__}")
+    _check_sweep_inputs("run_single", loss_fn, (optimizer,), spec, data, config)
     carry, records = jax.device_get(_run_single_jit(loss_fn, optimizer, config, spec, data, _has_noise(spec)))
     return _assemble([records], carry, config.steps + 1, config, axis=0)
+
+
+def check_sweep(loss_fn: LossFn, optimizers: str | Sequence[str], specs: RunSpec, data: Any = None,
+                config: SweepConfig | None = None) -> None:
+    """Raises if :func:`run_sweep` with these arguments could not run; trains nothing.
+
+    The argument checks of :func:`run_sweep`, then the whole program traced abstractly
+    (``jax.eval_shape`` of the initialization and of one step of every optimizer on every run): a loss
+    that does not accept the data's shapes, parameters that the optimizer cannot hold, a batch larger
+    than the data all fail here in milliseconds instead of after a long run. The experiments' config
+    checks (``check_configs``) are built on it.
+
+    >>> import jax.numpy as jnp
+    >>> from jaxopt_lab import sweep
+    >>> runs = sweep.grid([0.1], seeds=[0], init_params=jnp.ones(3))
+    >>> data = (jnp.ones((8, 3)), jnp.ones(8))
+    >>> loss = lambda w, batch: jnp.mean((batch[0] @ w - batch[1]) ** 2)
+    >>> sweep.check_sweep(loss, "adam", runs, data, sweep.SweepConfig(steps=10, batch_size=4))
+    >>> sweep.check_sweep(loss, "adam", runs, data, sweep.SweepConfig(steps=10, batch_size=16))
+    Traceback (most recent call last):
+    ...
+    ValueError: sweep: batch_size=16 exceeds the 8 examples in data
+    """
+    config = SweepConfig() if config is None else config
+    names = (optimizers,) if isinstance(optimizers, str) else tuple(optimizers)
+    _check_sweep_inputs("check_sweep", loss_fn, names, specs, data, config)
+    carries = jax.eval_shape(functools.partial(_init_all, loss_fn, names, config), specs)
+    jax.eval_shape(functools.partial(_advance_all, loss_fn, names, config, num_steps=1,
+                                     noisy=_has_noise(specs)),
+                   specs, data, carries, jnp.zeros((), jnp.int32))
 
 
 def run_histories(trace: RunTrace) -> list[np.ndarray]:

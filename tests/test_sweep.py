@@ -158,3 +158,27 @@ def test_bad_input_names_the_argument(call, message):
 def test_specs_must_be_a_runspec():
     with pytest.raises(TypeError, match="specs must be a RunSpec"):
         sweep.run_sweep(quadratic, "sgd", {"learning_rate": 0.1})
+
+
+def test_check_sweep_accepts_what_run_sweep_runs_and_trains_nothing():
+    specs = sweep.grid([0.1, 1.0], seeds=[0, 1], init_params=INIT)
+    compiled = sweep._init_all._cache_size(), sweep._advance_all._cache_size()
+    sweep.check_sweep(landscapes.mse_loss, ["sgd", "adam"], specs, PROBLEM.data, NOISY_MINIBATCH)
+    # eval_shape traces only: no program was compiled or run
+    assert (sweep._init_all._cache_size(), sweep._advance_all._cache_size()) == compiled
+
+
+@pytest.mark.parametrize("case", ["loss_shape", "batch_too_large", "optimizer", "specs"])
+def test_check_sweep_rejects_what_run_sweep_could_not_run(case):
+    specs = sweep.grid([0.1], seeds=[0], init_params=INIT)
+    loss, name, data, config = landscapes.mse_loss, "sgd", PROBLEM.data, NOISY_MINIBATCH
+    if case == "loss_shape":  # parameters of the wrong width for the data: fails inside the traced step
+        specs = sweep.grid([0.1], seeds=[0], init_params=landscapes.init_linear(5, scale=1.0))
+    elif case == "batch_too_large":
+        config = SweepConfig(steps=3, batch_size=25)
+    elif case == "optimizer":
+        name = "adamw?"
+    else:
+        specs = {"learning_rate": 0.1}
+    with pytest.raises((ValueError, TypeError)):
+        sweep.check_sweep(loss, name, specs, data, config)
