@@ -20,6 +20,7 @@ import signal
 import sys
 import tempfile
 import threading
+import traceback
 import warnings
 from collections.abc import Iterator, Sequence
 from pathlib import Path
@@ -164,8 +165,8 @@ def _cmd_run(parser: _Parser, args: argparse.Namespace) -> int:
         _writable_folder(args.out)
         data_path = None if args.data is None else Path(args.data)
         for name in names:
-            current = name
             print(f"[jaxopt-lab] running {name}{' (quick)' if args.quick else ''} ...", flush=True)
+            current = name
             elapsed = run_experiment(experiments[name], args.out, quick=args.quick, seed=args.seed,
                                      show_progress=not args.no_progress, data_path=data_path,
                                      data_parallel=DATA_PARALLEL_MODES[args.data_parallel])
@@ -255,13 +256,28 @@ def _interrupts_not_swallowed() -> Iterator[None]:
         sys.unraisablehook = previous
 
 
-def main(argv: Sequence[str] | None = None) -> int:
+def _exit_now(status: int) -> NoReturn:
+    """Ends the process at once, skipping the interpreter's teardown (after a flush of stdout/stderr)."""
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(status)
+
+
+def main(argv: Sequence[str] | None = None, *, exit_on_interrupt: bool | None = None) -> int:
     """Runs the CLI on ``argv`` (default ``sys.argv[1:]``) and returns the exit status.
 
     Returns 0 on success and 130 after Ctrl-C (one line on stderr). A usage error prints one line on
     stderr and raises ``SystemExit(2)``, as argparse does for a bad flag. With ``--debug`` or
-    ``JAXOPT_LAB_DEBUG=1``, usage errors and Ctrl-C raise with their traceback instead.
+    ``JAXOPT_LAB_DEBUG=1``, usage errors and Ctrl-C show their traceback instead.
+
+    ``exit_on_interrupt`` (default: when ``argv`` is None, i.e. run as the ``jaxopt-lab`` program) ends
+    the process with status 130 right after Ctrl-C instead of returning: a computation that XLA was
+    running when the interrupt came keeps running on its threads, and the interpreter's teardown
+    would destroy the runtime under it (a segmentation fault after the one line). The results are safe
+    by then: the interrupted experiment's staging folder is gone and every finished file was written.
     """
+    exit_on_interrupt = argv is None if exit_on_interrupt is None else exit_on_interrupt
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     prog, args = "jaxopt-lab", argparse.Namespace()
@@ -287,12 +303,19 @@ def main(argv: Sequence[str] | None = None) -> int:
             print(f"{prog}: error: {line}", file=sys.stderr, flush=True)
             raise SystemExit(2) from None
         except KeyboardInterrupt as err:
-            if debug:
+            if debug and not exit_on_interrupt:
                 raise
-            print(f"{prog}: {err if isinstance(err, _Interrupted) else 'interrupted'}", file=sys.stderr,
-                  flush=True)
+            if debug:
+                traceback.print_exc()
+            else:
+                print(f"{prog}: {err if isinstance(err, _Interrupted) else 'interrupted'}", file=sys.stderr,
+                      flush=True)
+            if exit_on_interrupt:
+                _exit_now(130)
             return 130
 
 
-if __name__ == "__main__":
-    raise SystemExit(main())
+if __name__ == "__main__":  # `python -m jaxopt_lab.cli`: run the imported module, not a second copy of it
+    from jaxopt_lab.cli import main as _main
+
+    raise SystemExit(_main())
