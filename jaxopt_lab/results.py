@@ -60,8 +60,8 @@ def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
-        _as_if_created(tmp)
         with os.fdopen(fd, "wb") as f:
+            _as_if_created(tmp)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
