@@ -21,8 +21,10 @@ index matrix, so an epoch is a ``lax.scan`` over its rows and the data never lea
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import math
 import os
+import warnings
 import zipfile
 from pathlib import Path
 
@@ -131,6 +133,25 @@ def _as_images(x: np.ndarray, key: str, path: Path) -> np.ndarray:
                      f"(N, H, W, C), got shape {x.shape}")
 
 
+def _check_classes(y_train: np.ndarray, num_classes: int, path: Path) -> None:
+    """At least 2 classes among the training labels; a warning for classes of ``0..K-1`` never trained on."""
+    present = np.unique(y_train).tolist()
+    if len(present) < 2:
+        raise ValueError(f"load_npz: {path}: every training label is {present[0]}; expected y_train to "
+                         f"cover at least 2 classes")
+    # The classes without a training example, as runs between the labels present (never an array of
+    # num_classes entries: a stray label of 10**9 must not allocate gigabytes to say so).
+    edges = [-1, *present, num_classes]
+    gaps = [(a + 1, b - 1) for a, b in itertools.pairwise(edges) if b - a > 1]
+    if gaps:
+        count = sum(b - a + 1 for a, b in gaps)
+        runs = [str(a) if a == b else f"{a}-{b}" for a, b in gaps]
+        shown = ", ".join(runs[:6] + (["..."] if len(runs) > 6 else []))
+        warnings.warn(f"load_npz: {path}: {count} of the {num_classes} classes (0..{num_classes - 1}: labels "
+                      f"count from 0 up to the largest) have no training example: {shown}; relabel to "
+                      f"0..K-1 unless the model should have those outputs", UserWarning, stacklevel=3)
+
+
 def load_npz(path: str | os.PathLike[str]) -> Dataset:
     """A dataset from a ``.npz`` file holding ``x_train, y_train, x_test, y_test``.
 
@@ -141,11 +162,21 @@ def load_npz(path: str | os.PathLike[str]) -> Dataset:
     Raises:
       FileNotFoundError: no such file.
       ValueError: not a readable ``.npz``, a missing array, mismatched lengths or image shapes,
-        non-integer or negative labels, non-finite pixels, or an empty split.
+        non-integer or negative labels, training labels of a single class, non-finite pixels, or an
+        empty split.
+
+    Warns:
+      UserWarning: some of the classes ``0..K-1`` have no training example (labels that skip classes,
+        or a test label above every training label): the model gets ``K`` outputs all the same.
     """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"load_npz: no such file: {path}")
+    with open(path, "rb") as f:
+        is_npy = f.read(6) == b"\x93NUMPY"
+    if not is_npy and not zipfile.is_zipfile(path):  # else np.load would try, and blame, pickle
+        raise ValueError(f"load_npz: {path} is not a readable .npz archive: not a zip file (np.savez writes "
+                         f"one); expected the arrays {', '.join(NPZ_KEYS)}")
     try:
         archive = np.load(path, allow_pickle=False)
     except (OSError, ValueError, zipfile.BadZipFile) as err:
@@ -185,6 +216,7 @@ def load_npz(path: str | os.PathLike[str]) -> Dataset:
         raise ValueError(f"load_npz: {path}: train and test images differ in shape: "
                          f"{xs['train'].shape[1:]} vs {xs['test'].shape[1:]}")
     num_classes = int(max(ys["train"].max(), ys["test"].max())) + 1
+    _check_classes(ys["train"], num_classes, path)
     x_train, x_test, mean, std = standardize(xs["train"], xs["test"])
     return Dataset(path.stem, x_train, ys["train"], x_test, ys["test"], num_classes, mean, std)
 

@@ -31,8 +31,14 @@ def write_report(out: str | Path = "results") -> Path:
 
     Relative links in a summary are re-rooted at the experiment's folder, and figures that a summary
     does not show itself are appended under it, so the report shows every figure that was written.
+
+    Raises:
+      FileNotFoundError: no experiment results under ``out`` (or no such folder).
+      NotADirectoryError: ``out`` is a file.
     """
     out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise NotADirectoryError(f"report: {out} is a file; expected the results folder of `jaxopt-lab run`")
     dirs = _experiment_dirs(out)
     if not dirs:
         raise FileNotFoundError(f"report: no experiment results under {out}/ (run `jaxopt-lab run` first)")

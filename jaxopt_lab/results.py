@@ -4,6 +4,11 @@ Every file is written to a temporary name in its destination folder and then ren
 name (``os.replace`` is atomic on POSIX and Windows), so a reader never sees half a file. A whole
 experiment writes into a staging folder that replaces ``DIR/NAME`` only once the experiment finished:
 an interrupted ``run all`` keeps every experiment that completed and leaves no partial one behind.
+
+The temporary files and folders come from :mod:`tempfile`, which creates them private (``0600``/``0700``);
+each is given the permissions a plain ``open``/``mkdir`` would have given it (``0o666``/``0o777`` less the
+process's umask) before it takes its final name, so results on a shared machine are as readable as any
+other file their owner writes.
 """
 
 from __future__ import annotations
@@ -32,13 +37,31 @@ __all__ = [
 ]
 
 
+def _umask() -> int:
+    """The process's umask, read without changing it where the OS shows it (Linux), else set and restored."""
+    with contextlib.suppress(OSError, ValueError):
+        with open("/proc/self/status", encoding="ascii", errors="replace") as status:
+            for line in status:
+                if line.startswith("Umask:"):
+                    return int(line.split()[1], 8)
+    mask = os.umask(0o022)  # no read-only query elsewhere; 022 is the safe value for the brief swap
+    os.umask(mask)
+    return mask
+
+
+def _as_if_created(path: str | os.PathLike[str], *, directory: bool = False) -> None:
+    """Gives a ``tempfile`` file (0600) or folder (0700) the mode a plain open/mkdir would have given it."""
+    os.chmod(path, (0o777 if directory else 0o666) & ~_umask())
+
+
 def atomic_write_bytes(path: str | os.PathLike[str], data: bytes) -> Path:
-    """Writes ``data`` to ``path`` through a temporary file and a rename."""
+    """Writes ``data`` to ``path`` through a temporary file and a rename (mode ``0o666 & ~umask``)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
         with os.fdopen(fd, "wb") as f:
+            _as_if_created(tmp)
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
@@ -96,6 +119,7 @@ def save_figure(fig: Any, path: str | os.PathLike[str], *, dpi: int = 120) -> Pa
     fd, tmp = tempfile.mkstemp(prefix=f".{path.stem}.", suffix=path.suffix, dir=path.parent)
     os.close(fd)
     try:
+        _as_if_created(tmp)
         fig.savefig(tmp, dpi=dpi, bbox_inches="tight")
         os.replace(tmp, path)
     except BaseException:
@@ -121,11 +145,15 @@ def replace_dir_atomically(staged: Path, final: Path) -> None:
 
 @contextlib.contextmanager
 def staging_dir(final: str | os.PathLike[str]) -> Iterator[Path]:
-    """Yields an empty folder beside ``final``; on success it replaces ``final``, on error it is removed."""
+    """Yields an empty folder beside ``final``; on success it replaces ``final``, on error it is removed.
+
+    The folder gets the mode of a plain ``mkdir`` (``0o777 & ~umask``), not ``mkdtemp``'s ``0700``.
+    """
     final = Path(final)
     final.parent.mkdir(parents=True, exist_ok=True)
     staged = Path(tempfile.mkdtemp(prefix=f".{final.name}.staging-", dir=final.parent))
     try:
+        _as_if_created(staged, directory=True)
         yield staged
     except BaseException:
         shutil.rmtree(staged, ignore_errors=True)

@@ -116,3 +116,35 @@ def test_shuffled_batches_are_a_permutation_and_large_batches_are_consecutive_sm
 def test_num_batches_checks_its_arguments(count, size, message):
     with pytest.raises(ValueError, match=message):
         data.num_batches(count, size)
+
+
+def test_npz_labels_of_a_single_class_are_rejected(tmp_path):
+    arrays = _arrays(np.zeros((4, 2, 2)), np.ones((3, 2, 2)))
+    arrays.update(y_train=np.full(4, 99), y_test=np.array([0, 1, 99]))
+    with pytest.raises(ValueError, match=r"every training label is 99; expected y_train to cover at least 2"):
+        data.load_npz(_save(tmp_path / "one.npz", **arrays))
+
+
+@pytest.mark.parametrize("y_train, y_test, count, shown", [
+    ([1, 2, 1, 2], [1, 2, 1], 1, "0"),  # labels from 1: class 0 is never trained on
+    ([0, 5, 0, 9], [0, 5, 9], 7, "1-4, 6-8"),
+    ([0, 1, 0, 1], [0, 1, 3], 2, "2-3"),  # a test label above every training label
+    ([0, 2, 4, 6, 8, 10, 12, 14], [0, 2, 4], 7, "1, 3, 5, 7, 9, 11, ..."),
+])
+def test_npz_classes_without_a_training_example_warn(tmp_path, y_train, y_test, count, shown):
+    arrays = dict(x_train=np.zeros((len(y_train), 2, 2)), y_train=np.array(y_train),
+                  x_test=np.zeros((len(y_test), 2, 2)), y_test=np.array(y_test))
+    with pytest.warns(UserWarning) as record:
+        ds = data.load_npz(_save(tmp_path / "gaps.npz", **arrays))
+    assert len(record) == 1 and record[0].filename == __file__  # points at the caller
+    k = ds.num_classes
+    assert k == max(max(y_train), max(y_test)) + 1
+    assert f"{count} of the {k} classes (0..{k - 1}: " in str(record[0].message)
+    assert f"have no training example: {shown}; relabel" in str(record[0].message)
+
+
+def test_npz_with_every_class_trained_does_not_warn(tmp_path, recwarn):
+    arrays = _arrays(np.zeros((6, 2, 2)), np.ones((3, 2, 2)))
+    arrays.update(y_train=np.array([0, 1, 2, 0, 1, 2]), y_test=np.array([2, 2, 2]))
+    assert data.load_npz(_save(tmp_path / "ok.npz", **arrays)).num_classes == 3
+    assert [str(w.message) for w in recwarn if "no training example" in str(w.message)] == []
