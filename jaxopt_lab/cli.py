@@ -75,9 +75,10 @@ def _build_parser() -> _Parser:
     run.add_argument("--quick", action="store_true", help="small configs (~1-2 min each on 2 CPU cores)")
     run.add_argument("--out", type=Path, default=Path("results"), help="results folder (default: results)")
     run.add_argument("--seed", type=_seed, default=0, help="random seed (default: 0)")
-    run.add_argument("--data", default=None, metavar="PATH.npz",
-                     help="arrays x_train, y_train, x_test, y_test for the real-data experiments, checked "
-                          "before any experiment runs (default: scikit-learn's bundled digits)")
+    run.add_argument("--data", default=None, metavar="NAME|PATH.npz",
+                     help="the real-data experiments' dataset: a built-in one (digits, mnist1d) or a .npz "
+                          "with x_train, y_train, x_test, y_test, checked before any experiment runs "
+                          "(default: scikit-learn's bundled digits)")
     run.add_argument("--data-parallel", choices=tuple(DATA_PARALLEL_MODES), default="auto",
                      help="split each training batch over all visible devices: auto (when more than one "
                           "device is visible and the batch divides), on (always; a batch that does not "
@@ -119,12 +120,13 @@ def _writable_folder(out: Path) -> None:
 
 def _check_data(data_arg: str) -> None:
     """Loads ``--data`` once before any experiment runs, so a bad file fails in a second, not an hour in."""
-    from jaxopt_lab.data import load_dataset
+    from jaxopt_lab.data import BUILTIN_DATASETS, load_dataset
 
     try:
         load_dataset(data_arg)
     except FileNotFoundError as err:
-        raise UsageError(f"--data: {err}; expected an existing .npz file") from err
+        raise UsageError(f"--data: {err}; expected a built-in dataset ({', '.join(BUILTIN_DATASETS)}) or an "
+                         "existing .npz file") from err
     except (OSError, ValueError, TypeError) as err:
         raise UsageError(f"--data: {err}") from err
 

@@ -164,4 +164,4 @@ def test_data_flag_needs_an_existing_npz(tmp_path, capsys):
     with pytest.raises(SystemExit) as exc:
         cli.main(["run", "hand-backprop", "--data", str(tmp_path / "missing.npz")])
     assert exc.value.code == 2
-    assert "expected an existing .npz file" in capsys.readouterr().err
+    assert "expected a built-in dataset (digits, mnist1d) or an existing .npz file" in capsys.readouterr().err
