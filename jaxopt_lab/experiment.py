@@ -7,6 +7,11 @@ engines, saves figures through ``ctx.save_figure`` and hands its numbers and its
 ``ctx.set_metrics`` / ``ctx.set_summary``. The runner then writes ``metrics.json`` and ``summary.md``
 and swaps the finished folder into ``OUT/NAME`` atomically (see :mod:`jaxopt_lab.results`).
 
+Quick and full runs are told apart in one place: the runner puts :func:`mode_line` on the line right after
+the summary's ``# name — title`` heading (quick: a smoke-size run whose verdicts are not conclusive; full:
+"Full mode" and the training endpoint an experiment gave with ``ctx.set_endpoint``), and
+``ctx.verdict(...)`` marks a verdict as not conclusive in quick mode.
+
 An experiment exists once its module does: nothing is listed before it is implemented.
 """
 
@@ -27,11 +32,15 @@ from jaxopt_lab import results
 __all__ = [
     "CANONICAL_ORDER",
     "DATA_PARALLEL_MODES",
+    "QUICK_VERDICT_MARK",
     "Experiment",
     "RunContext",
     "available_experiments",
     "environment",
+    "mark_verdict",
+    "mode_line",
     "run_experiment",
+    "with_mode_line",
 ]
 
 # The order of the report and of `jaxopt-lab list`: from the seed network up to real-data training.
@@ -48,6 +57,51 @@ CANONICAL_ORDER = (
 
 # `--data-parallel MODE` -> the `data_parallel` argument of `training.train_seeds`.
 DATA_PARALLEL_MODES: dict[str, bool | None] = {"auto": None, "on": True, "off": False}
+
+
+# Appended to every verdict of a quick run (see `mark_verdict`).
+QUICK_VERDICT_MARK = " (quick: not conclusive)"
+
+
+def mark_verdict(verdict: str, *, quick: bool) -> str:
+    """``verdict`` as a summary shows it: marked as not conclusive in quick mode.
+
+    >>> mark_verdict("supported", quick=True), mark_verdict("supported", quick=False)
+    ('supported (quick: not conclusive)', 'supported')
+    """
+    return verdict + QUICK_VERDICT_MARK if quick else verdict
+
+
+def mode_line(*, quick: bool, endpoint: str | None = None) -> str:
+    """The line under a summary's heading that says whether the run is quick or full, and its endpoint.
+
+    >>> mode_line(quick=False, endpoint="3000 steps, lr chosen per norm")
+    '**Full mode.** Training endpoint: 3000 steps, lr chosen per norm.'
+    >>> mode_line(quick=True).startswith("**Quick mode: a smoke-size run")
+    True
+    """
+    end = f" Training endpoint: {endpoint.rstrip('.')}." if endpoint else ""
+    if quick:
+        return ("**Quick mode: a smoke-size run; its numbers show that the experiment runs, its verdicts are "
+                "not conclusive** (run without `--quick` for the full experiment)." + end)
+    return "**Full mode.**" + end
+
+
+def with_mode_line(summary: str, *, quick: bool, endpoint: str | None = None) -> str:
+    r"""``summary`` with :func:`mode_line` on the line right after its first line when that is a ``#``
+    heading (where ``jaxopt-lab report`` finds a section), else on its first line.
+
+    >>> print(with_mode_line("# demo — a title\n\nBody.", quick=False))
+    # demo — a title
+    **Full mode.**
+    <BLANKLINE>
+    Body.
+    """
+    line = mode_line(quick=quick, endpoint=endpoint)
+    head, _, rest = summary.partition("\n")
+    if head.startswith("# "):
+        return f"{head}\n{line}\n" + (rest if rest.startswith("\n") or not rest else "\n" + rest)
+    return f"{line}\n\n{summary}"
 
 
 def _data_parallel_mode(data_parallel: bool | None) -> str:
@@ -79,6 +133,7 @@ class RunContext:
     config: Any = None
     metrics: Any = None
     summary: str | None = None
+    endpoint: str | None = None
     figures: list[str] = dataclasses.field(default_factory=list)
 
     def progress(self, iterable: Iterable[Any] | None = None, *, total: int | None = None,
@@ -103,8 +158,21 @@ class RunContext:
         self.config, self.metrics = config, metrics
 
     def set_summary(self, markdown: str) -> None:
-        """Records the summary (markdown; figures linked by their bare file names)."""
+        """Records the summary (markdown; figures linked by their bare file names).
+
+        Start it with ``# NAME — title``; the runner adds the quick/full line (:func:`mode_line`) under it.
+        """
         self.summary = markdown
+
+    def set_endpoint(self, text: str) -> None:
+        """Records the training endpoint in a few words (e.g. "1500 optimizer steps per configuration,
+        rate chosen per norm on a validation split"): shown under the summary's heading, and saved in
+        ``metrics.json``."""
+        self.endpoint = text
+
+    def verdict(self, verdict: str) -> str:
+        """``verdict`` marked as not conclusive in quick mode (:func:`mark_verdict`)."""
+        return mark_verdict(verdict, quick=self.quick)
 
 
 def environment() -> dict[str, Any]:
@@ -173,6 +241,8 @@ def run_experiment(experiment: Experiment, out: str | Path, *, quick: bool, seed
         results.atomic_write_json(staged / "metrics.json", {
             "experiment": experiment.name,
             "quick": quick,
+            "mode": "quick" if quick else "full",
+            "endpoint": ctx.endpoint,
             "seed": seed,
             "data_path": data_path,
             "data_parallel": _data_parallel_mode(data_parallel),
@@ -182,7 +252,8 @@ def run_experiment(experiment: Experiment, out: str | Path, *, quick: bool, seed
             "config": ctx.config,
             "metrics": ctx.metrics,
         })
-        summary = (ctx.summary or "").rstrip() + _footer(ctx, elapsed, env)
+        summary = with_mode_line((ctx.summary or "").rstrip(), quick=quick, endpoint=ctx.endpoint)
+        summary += _footer(ctx, elapsed, env)
         results.atomic_write_text(staged / "summary.md", summary)
     return elapsed
 
