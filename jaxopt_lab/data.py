@@ -1,11 +1,14 @@
-"""Image-classification data for the real-data experiments: bundled digits, any ``.npz``, and batching.
+"""Classification data for the real-data experiments: digits, MNIST-1D, any ``.npz``, and batching.
 
-Two sources give the same :class:`Dataset` (NHWC ``float32`` images standardized with the *training*
-set's mean and standard deviation, ``int32`` labels):
+Three sources give the same :class:`Dataset` (channels-last ``float32`` inputs standardized with the
+*training* set's mean and standard deviation, ``int32`` labels); :func:`load_dataset` picks one by name:
 
-- :func:`load_digits`: scikit-learn's bundled 1,797 real 8x8 handwritten digits (shipped inside the
-  wheel, no download), split once into train/test with a fixed *stratified* split so every class keeps
-  its share in both parts.
+- :func:`load_digits` (``"digits"``, the default): scikit-learn's bundled 1,797 real 8x8 handwritten
+  digits (shipped inside the wheel, no download), images ``(N, 8, 8, 1)``, split once into train/test with
+  a fixed *stratified* split so every class keeps its share in both parts.
+- :func:`load_mnist1d` (``"mnist1d"``): MNIST-1D (Greydanus & Kobak, "Scaling down deep learning with
+  MNIST-1D", arXiv:2011.14439), 1-D signals ``(N, 40, 1)``, 4,000 train / 1,000 test, generated locally by the
+  ``mnist1d`` package with its default arguments (the dataset of the paper's table; nothing is downloaded).
 - :func:`load_npz`: a user's file with the arrays ``x_train, y_train, x_test, y_test`` (MNIST, CIFAR-10,
   anything), so the same experiments run on other data through ``jaxopt-lab run NAME --data PATH.npz``.
 
@@ -21,6 +24,7 @@ index matrix, so an epoch is a ``lax.scan`` over its rows and the data never lea
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import os
 import zipfile
@@ -30,10 +34,12 @@ import jax
 import numpy as np
 
 __all__ = [
+    "BUILTIN_DATASETS",
     "NPZ_KEYS",
     "Dataset",
     "load_dataset",
     "load_digits",
+    "load_mnist1d",
     "load_npz",
     "num_batches",
     "shuffled_batches",
@@ -41,13 +47,16 @@ __all__ = [
 ]
 
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+# The names `load_dataset` (and `jaxopt-lab run --data NAME`) accepts besides a .npz path.
+BUILTIN_DATASETS = ("digits", "mnist1d")
 
 
 @dataclasses.dataclass(frozen=True)
 class Dataset:
-    """A train/test split of images (N, H, W, C) ``float32`` and labels (N,) ``int32`` in ``[0, num_classes)``.
+    """A train/test split of inputs and labels (N,) ``int32`` in ``[0, num_classes)``.
 
-    ``pixel_mean``/``pixel_std`` are the training-set statistics the images were standardized with
+    Inputs are channels-last ``float32``: images ``(N, H, W, C)`` or 1-D signals ``(N, L, C)``.
+    ``pixel_mean``/``pixel_std`` are the training-set statistics the inputs were standardized with
     (one per channel), kept so a caller can map a change in raw pixel units into standardized units.
     """
 
@@ -62,12 +71,20 @@ class Dataset:
 
     @property
     def image_shape(self) -> tuple[int, ...]:
+        """One example's shape: ``(H, W, C)`` for images, ``(L, C)`` for signals."""
         return tuple(self.x_train.shape[1:])
 
     def describe(self) -> str:
-        """One line for summaries: name, sizes, image shape, classes."""
-        h, w, c = self.image_shape
-        return (f"{self.name}: {len(self.y_train)} train / {len(self.y_test)} test images of {h}x{w}x{c}, "
+        """One line for summaries: name, sizes, input shape, classes.
+
+        >>> load_mnist1d().describe()
+        'mnist1d: 4000 train / 1000 test signals of length 40 x 1 channel, 10 classes'
+        """
+        *spatial, channels = self.image_shape
+        plural = "" if channels == 1 else "s"
+        what = (f"signals of length {spatial[0]} x {channels} channel{plural}" if len(spatial) == 1
+                else f"images of {'x'.join(map(str, self.image_shape))}")
+        return (f"{self.name}: {len(self.y_train)} train / {len(self.y_test)} test {what}, "
                 f"{self.num_classes} classes")
 
 
@@ -189,9 +206,61 @@ def load_npz(path: str | os.PathLike[str]) -> Dataset:
     return Dataset(path.stem, x_train, ys["train"], x_test, ys["test"], num_classes, mean, std)
 
 
-def load_dataset(data_path: str | os.PathLike[str] | None = None) -> Dataset:
-    """The experiments' data: the ``.npz`` at ``data_path`` when given (``--data``), else the digits."""
-    return load_digits() if data_path is None else load_npz(data_path)
+def load_dataset(name_or_path: str | os.PathLike[str] | None = None) -> Dataset:
+    """The experiments' data (``--data``): a built-in dataset by name, or a ``.npz`` file.
+
+    ``None`` or ``"digits"``: :func:`load_digits`; ``"mnist1d"``: :func:`load_mnist1d`; anything else is
+    a path for :func:`load_npz` (write ``./mnist1d`` for a file that happens to carry a built-in name).
+
+    >>> load_dataset("mnist1d").x_train.shape, load_dataset(None).name
+    ((4000, 40, 1), 'digits')
+    """
+    if name_or_path is None:
+        return load_digits()
+    name = os.fspath(name_or_path)
+    if name == "digits":
+        return load_digits()
+    if name == "mnist1d":
+        return load_mnist1d()
+    return load_npz(name_or_path)
+
+
+def load_mnist1d() -> Dataset:
+    """MNIST-1D: 4,000 train / 1,000 test signals ``(N, 40, 1)`` of 10 classes, generated locally.
+
+    ``mnist1d.data.make_dataset(get_dataset_args())``: the package's default arguments (seed 42, 5,000
+    examples, an 80/20 split), which generate the dataset of the paper's (Greydanus & Kobak) table. The
+    package's ``get_dataset`` is never called, so nothing is downloaded or written to disk. Generation
+    takes a few seconds; the arrays are cached for the process (read-only) and the global NumPy/``random``
+    state the generator seeds is restored afterwards. The signals are standardized with the training
+    statistics (the generator standardized them over all 5,000; the difference is ~1e-3).
+    """
+    x_train, y_train, x_test, y_test = _mnist1d_arrays()
+    x_train, x_test, mean, std = standardize(x_train, x_test)
+    for array in (x_train, x_test):
+        array.flags.writeable = False
+    return Dataset("mnist1d", x_train, y_train, x_test, y_test, 10, mean, std)
+
+
+@functools.cache
+def _mnist1d_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    import random
+
+    try:
+        from mnist1d.data import get_dataset_args, make_dataset
+    except ImportError as err:  # pragma: no cover - a dependency of jaxopt-lab
+        raise ImportError("load_mnist1d needs the `mnist1d` package: pip install mnist1d") from err
+    numpy_state, python_state = np.random.get_state(), random.getstate()  # noqa: NPY002 (the global state)
+    try:
+        generated = make_dataset(get_dataset_args())
+    finally:  # make_dataset seeds the global generators; leave them as they were
+        np.random.set_state(numpy_state)  # noqa: NPY002
+        random.setstate(python_state)
+    arrays = (generated["x"][..., None].astype(np.float32), generated["y"].astype(np.int32),
+              generated["x_test"][..., None].astype(np.float32), generated["y_test"].astype(np.int32))
+    for array in arrays:
+        array.flags.writeable = False
+    return arrays
 
 
 def num_batches(num_examples: int, batch_size: int) -> int:

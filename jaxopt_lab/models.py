@@ -42,7 +42,7 @@ import jax.numpy as jnp
 
 from jaxopt_lab import nn as norms
 
-__all__ = ["CNN", "MLP", "NORMS", "Norm", "RowRNN", "make_norm"]
+__all__ = ["CNN", "MLP", "NORMS", "Logistic", "Norm", "RowRNN", "make_norm"]
 
 Norm = Literal["none", "batch", "layer", "instance", "group"]
 NORMS: tuple[str, ...] = ("none", "batch", "layer", "instance", "group")
@@ -124,6 +124,17 @@ class CNN(nn.Module):
                 x = nn.avg_pool(x, (2, 2), strides=(2, 2))
         x = jnp.mean(x, axis=(1, 2))
         return nn.Dense(self.num_classes, name="head")(x)
+
+
+class Logistic(nn.Module):
+    """Multinomial logistic regression: the flattened input through one ``Dense`` layer (linear baseline)."""
+
+    num_classes: int = 10
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+        del train  # no state that differs between training and evaluation
+        return nn.Dense(self.num_classes, name="head")(x.reshape(x.shape[0], -1))
 
 
 class MLP(nn.Module):

@@ -36,6 +36,59 @@ def test_test_fraction_is_checked():
         data.load_digits(test_fraction=1.5)
 
 
+@pytest.fixture(scope="module")
+def mnist1d() -> data.Dataset:
+    return data.load_mnist1d()
+
+
+def test_mnist1d_is_the_papers_split_of_1d_signals(mnist1d):
+    assert mnist1d.x_train.shape == (4000, 40, 1) and mnist1d.x_test.shape == (1000, 40, 1)
+    assert mnist1d.x_train.dtype == np.float32 and mnist1d.y_train.dtype == np.int32
+    assert mnist1d.num_classes == 10 and mnist1d.image_shape == (40, 1)
+    for labels in (mnist1d.y_train, mnist1d.y_test):  # 500 per class, shuffled before the 80/20 split
+        counts = np.bincount(labels, minlength=10)
+        assert counts.sum() == len(labels) and counts.min() > 0.08 * len(labels)
+    np.testing.assert_allclose(mnist1d.x_train.mean(), 0.0, atol=1e-5)
+    np.testing.assert_allclose(mnist1d.x_train.std(), 1.0, atol=1e-5)
+    assert mnist1d.describe() == "mnist1d: 4000 train / 1000 test signals of length 40 x 1 channel, 10 classes"
+    assert not mnist1d.x_train.flags.writeable  # the cached arrays cannot be changed by a caller
+    assert data.load_mnist1d().x_train is not mnist1d.x_train  # cached generation, a fresh Dataset
+
+
+def test_mnist1d_is_generated_locally_and_deterministically(mnist1d, monkeypatch):
+    import random
+    import socket
+
+    import requests
+
+    def no_network(*args, **kwargs):
+        raise AssertionError("load_mnist1d must not touch the network")
+
+    monkeypatch.setattr(requests, "get", no_network)
+    monkeypatch.setattr(socket.socket, "connect", no_network)
+    data._mnist1d_arrays.cache_clear()  # really regenerate
+    np.random.seed(123)  # noqa: NPY002 (the global state is what is tested)
+    random.seed(123)
+    regenerated = data.load_mnist1d()
+    # The generator seeds the global NumPy and `random` generators: their state is restored.
+    assert np.random.randint(1 << 30) == np.random.RandomState(123).randint(1 << 30)  # noqa: NPY002
+    assert random.random() == random.Random(123).random()
+    for name in ("x_train", "y_train", "x_test", "y_test"):
+        np.testing.assert_array_equal(getattr(regenerated, name), getattr(mnist1d, name))
+
+
+def test_load_dataset_takes_a_builtin_name_or_a_path(mnist1d, digits, tmp_path):
+    from pathlib import Path
+
+    assert data.BUILTIN_DATASETS == ("digits", "mnist1d")
+    for name in ("mnist1d", Path("mnist1d")):  # the CLI may hand over a Path
+        np.testing.assert_array_equal(data.load_dataset(name).x_test, mnist1d.x_test)
+    for name in (None, "digits"):
+        np.testing.assert_array_equal(data.load_dataset(name).x_test, digits.x_test)
+    with pytest.raises(FileNotFoundError, match="no such file"):
+        data.load_dataset(tmp_path / "mnist1d")  # any other spelling is a path
+
+
 def _save(path, **arrays):
     np.savez(path, **arrays)
     return path

@@ -1,6 +1,7 @@
 """The jitted training loop: it learns, vmapped seeds equal single runs, accumulation is exact where it
 should be, divergence is recorded, evaluation chunks, data-parallel on one device equals plain."""
 
+import json
 import os
 import subprocess
 import sys
@@ -160,3 +161,142 @@ def test_bad_arguments_raise_value_error(digits, kwargs, message):
     args = dict(seeds=[0], epochs=1, batch_size=64) | kwargs
     with pytest.raises(ValueError, match=message):
         training.train_seeds(MLP, optax.sgd(0.1), digits, **args)
+
+
+# --- step budgets, learning-rate tuning, the flattening test -------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def by_steps(digits) -> training.TrainResult:
+    # 1347 // 64 = 21 batches per epoch: 3 epochs are 63 steps.
+    return training.train_seeds(MLP, optax.adam(3e-3), digits, seeds=[0, 1], steps=63, eval_every=21,
+                                batch_size=64, probe=lambda p: p["head"]["kernel"].mean())
+
+
+def test_a_budget_of_whole_epochs_in_steps_equals_the_epochs_run(digits, by_steps):
+    by_epochs = training.train_seeds(MLP, optax.adam(3e-3), digits, seeds=[0, 1], epochs=3, batch_size=64,
+                                     probe=lambda p: p["head"]["kernel"].mean())
+    # Same batches in the same order and the same evaluation points: the same numbers.
+    compared = lambda r: (r.state.params, r.history.step_loss, r.history.epoch_loss, r.history.test_accuracy,
+                          r.history.probes)
+    chex.assert_trees_all_close(compared(by_steps), compared(by_epochs), rtol=1e-6, atol=1e-7)
+    np.testing.assert_array_equal(by_epochs.history.steps, [[21, 42, 63]] * 2)
+    np.testing.assert_allclose(by_epochs.history.train_loss, by_epochs.history.epoch_loss, rtol=1e-6)
+
+
+def test_a_budget_that_is_not_whole_epochs_trains_exactly_that_many_steps(digits, by_steps):
+    part = training.train_seeds(MLP, optax.adam(3e-3), digits, seeds=[0, 1], steps=50, eval_every=20,
+                                batch_size=64)
+    history = part.history
+    assert history.step_loss.shape == (2, 50) and part.state.step.tolist() == [50, 50]
+    np.testing.assert_array_equal(history.steps, [[20, 40, 50]] * 2)  # the last, short interval too
+    assert history.epoch_loss.shape == (2, 2)  # two complete epochs of 21 steps
+    # The first 50 steps of the longer run: a budget only cuts the same trajectory (epoch 3 reshuffled).
+    np.testing.assert_allclose(history.step_loss, by_steps.history.step_loss[:, :50], rtol=1e-6)
+    np.testing.assert_allclose(history.train_loss[:, -1], history.step_loss[:, 40:].mean(axis=1), rtol=1e-6)
+
+
+@pytest.fixture(scope="module")
+def search(digits):
+    traced = []
+
+    def make_tx(learning_rate):
+        traced.append(isinstance(learning_rate, jax.core.Tracer))
+        return optax.sgd(learning_rate)
+
+    # 1e4 diverges with plain SGD; 1e-5 barely moves; the middle rates learn.
+    rates = [1e-5, 0.03, 0.3, 1e4]
+    result = training.tune_learning_rate(MLP, make_tx, digits, [0, 1], learning_rates=rates, batch_size=64,
+                                         steps=120)
+    return result, traced
+
+
+def test_tuning_compiles_one_program_for_every_rate_and_records_divergence(search):
+    result, traced = search
+    # make_tx was called once inside the traced program (whatever the number of rates) and once more with
+    # the chosen float to rebuild the returned state.
+    assert traced == [True, False]
+    table = {row["learning_rate"]: row for row in result.table}
+    assert [row["learning_rate"] for row in result.table] == pytest.approx([1e-5, 0.03, 0.3, 1e4])
+    assert table[1e4]["diverged"] >= 1 and not table[1e4]["chosen"]  # a ReLU net may die instead
+    assert table[1e-5]["diverged"] == 0 and sum(row["chosen"] for row in result.table) == 1
+    assert result.result.history.step_loss.shape == (2, 120)
+    assert result.result.history.steps[0].tolist() == list(range(6, 121, 6))  # 20 points by default
+    assert np.isfinite(result.result.history.step_loss).all()
+
+
+def test_the_chosen_rate_is_the_best_on_validation(search):
+    result, _ = search
+    mean_accuracy = {row["learning_rate"]: row["validation_accuracy"]["mean"] for row in result.table
+                     if row["diverged"] == 0}
+    assert result.learning_rate == max(mean_accuracy, key=mean_accuracy.get)
+    assert result.learning_rate in (pytest.approx(0.03), pytest.approx(0.3))
+    history = result.result.history
+    # The table's numbers are the chosen runs' last validation point; the runs also carry the test set.
+    chosen = next(row for row in result.table if row["chosen"])
+    np.testing.assert_allclose(chosen["validation_accuracy"]["values"], history.validation_accuracy[:, -1])
+    assert result.validation_size == 270  # 20% of the 1347 training images, stratified
+    np.testing.assert_allclose(result.result.final_test_accuracy, history.test_accuracy[:, -1])
+    assert np.all(result.result.final_test_accuracy > 0.8)
+
+
+def test_the_returned_state_is_the_chosen_runs_and_can_keep_training(digits, search):
+    result, _ = search
+    _, accuracy = training.evaluate_seeds(result.result.state, digits.x_test, digits.y_test)
+    np.testing.assert_allclose(accuracy, result.result.final_test_accuracy, rtol=1e-6)
+    one = jax.tree.map(lambda a: a[0], result.result.state)
+    stepped = one.apply_gradients(grads=jax.tree.map(np.zeros_like, one.params))
+    assert int(stepped.step) == 121
+
+
+def test_tuning_never_looks_at_the_test_set(digits, search):
+    result, _ = search
+    rng = np.random.default_rng(0)
+    scrambled = data.Dataset("scrambled", digits.x_train, digits.y_train, rng.normal(size=digits.x_test.shape)
+                             .astype(np.float32), rng.permutation(digits.y_test), 10, digits.pixel_mean,
+                             digits.pixel_std)
+    again = training.tune_learning_rate(MLP, optax.sgd, scrambled, [0, 1], batch_size=64, steps=120,
+                                        learning_rates=[1e-5, 0.03, 0.3, 1e4])
+    assert again.learning_rate == result.learning_rate
+    assert json.dumps(again.table) == json.dumps(result.table)  # (NaN != NaN: compare the text)
+    assert np.all(again.result.final_test_accuracy < 0.3)  # the test set did change
+
+
+def test_loss_flattened_reads_the_end_of_training():
+    steps = np.arange(2000)
+    rng = np.random.default_rng(0)
+    converged = 1.5 * np.exp(-steps / 100) + 0.2 + 0.05 * rng.normal(size=(3, 2000))  # noisy, flat at the end
+    still_falling = 2.0 - steps / 2000
+    assert training.loss_flattened(converged)
+    verdict = training.loss_flattened(still_falling)
+    assert not verdict and verdict.window_steps == 400
+    np.testing.assert_allclose(verdict.relative_change, -0.2 / 1.1, rtol=1e-2)
+    near_zero = 1e-3 * np.exp(-steps / 2000)  # falls by a third, but by a millionth of a nat
+    assert training.loss_flattened(near_zero) and not training.loss_flattened(near_zero, atol=0.0)
+    diverged = still_falling.copy()
+    diverged[-5:] = np.nan
+    assert not training.loss_flattened(diverged) and "diverged" in training.loss_flattened(diverged).describe()
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(epochs=1, steps=10), "exactly one of epochs or steps"), (dict(), "exactly one of epochs or steps"),
+    (dict(steps=0), "steps must be a positive int"), (dict(steps=10, eval_every=0), "eval_every"),
+    (dict(steps=10, eval_every=11), "eval_every=11 exceeds"), (dict(steps=2.5), "steps must be a positive int"),
+])
+def test_bad_budgets_raise_value_error(digits, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        training.train_seeds(MLP, optax.sgd(0.1), digits, seeds=[0], batch_size=64, **kwargs)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(learning_rates=[]), "learning_rates"), (dict(learning_rates=[0.1, -1.0]), "learning_rates"),
+    (dict(learning_rates=[float("nan")]), "learning_rates"),
+    (dict(validation_fraction=1.0), "validation_fraction"),
+    (dict(seeds=[]), "at least one seed"), (dict(steps=0), "steps"), (dict(batch_size=5000), "exceeds"),
+])
+def test_bad_tuning_arguments_raise_value_error(digits, kwargs, message):
+    args = dict(seeds=[0], learning_rates=[0.1], batch_size=64, steps=10) | kwargs
+    with pytest.raises(ValueError, match=message):
+        training.tune_learning_rate(MLP, optax.sgd, digits, **args)
+    with pytest.raises(ValueError, match="window_fraction"):
+        training.loss_flattened(np.ones(10), window_fraction=0.0)
