@@ -36,6 +36,7 @@ __all__ = [
     "Experiment",
     "RunContext",
     "available_experiments",
+    "check_training_config",
     "environment",
     "mark_verdict",
     "mode_line",
@@ -102,6 +103,57 @@ def with_mode_line(summary: str, *, quick: bool, endpoint: str | None = None) ->
     if head.startswith("# "):
         return f"{head}\n{line}\n" + (rest if rest.startswith("\n") or not rest else "\n" + rest)
     return f"{line}\n\n{summary}"
+
+
+def check_training_config(model: Any, tx: Any, input_shape: Sequence[int], *, batch_sizes: Sequence[int],
+                          train_size: int, num_microbatches: int = 1, where: str) -> None:
+    """Raises ``ValueError`` (naming ``where``) unless ``model`` and ``tx`` can train on this data.
+
+    The check behind every experiment's ``check_configs()``: it initializes ``model`` and ``tx`` and runs
+    one training step (:func:`jaxopt_lab.training.make_train_step`) under ``jax.eval_shape``, so shapes,
+    group counts and optimizer states are checked without computing anything (milliseconds to a
+    second), and checks every batch size against ``train_size`` examples and ``num_microbatches``.
+
+    Args:
+      model: a Flax classifier called as ``model(images, train=...)``.
+      tx: an optax ``GradientTransformation``.
+      input_shape: one example's shape, e.g. ``(8, 8, 1)`` or ``(40, 1)``.
+      batch_sizes: every batch size the config trains this model at.
+      train_size: the training examples available (after any validation split).
+      num_microbatches: micro-batches per step; every batch size must be divisible by it.
+      where: names the config entry in the error, e.g. ``"FULL: CNN(norm='group') on digits"``.
+
+    >>> import optax
+    >>> from jaxopt_lab import models
+    >>> check_training_config(models.MLP(), optax.adam(1e-3), (8, 8, 1), batch_sizes=[32], train_size=1000,
+    ...                       where="demo")
+    >>> check_training_config(models.MLP(), optax.adam(1e-3), (8, 8, 1), batch_sizes=[2048], train_size=1000,
+    ...                       where="demo")
+    Traceback (most recent call last):
+    ValueError: demo: num_batches: batch_size=2048 exceeds the 1000 examples
+    """
+    import jax
+    import jax.numpy as jnp
+
+    from jaxopt_lab import data, training
+
+    try:
+        for batch_size in batch_sizes:
+            data.num_batches(train_size, batch_size)
+            if batch_size % num_microbatches:
+                raise ValueError(f"batch_size={batch_size} is not divisible by num_microbatches="
+                                 f"{num_microbatches}")
+        smallest = min(batch_sizes)  # the shapes are the same at every batch size; trace once
+
+        def one_step(images: jax.Array, labels: jax.Array) -> Any:
+            state = training.create_train_state(model, tx, jax.random.key(0), images[:1])
+            step = training.make_train_step(num_microbatches=num_microbatches)
+            return step(state, training.Batch(images, labels))[1]
+
+        jax.eval_shape(one_step, jax.ShapeDtypeStruct((smallest, *input_shape), jnp.float32),
+                       jax.ShapeDtypeStruct((smallest,), jnp.int32))
+    except Exception as error:  # any failure to build or step: the config cannot run
+        raise ValueError(f"{where}: {error}") from error
 
 
 def _data_parallel_mode(data_parallel: bool | None) -> str:
