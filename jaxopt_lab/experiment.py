@@ -109,9 +109,10 @@ def check_training_config(model: Any, tx: Any, input_shape: Sequence[int], *, ba
                           train_size: int, num_microbatches: int = 1, where: str) -> None:
     """Raises ``ValueError`` (naming ``where``) unless ``model`` and ``tx`` can train on this data.
 
-    The check behind every experiment's ``check_configs()``: it initializes ``model`` and ``tx`` and runs
-    one training step (:func:`jaxopt_lab.training.make_train_step`) under ``jax.eval_shape``, so shapes,
-    group counts and optimizer states are checked without computing anything (milliseconds to a
+    The check behind every experiment's ``check_configs()``: it initializes ``model`` and runs one
+    training step (:func:`jaxopt_lab.training.make_train_step`) under ``jax.eval_shape`` (cached per model,
+    input shape and micro-batching), then ``tx``'s ``init`` and ``update`` on the parameters' shapes, so
+    shapes, group counts and optimizer states are checked without computing anything (milliseconds to a
     second), and checks every batch size against ``train_size`` examples and ``num_microbatches``.
 
     Args:
@@ -133,9 +134,8 @@ def check_training_config(model: Any, tx: Any, input_shape: Sequence[int], *, ba
     ValueError: demo: num_batches: batch_size=2048 exceeds the 1000 examples
     """
     import jax
-    import jax.numpy as jnp
 
-    from jaxopt_lab import data, training
+    from jaxopt_lab import data
 
     try:
         for batch_size in batch_sizes:
@@ -143,17 +143,36 @@ def check_training_config(model: Any, tx: Any, input_shape: Sequence[int], *, ba
             if batch_size % num_microbatches:
                 raise ValueError(f"batch_size={batch_size} is not divisible by num_microbatches="
                                  f"{num_microbatches}")
-        smallest = min(batch_sizes)  # the shapes are the same at every batch size; trace once
-
-        def one_step(images: jax.Array, labels: jax.Array) -> Any:
-            state = training.create_train_state(model, tx, jax.random.key(0), images[:1])
-            step = training.make_train_step(num_microbatches=num_microbatches)
-            return step(state, training.Batch(images, labels))[1]
-
-        jax.eval_shape(one_step, jax.ShapeDtypeStruct((smallest, *input_shape), jnp.float32),
-                       jax.ShapeDtypeStruct((smallest,), jnp.int32))
+        # The shapes are the same at every batch size: trace the model once (cached across configs that
+        # share it), then the optimizer on the parameters' shapes.
+        params = _abstract_params(model, tuple(input_shape), min(batch_sizes), num_microbatches)
+        jax.eval_shape(lambda p: tx.update(p, tx.init(p), p), params)
     except Exception as error:  # any failure to build or step: the config cannot run
         raise ValueError(f"{where}: {error}") from error
+
+
+_ABSTRACT_PARAMS: dict[tuple[Any, ...], Any] = {}
+
+
+def _abstract_params(model: Any, input_shape: tuple[int, ...], batch_size: int, num_microbatches: int) -> Any:
+    """The parameter shapes of ``model`` after one abstract training step (``jax.eval_shape``), cached."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from jaxopt_lab import training
+
+    key = (repr(model), input_shape, batch_size, num_microbatches)
+    if key not in _ABSTRACT_PARAMS:
+        def one_step(images: jax.Array, labels: jax.Array) -> Any:
+            state = training.create_train_state(model, optax.sgd(0.1), jax.random.key(0), images[:1])
+            step = training.make_train_step(num_microbatches=num_microbatches)
+            return step(state, training.Batch(images, labels))[0].params
+
+        _ABSTRACT_PARAMS[key] = jax.eval_shape(one_step, jax.ShapeDtypeStruct((batch_size, *input_shape),
+                                                                              jnp.float32),
+                                               jax.ShapeDtypeStruct((batch_size,), jnp.int32))
+    return _ABSTRACT_PARAMS[key]
 
 
 def _data_parallel_mode(data_parallel: bool | None) -> str:
