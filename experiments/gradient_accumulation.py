@@ -17,6 +17,7 @@ import dataclasses
 import math
 import time
 from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -142,7 +143,9 @@ def run(ctx: RunContext) -> None:
     ds = data.load_dataset(None if ctx.data_path is None else str(ctx.data_path))
     seeds = [ctx.seed + i for i in range(cfg.seeds)]
     train_size = (len(ds.y_train) // EFFECTIVE_BATCH) * EFFECTIVE_BATCH
-    results, rows, chosen = {}, [], {}
+    results: dict[tuple[str, str], training.TrainResult] = {}
+    rows: list[dict[str, Any]] = []
+    chosen: dict[str, dict[str, Any]] = {}
     # The values are the same either way; unrolling only sidesteps XLA:CPU's slow conv backward in loops
     # (jax-ml/jax#12868) for the training runs. The timing below keeps the real loop.
     unroll = True if jax.default_backend() == "cpu" else 1

@@ -301,7 +301,7 @@ def run(ctx: RunContext) -> None:
     for c in claims:
         c["shown_verdict"] = ctx.verdict(c["verdict"])
     # The endpoint evidence: at each batch size, did the best norm's training loss flatten?
-    best_at = {b: max(CNN_NORMS, key=lambda n, b=b: cnn_runs[n][b]["mean"]) for b in cfg.batch_sizes}
+    best_at = {b: max(CNN_NORMS, key=lambda n: float(cnn_runs[n][b]["mean"])) for b in cfg.batch_sizes}
     flat_best = {b: cnn_runs[best_at[b]][b]["flattened"]["flattened"] for b in cfg.batch_sizes}
     ctx.set_endpoint(
         f"{cfg.steps} optimizer steps for every configuration and batch size (not epochs), Adam at the rate "

@@ -7,6 +7,7 @@ config that cannot run. A FULL config that crashes after 20 minutes of training 
 
 import dataclasses
 import importlib
+import json
 
 import optax
 import pytest
@@ -45,3 +46,33 @@ def test_the_normalization_check_rejects_the_old_full_config():
     broken = dataclasses.replace(normalization.FULL, group_counts=(*normalization.FULL.group_counts, 64))
     with pytest.raises(ValueError, match="64"):
         normalization.check_config(broken, "FULL")
+
+
+def _toy(ctx):
+    from jaxopt_lab.plotting import new_figure
+
+    fig, _ = new_figure()
+    ctx.save_figure(fig, "toy.png")
+    ctx.set_endpoint("100 optimizer steps")
+    ctx.set_metrics({}, {"verdict": ctx.verdict("supported")})
+    ctx.set_summary("# toy — a title\n\nBody. ![toy](toy.png)\n")
+
+
+@pytest.mark.parametrize("quick", [True, False])
+def test_quick_and_full_summaries_are_marked_under_their_heading(tmp_path, quick):
+    from jaxopt_lab import report
+
+    experiment.run_experiment(experiment.Experiment("toy", "a toy", _toy), tmp_path, quick=quick, seed=0,
+                              show_progress=False)
+    lines = (tmp_path / "toy" / "summary.md").read_text().split("\n")
+    assert lines[0] == "# toy — a title"
+    if quick:
+        assert lines[1].startswith("**Quick mode: a smoke-size run") and "not conclusive" in lines[1]
+    else:
+        assert lines[1].startswith("**Full mode.**")
+    assert lines[1].endswith("Training endpoint: 100 optimizer steps.") and lines[2] == ""
+    meta = json.loads((tmp_path / "toy" / "metrics.json").read_text())
+    assert meta["mode"] == ("quick" if quick else "full") and meta["endpoint"] == "100 optimizer steps"
+    assert meta["metrics"]["verdict"] == ("supported (quick: not conclusive)" if quick else "supported")
+    text = report.write_report(tmp_path).read_text()  # the report still finds the section by its heading
+    assert f"## toy — a title\n{lines[1]}\n" in text and "![toy](toy/toy.png)" in text
