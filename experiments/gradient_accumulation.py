@@ -57,7 +57,7 @@ class Config:
 QUICK = Config(models=("MLP, no norm", "MLP, group norm", "MLP, batch norm"), updates=60, seeds=3,
                learning_rates=(0.03, 0.1))
 FULL = Config(models=("MLP, no norm", "MLP, group norm", "MLP, batch norm", "CNN, group norm",
-                      "CNN, batch norm"), updates=250, seeds=3, learning_rates=(0.01, 0.03, 0.1))
+                      "CNN, batch norm"), updates=240, seeds=3, learning_rates=(0.01, 0.03, 0.1))
 
 
 def build_model(name: str, num_classes: int):

@@ -60,7 +60,7 @@ class Config:
     validation_fraction: float = 0.2
 
 
-QUICK = Config(optimizers=("SGD+momentum", "Adam"), steps=150, seeds=2, rates_per_optimizer=2)
+QUICK = Config(optimizers=("SGD+momentum", "Adam"), steps=160, seeds=2, rates_per_optimizer=2)
 FULL = Config(optimizers=tuple(OPTIMIZERS), steps=600, seeds=3)
 # MNIST-1D: 3x the training examples, a harder task, cheaper 1-D convolutions: more steps.
 FULL_BY_DATA = {"mnist1d": dataclasses.replace(FULL, steps=1000)}

@@ -41,11 +41,13 @@ def test_a_group_count_that_does_not_divide_a_width_is_caught():
                                          train_size=1000, where="FULL: GN G=32")
 
 
-def test_the_normalization_check_rejects_the_old_full_config():
+def test_the_normalization_check_rejects_a_group_count_that_no_width_admits():
     normalization = _module("normalization")
-    broken = dataclasses.replace(normalization.FULL, group_counts=(*normalization.FULL.group_counts, 64))
-    with pytest.raises(ValueError, match="64"):
-        normalization.check_config(broken, "FULL")
+    widths = normalization.FULL.widths or models.CNN().widths
+    too_many = 2 * max(widths)  # divides no width
+    broken = dataclasses.replace(normalization.FULL, group_counts=(*normalization.FULL.group_counts, too_many))
+    with pytest.raises(ValueError, match=rf"FULL: groups {too_many} on digits.*num_groups={too_many}"):
+        normalization.check_config(broken, "FULL", ("digits",))
 
 
 def _toy(ctx):
