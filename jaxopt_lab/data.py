@@ -29,14 +29,17 @@ import math
 import os
 import zipfile
 from pathlib import Path
+from typing import NamedTuple
 
 import jax
 import numpy as np
 
 __all__ = [
     "BUILTIN_DATASETS",
+    "BUILTIN_SPECS",
     "NPZ_KEYS",
     "Dataset",
+    "DatasetSpec",
     "load_dataset",
     "load_digits",
     "load_mnist1d",
@@ -49,6 +52,23 @@ __all__ = [
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
 # The names `load_dataset` (and `jaxopt-lab run --data NAME`) accepts besides a .npz path.
 BUILTIN_DATASETS = ("digits", "mnist1d")
+
+
+class DatasetSpec(NamedTuple):
+    """A dataset's sizes and input shape, known without loading it (for checking configs abstractly)."""
+
+    train_size: int
+    test_size: int
+    input_shape: tuple[int, ...]
+    num_classes: int
+
+
+# What `load_dataset(name)` returns, for configs checked without generating the data (a test keeps these
+# equal to the loaded datasets).
+BUILTIN_SPECS: dict[str, DatasetSpec] = {
+    "digits": DatasetSpec(1347, 450, (8, 8, 1), 10),
+    "mnist1d": DatasetSpec(4000, 1000, (40, 1), 10),
+}
 
 
 @dataclasses.dataclass(frozen=True)

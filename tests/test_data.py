@@ -87,6 +87,8 @@ def test_load_dataset_takes_a_builtin_name_or_a_path(mnist1d, digits, tmp_path):
         np.testing.assert_array_equal(data.load_dataset(name).x_test, digits.x_test)
     with pytest.raises(FileNotFoundError, match="no such file"):
         data.load_dataset(tmp_path / "mnist1d")  # any other spelling is a path
+    for name, ds in (("digits", digits), ("mnist1d", mnist1d)):  # the specs configs are checked against
+        assert data.BUILTIN_SPECS[name] == (len(ds.y_train), len(ds.y_test), ds.image_shape, ds.num_classes)
 
 
 def _save(path, **arrays):

@@ -82,7 +82,90 @@ def test_bad_configurations_raise_value_error(make, message):
         make().init(jax.random.key(0), X)
 
 
-@pytest.mark.parametrize("model", [models.CNN(), models.RowRNN()])
-def test_models_need_nhwc_images(model):
-    with pytest.raises(ValueError, match=r"expected images \(N, H, W, C\)"):
+
+
+# --- 1-D signals (N, L, C) as well as images (N, H, W, C); Logistic and GRU ----------------------------
+
+SIGNAL = jax.random.normal(jax.random.key(3), (6, 40, 1))
+
+
+@pytest.mark.parametrize("norm", models.NORMS)
+def test_every_model_takes_signals_with_every_norm_and_stays_per_example_without_batch_norm(norm):
+    for model in _models_with(norm):
+        variables = model.init(jax.random.key(1), SIGNAL)
+        logits, _ = model.apply(variables, SIGNAL, train=True, mutable=["batch_stats"])
+        assert logits.shape == (6, 10), type(model).__name__
+        chex.assert_tree_all_finite(logits)
+        assert ("batch_stats" in variables) == (norm == "batch")
+        other = SIGNAL.at[1:].multiply(3.0)
+        first = lambda x, model=model, variables=variables: model.apply(variables, x, train=True,
+                                                                        mutable=["batch_stats"])[0][0]
+        assert (not jnp.allclose(first(SIGNAL), first(other), atol=1e-5)) == (norm == "batch")
+
+
+def test_norms_of_signals_take_their_statistics_over_the_right_axes():
+    x = jax.random.normal(jax.random.key(4), (3, 40, 8)) * jnp.arange(1.0, 9.0) + 5.0
+    layer = models.make_norm("layer", train=True, spatial_dims=1)
+    y = layer.apply(layer.init(jax.random.key(0), x), x)
+    # Layer norm: one mean/variance per example over (L, C); instance norm: per example and channel over L.
+    chex.assert_trees_all_close((y.mean(axis=(1, 2)), y.std(axis=(1, 2))), (jnp.zeros(3), jnp.ones(3)),
+                                atol=1e-4)
+    instance = models.make_norm("instance", train=True, spatial_dims=1)
+    y = instance.apply(instance.init(jax.random.key(0), x), x)
+    chex.assert_trees_all_close((y.mean(axis=1), y.std(axis=1)), (jnp.zeros((3, 8)), jnp.ones((3, 8))),
+                                atol=1e-3)
+    with pytest.raises(ValueError, match="instance norm needs spatial axes"):
+        models.make_norm("instance", train=True, spatial_dims=0)
+    with pytest.raises(ValueError, match="spatial_dims"):
+        models.make_norm("layer", train=True, spatial_dims=3)
+
+
+def test_the_cnn_is_translation_equivariant_along_a_signal_up_to_its_pooling():
+    # Shifting a zero-padded signal by the pooling stride (2) moves every feature map by one step, so the
+    # global average pool (away from the borders) gives the same logits.
+    model = models.CNN(norm="none")
+    bump = jnp.zeros((1, 40, 1)).at[0, 14:22, 0].set(jnp.arange(1.0, 9.0))
+    variables = model.init(jax.random.key(0), bump)
+    chex.assert_trees_all_close(model.apply(variables, jnp.roll(bump, 2, axis=1)), model.apply(variables, bump),
+                                rtol=1e-4, atol=1e-5)
+
+
+def test_logistic_regression_is_one_linear_map_of_the_flattened_input():
+    model = models.Logistic(num_classes=3)
+    variables = model.init(jax.random.key(0), X)
+    kernel, bias = variables["params"]["head"]["kernel"], variables["params"]["head"]["bias"]
+    assert kernel.shape == (64, 3)
+    chex.assert_trees_all_close(model.apply(variables, X), X.reshape(6, -1) @ kernel + bias, rtol=1e-5)
+
+
+def test_the_gru_reads_the_sequence_in_both_directions():
+    model = models.GRU(hidden=4)
+    variables = model.init(jax.random.key(0), SIGNAL)
+    assert set(variables["params"]) == {"forward", "backward", "head"}
+    assert variables["params"]["head"]["kernel"].shape == (40 * 2 * 4, 10)  # every step's output, both ways
+    # The last step's input changes the forward output of the last step only and the backward output of
+    # every step: the logits depend on it (a one-directional GRU read forward too).
+    changed = SIGNAL.at[:, -1].add(1.0)
+    assert not jnp.allclose(model.apply(variables, changed), model.apply(variables, SIGNAL))
+    one_way = models.GRU(hidden=4, bidirectional=False)
+    assert one_way.init(jax.random.key(0), X)["params"]["head"]["kernel"].shape == (8 * 4, 10)  # 8 rows
+
+
+@pytest.mark.parametrize("model", [models.CNN(), models.RowRNN(), models.GRU()])
+def test_models_reject_inputs_without_a_spatial_axis(model):
+    with pytest.raises(ValueError, match=r"expected images \(N, H, W, C\) or signals \(N, L, C\)"):
         model.init(jax.random.key(0), jnp.zeros((2, 64)))
+
+
+@pytest.mark.parametrize("shape", [(3, 12, 5), (3, 6, 6, 5)])
+def test_conv_is_flax_conv_with_same_padding_computed_as_patches_times_kernel(shape):
+    import flax.linen as nn
+
+    x = jax.random.normal(jax.random.key(1), shape)
+    ours, flax_conv = models.Conv(7, 3), nn.Conv(7, (3,) * (len(shape) - 2), padding="SAME")
+    variables = ours.init(jax.random.key(0), x)
+    # The same parameters, drawn the same way from the same key, and the same output.
+    chex.assert_trees_all_equal(variables, flax_conv.init(jax.random.key(0), x))
+    chex.assert_trees_all_close(ours.apply(variables, x), flax_conv.apply(variables, x), rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="kernel_size must be a positive odd int"):
+        models.Conv(4, 2).init(jax.random.key(0), x)
