@@ -5,14 +5,19 @@ mission.md part A. (a) one batch of 128; (b) ``optax.MultiSteps`` over 4 batches
 (d) plain batches of 32 (no accumulation, 4x the updates). All runs of a seed see the same examples in
 the same order (a batch of 128 is four consecutive batches of 32), so (b) and (c) must equal (a) up to
 float rounding, unless the model has batch norm, whose statistics are then those of 32 examples.
-Reported: parameter max-abs difference to (a), loss curves, test accuracy, and the step time and
-compiled memory of each variant.
+The endpoint is a budget of optimizer updates; (a)'s SGD+momentum rate is chosen by a vmapped sweep on a
+validation split (:func:`jaxopt_lab.training.tune_learning_rate`) and used for (a), (b) and (c) alike (an
+equivalence test needs the same rate); (d) gets its own tuned rate. Reported: parameter max-abs difference
+to (a), loss curves, test accuracy, the chosen rates, and the step time and compiled memory of each variant.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import math
 import time
+from collections.abc import Sequence
+from typing import Any
 
 import jax
 import jax.numpy as jnp
@@ -20,7 +25,7 @@ import numpy as np
 import optax
 
 from jaxopt_lab import data, models, training
-from jaxopt_lab.experiment import Experiment, RunContext, main_for
+from jaxopt_lab.experiment import Experiment, RunContext, check_training_config, main_for
 from jaxopt_lab.plotting import new_figure, plot_loss_curves
 
 NAME = "gradient-accumulation"
@@ -35,32 +40,59 @@ VARIANTS = {
 }
 
 
+SUPPORTED_DATA = data.BUILTIN_DATASETS
+
+
 @dataclasses.dataclass(frozen=True)
 class Config:
     models: tuple[str, ...]
-    epochs: int
+    updates: int  # optimizer updates of an effective batch of 128 ((b) takes 4x as many micro-steps)
     seeds: int
-    learning_rate: float = 0.05
+    learning_rates: tuple[float, ...]  # SGD+momentum rates swept for (a) (used by (a)-(c)) and for (d)
     momentum: float = 0.9
     timing_repeats: int = 20
+    validation_fraction: float = 0.2
 
 
-QUICK = Config(models=("MLP, no norm", "MLP, group norm", "MLP, batch norm"), epochs=3, seeds=3)
+QUICK = Config(models=("MLP, no norm", "MLP, group norm", "MLP, batch norm"), updates=60, seeds=3,
+               learning_rates=(0.03, 0.1))
 FULL = Config(models=("MLP, no norm", "MLP, group norm", "MLP, batch norm", "CNN, group norm",
-                      "CNN, batch norm"), epochs=20, seeds=5)
+                      "CNN, batch norm"), updates=240, seeds=3, learning_rates=(0.01, 0.03, 0.1))
 
 
 def build_model(name: str, num_classes: int):
     kind, norm = name.split(", ")
     norm = {"no norm": "none", "group norm": "group", "batch norm": "batch"}[norm]
     if kind == "MLP":
-        return models.MLP(norm=norm, num_classes=num_classes, widths=(128, 128))
-    return models.CNN(norm=norm, num_classes=num_classes, widths=(16, 32), num_groups=4)
+        return models.MLP(norm=norm, num_classes=num_classes)
+    return models.CNN(norm=norm, num_classes=num_classes)
 
 
-def _optimizer(cfg: Config, multi_steps: bool) -> optax.GradientTransformation:
-    tx = optax.sgd(cfg.learning_rate, momentum=cfg.momentum)
+def _optimizer(cfg: Config, multi_steps: bool, learning_rate) -> optax.GradientTransformation:
+    tx = optax.sgd(learning_rate, momentum=cfg.momentum)
     return optax.MultiSteps(tx, every_k_schedule=STEPS) if multi_steps else tx
+
+
+def check_config(cfg: Config, label: str, datasets: Sequence[str] = SUPPORTED_DATA) -> None:
+    """Builds every model x variant of ``cfg`` abstractly (one step each); ``ValueError`` if one cannot run."""
+    if cfg.seeds < 2 or cfg.updates < 20 or not cfg.learning_rates:
+        raise ValueError(f"{label}: needs >= 2 seeds, >= 20 updates and >= 1 learning rate")
+    for name in datasets:
+        ds = data.load_dataset(name)
+        swept = len(ds.y_train) - math.ceil(cfg.validation_fraction * len(ds.y_train))
+        train_size = (len(ds.y_train) // EFFECTIVE_BATCH) * EFFECTIVE_BATCH
+        for model_name in cfg.models:
+            model = build_model(model_name, ds.num_classes)
+            for variant, (batch_size, k, multi) in VARIANTS.items():
+                check_training_config(model, _optimizer(cfg, multi, cfg.learning_rates[0]), ds.image_shape,
+                                      batch_sizes=[batch_size], train_size=min(train_size, swept),
+                                      num_microbatches=k, where=f"{label}: {model_name}, {variant} on {name}")
+
+
+def check_configs() -> None:
+    """Contract A: QUICK and FULL on every supported dataset, without training (a few seconds)."""
+    check_config(QUICK, "QUICK")
+    check_config(FULL, "FULL")
 
 
 def per_update_losses(step_loss: np.ndarray, multi_steps: bool) -> np.ndarray:
@@ -82,10 +114,11 @@ def relative_l2_difference(a, b) -> np.ndarray:
     return np.sqrt(sq(jax.tree.map(lambda x, y: np.asarray(x) - np.asarray(y), a, b)) / sq(b))
 
 
-def time_and_memory(model, cfg: Config, ds: data.Dataset, variant: str) -> dict:
+def time_and_memory(model, cfg: Config, ds: data.Dataset, variant: str, learning_rate: float) -> dict:
     """Median wall time of one optimizer update (4 calls for MultiSteps) and XLA's compiled temp memory."""
     batch_size, k, multi = VARIANTS[variant]
-    state = training.create_train_state(model, _optimizer(cfg, multi), jax.random.key(0), ds.x_train[:1])
+    state = training.create_train_state(model, _optimizer(cfg, multi, learning_rate), jax.random.key(0),
+                                        ds.x_train[:1])
     batch = training.Batch(jnp.asarray(ds.x_train[:batch_size]), jnp.asarray(ds.y_train[:batch_size]))
     step = jax.jit(training.make_train_step(num_microbatches=k))
     compiled = step.lower(state, batch).compile()
@@ -107,46 +140,68 @@ def time_and_memory(model, cfg: Config, ds: data.Dataset, variant: str) -> dict:
 
 def run(ctx: RunContext) -> None:
     cfg = QUICK if ctx.quick else FULL
-    ds = data.load_dataset(ctx.data_path)
+    ds = data.load_dataset(None if ctx.data_path is None else str(ctx.data_path))
     seeds = [ctx.seed + i for i in range(cfg.seeds)]
     train_size = (len(ds.y_train) // EFFECTIVE_BATCH) * EFFECTIVE_BATCH
-    results, rows = {}, []
+    results: dict[tuple[str, str], training.TrainResult] = {}
+    rows: list[dict[str, Any]] = []
+    chosen: dict[str, dict[str, Any]] = {}
     # The values are the same either way; unrolling only sidesteps XLA:CPU's slow conv backward in loops
     # (jax-ml/jax#12868) for the training runs. The timing below keeps the real loop.
     unroll = True if jax.default_backend() == "cpu" else 1
-    jobs = [(m, v) for m in cfg.models for v in VARIANTS]
-    for model_name, variant in ctx.progress(jobs, desc="training"):
-        batch_size, k, multi = VARIANTS[variant]
-        results[model_name, variant] = training.train_seeds(
-            build_model(model_name, ds.num_classes), _optimizer(cfg, multi), ds, seeds, epochs=cfg.epochs,
-            batch_size=batch_size, num_microbatches=k, train_size=train_size, unroll=unroll,
+    for model_name in ctx.progress(cfg.models, desc="training"):
+        model = build_model(model_name, ds.num_classes)
+        # (a)'s rate, from a sweep at batch 128, serves (a), (b) and (c); (d) gets its own sweep at batch 32.
+        sweeps = {which: training.tune_learning_rate(
+            model, lambda lr: _optimizer(cfg, False, lr), ds, seeds, learning_rates=cfg.learning_rates,
+            batch_size=batch_size, steps=steps, validation_fraction=cfg.validation_fraction,
             data_parallel=ctx.data_parallel)
+            for which, batch_size, steps in (("128", EFFECTIVE_BATCH, cfg.updates),
+                                             ("32", MICRO_BATCH, STEPS * cfg.updates))}
+        chosen[model_name] = {which: {"learning_rate": sw.learning_rate, "table": sw.table}
+                              for which, sw in sweeps.items()}
+        for variant, (batch_size, k, multi) in VARIANTS.items():
+            rate = sweeps["32" if variant.startswith("(d)") else "128"].learning_rate
+            steps = cfg.updates if batch_size == EFFECTIVE_BATCH else STEPS * cfg.updates
+            results[model_name, variant] = training.train_seeds(
+                model, _optimizer(cfg, multi, rate), ds, seeds, steps=steps, batch_size=batch_size,
+                num_microbatches=k, train_size=train_size, unroll=unroll, data_parallel=ctx.data_parallel)
     for model_name in cfg.models:
         reference = results[model_name, "(a) 1 x 128"].state.params
         for variant, (_, _, multi) in VARIANTS.items():
             result = results[model_name, variant]
+            losses = per_update_losses(np.asarray(result.history.step_loss), multi)
             rows.append({"model": model_name, "variant": variant,
+                         "learning_rate": chosen[model_name]["32" if variant.startswith("(d)") else "128"][
+                             "learning_rate"],
                          "max_abs_param_diff_to_a": training.mean_std(max_abs_difference(result.state.params,
                                                                                          reference)),
                          "relative_l2_diff_to_a": training.mean_std(relative_l2_difference(result.state.params,
                                                                                            reference)),
                          "test_accuracy": training.mean_std(result.final_test_accuracy),
-                         "final_train_loss": training.mean_std(
-                             per_update_losses(np.asarray(result.history.step_loss), multi)[:, -10:].mean(1)),
+                         "final_train_loss": training.mean_std(losses[:, -10:].mean(1)),
+                         "flattened": dataclasses.asdict(training.loss_flattened(losses)),
                          "diverged": training.diverged_at(result.history.step_loss)})
     b_vs_c = {m: training.mean_std(max_abs_difference(results[m, "(b) MultiSteps 4 x 32"].state.params,
                                                       results[m, "(c) micro-batched 4 x 32"].state.params))
               for m in cfg.models}
     timing_model = cfg.models[0]
-    timing = {v: time_and_memory(build_model(timing_model, ds.num_classes), cfg, ds, v)
+    timing = {v: time_and_memory(build_model(timing_model, ds.num_classes), cfg, ds, v,
+                                 chosen[timing_model]["128"]["learning_rate"])
               for v in ctx.progress(VARIANTS, desc="timing")}
+    flat = [r for r in rows if r["variant"].startswith("(a)")]
+    ctx.set_endpoint(f"{cfg.updates} updates of an effective batch of {EFFECTIVE_BATCH} ((b): "
+                     f"{STEPS * cfg.updates} micro-steps; (d): {STEPS * cfg.updates} steps of {MICRO_BATCH}), "
+                     f"SGD+momentum at (a)'s swept rate for (a)-(c) and (d)'s own; (a)'s training loss "
+                     f"flattened for {sum(bool(r['flattened']['flattened']) for r in flat)} of {len(flat)} "
+                     "models")
     figure = _figure(ctx, cfg, results, train_size)
     device = jax.devices()[0]
     ctx.set_metrics({**dataclasses.asdict(cfg), "seeds_used": seeds, "data": ds.describe(),
                      "train_size": train_size, "device": f"{device.platform} ({device.device_kind})"},
-                    {"runs": rows, "b_vs_c_max_abs_param_diff": b_vs_c, "timing_model": timing_model,
-                     "timing": timing})
-    ctx.set_summary(_summary(cfg, ds, rows, b_vs_c, timing, timing_model, device, figure, train_size))
+                    {"runs": rows, "chosen_learning_rates": chosen, "b_vs_c_max_abs_param_diff": b_vs_c,
+                     "timing_model": timing_model, "timing": timing})
+    ctx.set_summary(_summary(cfg, ds, rows, chosen, b_vs_c, timing, timing_model, device, figure, train_size))
 
 
 def _figure(ctx, cfg, results, train_size) -> str:
@@ -166,19 +221,31 @@ def _figure(ctx, cfg, results, train_size) -> str:
     return ctx.save_figure(fig, "loss_curves.png")
 
 
-def _summary(cfg, ds, rows, b_vs_c, timing, timing_model, device, figure, train_size) -> str:
-    lines = ["# gradient-accumulation — an effective batch of 128 four ways: where it is exact, what it costs",
-             "", f"Data: {ds.describe()} (first {train_size} training images, a multiple of 128). SGD, lr "
-             f"{cfg.learning_rate}, momentum {cfg.momentum}, {cfg.epochs} epochs, mean ± std over {cfg.seeds} "
-             "seeds; the same examples in the same order for every variant.", "",
-             "| model | variant | max abs param diff to (a): median (max) over seeds | relative L2 diff | "
-             "test accuracy (%) | final train loss |", "|---|---|---|---|---|---|"]
+def _summary(cfg, ds, rows, chosen, b_vs_c, timing, timing_model, device, figure, train_size) -> str:
+    lines = [f"# {NAME} — an effective batch of 128 four ways: where it is exact, what it costs",
+             "", f"Data: {ds.describe()} (first {train_size} training examples, a multiple of 128). "
+             f"SGD, momentum "
+             f"{cfg.momentum}, **{cfg.updates} updates** of an effective batch of {EFFECTIVE_BATCH} ((b): "
+             f"{STEPS * cfg.updates} micro-steps; (d): {STEPS * cfg.updates} steps of {MICRO_BATCH}, the same "
+             f"examples), mean ± std over {cfg.seeds} seeds; the same examples in the same order for every "
+             f"variant. Learning rate: ONE rate for (a), (b) and (c), chosen for (a) among "
+             f"{list(cfg.learning_rates)} by best mean validation accuracy on a {cfg.validation_fraction:.0%} "
+             "split of the training set (`training.tune_learning_rate`), because an equivalence test needs the "
+             "same rate; (d) plain 32 gets its own rate from the same sweep at batch 32.", "",
+             "| model | rate (a)-(c) | rate (d) |", "|---|---|---|"]
+    lines += [f"| {m} | {c['128']['learning_rate']:g} | {c['32']['learning_rate']:g} |"
+              for m, c in chosen.items()]
+    lines += ["", "| model | variant | max abs param diff to (a): median (max) over seeds | relative L2 diff | "
+              "test accuracy (%) | final train loss | loss flattened |", "|---|---|---|---|---|---|---|"]
     for r in rows:
-        d, a, loss = r["max_abs_param_diff_to_a"], r["test_accuracy"], r["final_train_loss"]
+        d, a, loss, flat = (r["max_abs_param_diff_to_a"], r["test_accuracy"], r["final_train_loss"],
+                            r["flattened"])
+        flat_text = ("diverged" if not math.isfinite(flat["relative_change"]) else
+                     f"{'yes' if flat['flattened'] else 'no'} ({100 * flat['relative_change']:+.0f}%)")
         lines.append(f"| {r['model']} | {r['variant']} | {np.median(d['values']):.1e} ({max(d['values']):.1e}) "
                      f"| {r['relative_l2_diff_to_a']['mean']:.1e} "
                      f"| {100 * a['mean']:.1f} ± {100 * a['std']:.1f} "
-                     f"| {loss['mean']:.3f} ± {loss['std']:.3f} |")
+                     f"| {loss['mean']:.3f} ± {loss['std']:.3f} | {flat_text} |")
     lines += ["", "(b) vs (c), max abs param difference: "
               + "; ".join(f"{m}: {v['mean']:.1e}" for m, v in b_vs_c.items()) + ".", "",
               f"![loss curves]({figure})", "",
@@ -191,7 +258,7 @@ def _summary(cfg, ds, rows, b_vs_c, timing, timing_model, device, figure, train_
               "updated 4 times per update, so (b) and (c) train a different function from (a): their distance "
               "to (a) is orders of magnitude above rounding (compare the rows), while (b) and (c) still agree "
               "with each other (same micro-batches, same statistics). (d) takes 4x the updates on the same "
-              "data, so it is not comparable step for step; its accuracy after the same epochs is for scale.",
+              "data, so it is not comparable step for step; its accuracy on the same examples is for scale.",
               "",
               f"Step time and compiled memory, {timing_model}, on {device.platform} ({device.device_kind}); "
               f"time = median wall time of one optimizer update (4 calls for MultiSteps) over "

@@ -1,9 +1,13 @@
-"""normalization: no norm / batch / layer / instance / group norm on real digits, tested claim by claim.
+"""normalization: no norm / batch / layer / instance / group norm on real data, tested claim by claim.
 
-mission.md part B. A small CNN with each norm at batch sizes 2..64 (same epochs), set beside the
-trend of Figure 1 of the Group Norm paper (Wu & He, ECCV 2018); a row-RNN with batch vs layer norm; every
-trained CNN on test images whose contrast and brightness were changed per image; group norm's group
-count; and a verdict per claim of the seed. Every configuration trains all its seeds in one vmapped jit.
+mission.md part B. A small CNN with each norm at batch sizes 2..64, every configuration trained for the
+SAME number of optimizer steps (not epochs) with Adam at a learning rate chosen for that (norm, batch size)
+by a vmapped sweep on a validation split (:func:`jaxopt_lab.training.tune_learning_rate`), set beside the
+trend of Figure 1 of the Group Norm paper (Wu & He, ECCV 2018); an MLP beside it (so the CNN is seen to be
+at least as good); a row-RNN with batch vs layer norm; every trained CNN on test inputs whose contrast and
+brightness were changed per example; group norm's group count; batch norm evaluated with its running
+statistics and with the statistics of test batches of its training batch size (why BN does or does not
+degrade at small batches); and a verdict per claim of the seed. ``--data mnist1d`` runs it on MNIST-1D.
 """
 
 from __future__ import annotations
@@ -11,81 +15,186 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from typing import Any
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 
 from jaxopt_lab import data, models, training
-from jaxopt_lab.experiment import Experiment, RunContext, main_for
+from jaxopt_lab.experiment import Experiment, RunContext, check_training_config, main_for
 from jaxopt_lab.plotting import new_figure
 
 NAME = "normalization"
 CNN_NORMS = ("none", "batch", "layer", "instance", "group")
 RNN_NORMS = ("none", "batch", "layer")
+# The built-in datasets this experiment supports (`--data NAME`; a `.npz` path works too).
+SUPPORTED_DATA = data.BUILTIN_DATASETS
 # Wu & He, "Group Normalization", ECCV 2018, Figure 1 / Table 2-3: ResNet-50 ImageNet validation error (%)
 # against images per GPU (BN's statistics are per GPU); LN and IN at 32 images per GPU.
 PAPER_ERROR = {"batch": {32: 23.6, 16: 23.7, 8: 24.8, 4: 27.3, 2: 34.7},
                "group": {32: 24.1, 16: 24.2, 8: 24.0, 4: 24.2, 2: 24.1},
                "layer": {32: 25.3}, "instance": {32: 28.4}}
-# Per-image changes at test time, in raw pixel units (digits pixels are 0..16).
-CONTRAST_RANGE = (1 / 3, 3.0)  # log-uniform factor
-BRIGHTNESS_RANGE = (-4.0, 4.0)
+# Per-example changes at test time: a contrast (gain) factor, log-uniform, and a brightness (offset) in
+# units of the raw training data's range (digits: pixels 0..16, so +-4 pixel levels).
+CONTRAST_RANGE = (1 / 3, 3.0)
+BRIGHTNESS_FRACTION = 0.25
 
 
 @dataclasses.dataclass(frozen=True)
 class Config:
     batch_sizes: tuple[int, ...]
-    epochs: int
+    steps: int  # optimizer steps of every configuration, whatever its batch size
+    # (a multiple of 20: training evaluates every steps/20 steps, and a remainder would compile the step
+    # loop a second time for the last, shorter interval)
     seeds: int
-    widths: tuple[int, ...]
+    learning_rates: tuple[float, ...]  # Adam rates swept per (norm, batch size)
     num_groups: int
     group_counts: tuple[int, ...]
     rnn_batch_sizes: tuple[int, ...]
     rnn_hidden: int
     reference_batch: int = 32
-    # Adam, learning rate scaled with sqrt(batch / reference) (the square-root rule for adaptive methods).
-    learning_rate: float = 3e-3
+    validation_fraction: float = 0.2
+    # The CNN's architecture: None = models.CNN's defaults.
+    widths: tuple[int, ...] | None = None
+    pool_after: tuple[int, ...] | None = None
 
 
-# Quick: 14 compiled programs (compilation, not training, dominates on CPU at this size).
-QUICK = Config(batch_sizes=(4, 32), epochs=3, seeds=3, widths=(16, 32), num_groups=4, group_counts=(1, 4),
-               rnn_batch_sizes=(32,), rnn_hidden=32)
-FULL = Config(batch_sizes=(2, 4, 8, 16, 32, 64), epochs=8, seeds=5, widths=(16, 32, 32), num_groups=8,
-              group_counts=(1, 2, 4, 8, 16, 32), rnn_batch_sizes=(4, 32), rnn_hidden=64)
+QUICK = Config(batch_sizes=(4, 32), steps=160, seeds=2, learning_rates=(1e-3, 3e-3), num_groups=4,
+               group_counts=(1, 4), rnn_batch_sizes=(32,), rnn_hidden=32)
+# Sized for ~15 min on 2 idle CPU cores (41 compiled programs, each all rates x seeds of one configuration).
+FULL = Config(batch_sizes=(2, 4, 8, 16, 32, 64), steps=500, seeds=3, learning_rates=(1e-3, 3e-3),
+              num_groups=8, group_counts=(1, 4, 8, 16), rnn_batch_sizes=(4, 32), rnn_hidden=64)
+# MNIST-1D has 3x the training examples of digits and is harder (the paper's CNN: ~94%): more steps; its
+# 1-D convolutions cost ~1/3 of the digits' 2-D ones per example.
+FULL_BY_DATA = {"mnist1d": dataclasses.replace(FULL, steps=1000)}
 
 
-def _optimizer(cfg: Config, batch_size: int) -> optax.GradientTransformation:
-    return optax.adam(cfg.learning_rate * math.sqrt(batch_size / cfg.reference_batch))
+def config_for(quick: bool, data_name: str) -> Config:
+    """The config of a run: QUICK, or FULL with the dataset's overrides (:data:`FULL_BY_DATA`)."""
+    return QUICK if quick else FULL_BY_DATA.get(data_name, FULL)
 
 
-def _train(model, cfg: Config, ds: data.Dataset, seeds: list[int], batch_size: int,
-           data_parallel: bool | None) -> training.TrainResult:
-    return training.train_seeds(model, _optimizer(cfg, batch_size), ds, seeds, epochs=cfg.epochs,
-                                batch_size=batch_size, data_parallel=data_parallel)
+def cnn(cfg: Config, norm: str, num_classes: int, num_groups: int | None = None) -> models.CNN:
+    """The experiment's CNN: ``models.CNN``'s defaults unless the config sets widths / pooling."""
+    arch: dict[str, Any] = {}
+    if cfg.widths is not None:
+        arch["widths"] = cfg.widths
+    if cfg.pool_after is not None:
+        arch["pool_after"] = cfg.pool_after
+    return models.CNN(norm=norm, num_classes=num_classes,
+                      num_groups=cfg.num_groups if num_groups is None else num_groups, **arch)
 
 
-def _record(result: training.TrainResult) -> dict:
-    accuracy = training.mean_std(result.final_test_accuracy)
-    return {**accuracy, "first_epoch": training.mean_std(result.history.test_accuracy[:, 0]),
-            "diverged": int(result.diverged.sum())}
+def _jobs(cfg: Config) -> list[tuple[str, Any, int]]:
+    return ([("cnn", n, b) for n in CNN_NORMS for b in cfg.batch_sizes]
+            + [("mlp", "none", cfg.reference_batch)]
+            + [("rnn", n, b) for n in RNN_NORMS for b in cfg.rnn_batch_sizes]
+            + [("groups", g, cfg.reference_batch) for g in cfg.group_counts if g != cfg.num_groups])
 
 
-def changed_images(ds: data.Dataset, kind: str, key: jax.Array) -> np.ndarray:
-    """The test images with a per-image ``contrast``, ``brightness`` or ``both`` change in raw pixel units,
-    re-standardized with the training statistics (what the model would be fed)."""
+def _model(cfg: Config, kind: str, what: Any, num_classes: int) -> Any:
+    if kind == "cnn":
+        return cnn(cfg, what, num_classes)
+    if kind == "groups":
+        return cnn(cfg, "group", num_classes, num_groups=what)
+    if kind == "mlp":
+        return models.MLP(num_classes=num_classes)
+    return models.RowRNN(norm=what, num_classes=num_classes, hidden=cfg.rnn_hidden)
+
+
+def check_config(cfg: Config, label: str, datasets: tuple[str, ...] = SUPPORTED_DATA) -> None:
+    """Builds every model and optimizer of ``cfg`` abstractly on each dataset; ValueError if one cannot run."""
+    if cfg.reference_batch not in cfg.batch_sizes:
+        raise ValueError(f"{label}: reference_batch={cfg.reference_batch} must be one of batch_sizes "
+                         f"{cfg.batch_sizes}")
+    if cfg.num_groups not in cfg.group_counts:
+        raise ValueError(f"{label}: num_groups={cfg.num_groups} must be one of group_counts {cfg.group_counts}")
+    if cfg.seeds < 2 or len(cfg.learning_rates) < 1 or cfg.steps < 20:
+        raise ValueError(f"{label}: needs >= 2 seeds (for a spread), >= 1 learning rate and >= 20 steps")
+    for name in datasets:
+        ds = data.load_dataset(name)
+        train_size = len(ds.y_train) - math.ceil(cfg.validation_fraction * len(ds.y_train))
+        models_at: dict[tuple[str, Any], list[int]] = {}
+        for kind, what, batch_size in _jobs(cfg):  # each model once, with every batch size it trains at
+            models_at.setdefault((kind, what), []).append(batch_size)
+        for (kind, what), batch_sizes in models_at.items():
+            check_training_config(_model(cfg, kind, what, ds.num_classes), optax.adam(cfg.learning_rates[0]),
+                                  ds.image_shape, batch_sizes=batch_sizes, train_size=train_size,
+                                  where=f"{label}: {kind} {what!r} on {name}")
+
+
+def check_configs() -> None:
+    """Contract A: QUICK and FULL on every supported dataset, without training (a few seconds)."""
+    check_config(QUICK, "QUICK")
+    check_config(FULL, "FULL")
+    for name, cfg in FULL_BY_DATA.items():
+        check_config(cfg, f"FULL ({name})", (name,))
+
+
+def _record(search: training.RateSearch) -> dict:
+    history = search.result.history
+    return {**training.mean_std(search.result.final_test_accuracy),
+            "learning_rate": search.learning_rate,
+            "rate_table": search.table,
+            "first_eval": training.mean_std(history.test_accuracy[:, 0]),
+            "first_eval_step": int(np.asarray(history.steps)[0, 0]),
+            "final_train_loss": training.mean_std(np.asarray(history.train_loss)[:, -1]),
+            "flattened": dataclasses.asdict(training.loss_flattened(history.step_loss)),
+            "diverged": int(search.result.diverged.sum())}
+
+
+def changed_inputs(ds: data.Dataset, kind: str, key: jax.Array) -> np.ndarray:
+    """The test inputs with a per-example ``contrast``, ``brightness`` or ``both`` change in raw units,
+    re-standardized with the training statistics (what the model would be fed). Works for images
+    ``(N, H, W, C)`` and signals ``(N, L, C)``: contrast is a gain, brightness an offset."""
     n = len(ds.y_test)
     k1, k2 = jax.random.split(key)
+    shape = (n,) + (1,) * (ds.x_test.ndim - 1)
     lo, hi = np.log(CONTRAST_RANGE)
-    scale = np.exp(np.asarray(jax.random.uniform(k1, (n, 1, 1, 1), minval=lo, maxval=hi)))
-    shift = np.asarray(jax.random.uniform(k2, (n, 1, 1, 1), minval=BRIGHTNESS_RANGE[0],
-                                          maxval=BRIGHTNESS_RANGE[1]))
+    scale = np.exp(np.asarray(jax.random.uniform(k1, shape, minval=lo, maxval=hi)))
+    raw_train = ds.x_train * ds.pixel_std + ds.pixel_mean
+    span = BRIGHTNESS_FRACTION * float(raw_train.max() - raw_train.min())
+    shift = np.asarray(jax.random.uniform(k2, shape, minval=-span, maxval=span))
     raw = ds.x_test * ds.pixel_std + ds.pixel_mean
     if kind in ("contrast", "both"):
         raw = raw * scale
     if kind in ("brightness", "both"):
         raw = raw + shift
     return ((raw - ds.pixel_mean) / ds.pixel_std).astype(np.float32)
+
+
+@functools.partial(jax.jit, static_argnames="batch_size")
+def _batch_statistics_accuracy(state: training.TrainState, images: jax.Array, labels: jax.Array, *,
+                               batch_size: int) -> jax.Array:
+    """Per seed: accuracy when batch norm normalizes each test batch of ``batch_size`` with its OWN
+    statistics (train mode, running averages untouched): what the network saw during training."""
+    chunks = images.shape[0] // batch_size
+    xs = images[: chunks * batch_size].reshape(chunks, batch_size, *images.shape[1:])
+    ys = labels[: chunks * batch_size].reshape(chunks, batch_size)
+
+    def one_seed(params: Any, batch_stats: Any) -> jax.Array:
+        def one_batch(args: tuple[jax.Array, jax.Array]) -> jax.Array:
+            logits, _ = state.apply_fn({"params": params, "batch_stats": batch_stats}, args[0], train=True,
+                                       mutable=["batch_stats"])
+            return jnp.sum(jnp.argmax(logits, -1) == args[1])
+
+        return jax.lax.map(one_batch, (xs, ys)).sum() / (chunks * batch_size)
+
+    return jax.vmap(one_seed)(state.params, state.batch_stats)
+
+
+def bn_statistics_gap(state: training.TrainState, ds: data.Dataset, batch_size: int) -> dict:
+    """Batch norm at test time with its running statistics vs with the statistics of test batches of its
+    training batch size, on the same (shuffled, fixed) test examples: ``{"running", "batch", "gap"}``."""
+    order = np.random.default_rng(0).permutation(len(ds.y_test))  # the test set is not class-mixed
+    used = order[: (len(order) // batch_size) * batch_size]
+    x, y = jnp.asarray(ds.x_test[used]), jnp.asarray(ds.y_test[used])
+    running = training.evaluate_seeds(state, x, y)[1]
+    batch = np.asarray(_batch_statistics_accuracy(state, x, y, batch_size=batch_size))
+    return {"running": training.mean_std(running), "batch": training.mean_std(batch),
+            "gap": training.mean_std(running - batch), "examples": len(used)}
 
 
 def _gap(a: dict, b: dict) -> tuple[float, float]:
@@ -108,9 +217,9 @@ def _pct(x: dict) -> str:
     return f"{100 * x['mean']:.1f} ± {100 * x['std']:.1f}"
 
 
-def _claims(cfg: Config, cnn: dict, rnn: dict, robust: dict, groups: dict) -> list[dict]:
+def _claims(cfg: Config, cnn_runs: dict, rnn: dict, robust: dict, groups: dict) -> list[dict]:
     small, ref = min(cfg.batch_sizes), cfg.reference_batch
-    at = lambda norm, b: cnn[norm][b]
+    at = lambda norm, b: cnn_runs[norm][b]
     rows = []
 
     def add(claim: str, test: str, a: dict, b: dict, numbers: str) -> None:
@@ -120,9 +229,10 @@ def _claims(cfg: Config, cnn: dict, rnn: dict, robust: dict, groups: dict) -> li
 
     add("BN degrades with small batches", f"BN accuracy at batch {ref} minus at batch {small}",
         at("batch", ref), at("batch", small), f"{_pct(at('batch', ref))} vs {_pct(at('batch', small))}")
-    add("BN speeds up training", f"test accuracy after epoch 1 at batch {ref}: BN minus no norm",
-        at("batch", ref)["first_epoch"], at("none", ref)["first_epoch"],
-        f"{_pct(at('batch', ref)['first_epoch'])} vs {_pct(at('none', ref)['first_epoch'])}")
+    first = at("none", ref)["first_eval_step"]
+    add("BN speeds up training", f"test accuracy after {first} steps at batch {ref}: BN minus no norm",
+        at("batch", ref)["first_eval"], at("none", ref)["first_eval"],
+        f"{_pct(at('batch', ref)['first_eval'])} vs {_pct(at('none', ref)['first_eval'])}")
     add("BN is the best default", f"BN minus the best other norm at batch {ref}", at("batch", ref),
         max((at(n, ref) for n in CNN_NORMS if n != "batch"), key=lambda r: r["mean"]),
         ", ".join(f"{n} {_pct(at(n, ref))}" for n in CNN_NORMS))
@@ -132,12 +242,11 @@ def _claims(cfg: Config, cnn: dict, rnn: dict, robust: dict, groups: dict) -> li
         f"{_pct(at('batch', ref))} vs {_pct(at('layer', ref))}")
     add("IN is less effective for classification", f"BN minus IN at batch {ref}", at("batch", ref),
         at("instance", ref), f"{_pct(at('batch', ref))} vs {_pct(at('instance', ref))}")
-    drop = lambda norm: {**robust[norm]["contrast"], "values": list(
-        np.subtract(robust[norm]["clean"]["values"], robust[norm]["contrast"]["values"]))}
-    drops = {n: training.mean_std(drop(n)["values"]) for n in CNN_NORMS}
+    drops = {n: training.mean_std(np.subtract(robust[n]["clean"]["values"], robust[n]["contrast"]["values"]))
+             for n in CNN_NORMS}
     add("IN's per-sample normalization removes contrast changes",
-        "accuracy lost to per-image contrast: BN's loss minus IN's", drops["batch"], drops["instance"],
-        ", ".join(f"{n} -{_pct(drops[n])}" for n in CNN_NORMS))
+        "accuracy lost to per-example contrast: BN's loss minus IN's", drops["batch"], drops["instance"],
+        ", ".join(f"{n} lost {_pct(drops[n])}" for n in CNN_NORMS))
     add("GN is robust to small batches", f"GN minus BN at batch {small}", at("group", small),
         at("batch", small), f"{_pct(at('group', small))} vs {_pct(at('batch', small))}")
     for rb in sorted(rnn["batch"]):
@@ -150,69 +259,100 @@ def _claims(cfg: Config, cnn: dict, rnn: dict, robust: dict, groups: dict) -> li
     return rows
 
 
-def run(ctx: RunContext) -> None:
-    cfg = QUICK if ctx.quick else FULL
-    ds = data.load_dataset(ctx.data_path)
-    seeds = [ctx.seed + i for i in range(cfg.seeds)]
-    channels = ds.image_shape[-1]
-    cnn_for = lambda norm, groups=cfg.num_groups: models.CNN(
-        norm=norm, num_classes=ds.num_classes, widths=cfg.widths, num_groups=groups)
+def _dataset(ctx: RunContext) -> data.Dataset:
+    return data.load_dataset(None if ctx.data_path is None else str(ctx.data_path))
 
-    jobs = ([("cnn", n, b) for n in CNN_NORMS for b in cfg.batch_sizes]
-            + [("rnn", n, b) for n in RNN_NORMS for b in cfg.rnn_batch_sizes]
-            + [("groups", g, cfg.reference_batch) for g in cfg.group_counts if g != cfg.num_groups])
-    cnn: dict[str, dict] = {n: {} for n in CNN_NORMS}
+
+def run(ctx: RunContext) -> None:
+    ds = _dataset(ctx)
+    cfg = config_for(ctx.quick, ds.name)
+    seeds = [ctx.seed + i for i in range(cfg.seeds)]
+    cnn_runs: dict[str, dict] = {n: {} for n in CNN_NORMS}
     rnn: dict[str, dict] = {n: {} for n in RNN_NORMS}
-    groups, reference_states = {}, {}
-    train = functools.partial(_train, cfg=cfg, ds=ds, seeds=seeds, data_parallel=ctx.data_parallel)
-    for kind, what, batch_size in ctx.progress(jobs, desc="training"):
+    groups, reference_states, bn_states, curves = {}, {}, {}, {}
+    mlp: dict = {}
+    tune = functools.partial(training.tune_learning_rate, make_tx=optax.adam, dataset=ds, seeds=seeds,
+                             learning_rates=cfg.learning_rates, steps=cfg.steps,
+                             validation_fraction=cfg.validation_fraction, data_parallel=ctx.data_parallel)
+    for kind, what, batch_size in ctx.progress(_jobs(cfg), desc="training"):
+        search = tune(_model(cfg, kind, what, ds.num_classes), batch_size=batch_size)
+        record = _record(search)
         if kind == "cnn":
-            result = train(cnn_for(what), batch_size=batch_size)
-            cnn[what][batch_size] = _record(result)
+            cnn_runs[what][batch_size] = record
+            curves[what, batch_size] = np.asarray(search.result.history.step_loss)
             if batch_size == cfg.reference_batch:
-                reference_states[what] = result.state
+                reference_states[what] = search.result.state
+            if what == "batch":
+                bn_states[batch_size] = search.result.state
+        elif kind == "mlp":
+            mlp = record
         elif kind == "rnn":
-            model = models.RowRNN(norm=what, num_classes=ds.num_classes, hidden=cfg.rnn_hidden)
-            rnn[what][batch_size] = _record(train(model, batch_size=batch_size))
+            rnn[what][batch_size] = record
         else:
-            groups[what] = _record(train(cnn_for("group", what), batch_size=batch_size))
-    groups[cfg.num_groups] = cnn["group"][cfg.reference_batch]
+            groups[what] = record
+    groups[cfg.num_groups] = cnn_runs["group"][cfg.reference_batch]
     groups = dict(sorted(groups.items()))
+    bn_gap = {b: bn_statistics_gap(state, ds, b) for b, state in sorted(bn_states.items())}
 
     key = jax.random.key(ctx.seed)
-    test_sets = {"clean": ds.x_test, **{k: changed_images(ds, k, jax.random.fold_in(key, i))
+    test_sets = {"clean": ds.x_test, **{k: changed_inputs(ds, k, jax.random.fold_in(key, i))
                                         for i, k in enumerate(("contrast", "brightness", "both"))}}
     robust = {n: {k: training.mean_std(training.evaluate_seeds(state, x, ds.y_test)[1])
                   for k, x in test_sets.items()} for n, state in reference_states.items()}
-    claims = _claims(cfg, cnn, rnn, robust, groups)
+    claims = _claims(cfg, cnn_runs, rnn, robust, groups)
+    for c in claims:
+        c["shown_verdict"] = ctx.verdict(c["verdict"])
+    # The endpoint evidence: at each batch size, did the best norm's training loss flatten?
+    best_at = {b: max(CNN_NORMS, key=lambda n: float(cnn_runs[n][b]["mean"])) for b in cfg.batch_sizes}
+    flat_best = {b: cnn_runs[best_at[b]][b]["flattened"]["flattened"] for b in cfg.batch_sizes}
+    ctx.set_endpoint(
+        f"{cfg.steps} optimizer steps for every configuration and batch size (not epochs), Adam at the rate "
+        f"chosen per (norm, batch size) from {list(cfg.learning_rates)} on a {cfg.validation_fraction:.0%} "
+        f"validation split; the best norm's training loss flattened at {sum(flat_best.values())} of "
+        f"{len(flat_best)} batch sizes")
 
-    figures = [_figure_batch_size(ctx, cfg, cnn), _figure_rnn_robust_groups(ctx, cfg, rnn, robust, groups)]
-    config = {**dataclasses.asdict(cfg), "seeds_used": seeds, "data": ds.describe(), "channels": channels,
-              "optimizer": "adam, lr = learning_rate * sqrt(batch / reference_batch)"}
-    ctx.set_metrics(config, {"cnn": cnn, "rnn": rnn, "robustness": robust, "group_counts": groups,
-                             "claims": claims, "paper_error_percent": PAPER_ERROR})
-    ctx.set_summary(_summary(cfg, ds, cnn, rnn, robust, groups, claims, figures))
+    figures = [_figure_batch_size(ctx, cfg, ds, cnn_runs, mlp, bn_gap),
+               _figure_rnn_robust_groups(ctx, cfg, rnn, robust, groups),
+               _figure_curves(ctx, cfg, curves)]
+    config = {**dataclasses.asdict(cfg), "seeds_used": seeds, "data": ds.describe(),
+              "cnn": repr(cnn(cfg, "none", ds.num_classes)),
+              "mlp": repr(models.MLP(num_classes=ds.num_classes)),
+              "optimizer": "adam, learning rate chosen per (norm, batch size) by training.tune_learning_rate"}
+    ctx.set_metrics(config, {"cnn": cnn_runs, "mlp": mlp, "rnn": rnn, "robustness": robust,
+                             "group_counts": groups, "bn_running_vs_batch_statistics": bn_gap,
+                             "best_norm_flattened": flat_best, "claims": claims,
+                             "paper_error_percent": PAPER_ERROR})
+    ctx.set_summary(_summary(ctx, cfg, ds, cnn_runs, mlp, rnn, robust, groups, bn_gap, claims, figures))
 
 
-def _figure_batch_size(ctx: RunContext, cfg: Config, cnn: dict) -> str:
-    fig, axes = new_figure(1, 2, width=6, height=4.2)
-    ours, paper = axes[0]
+def _figure_batch_size(ctx: RunContext, cfg: Config, ds: data.Dataset, cnn_runs: dict, mlp: dict,
+                       bn_gap: dict) -> str:
+    fig, axes = new_figure(1, 3, width=5.4, height=4.2)
+    ours, paper, stats = axes[0]
     for norm in CNN_NORMS:
-        sizes = sorted(cnn[norm])
-        err = [100 * (1 - cnn[norm][b]["mean"]) for b in sizes]
-        ours.errorbar(sizes, err, yerr=[100 * cnn[norm][b]["std"] for b in sizes], marker="o", capsize=3,
+        sizes = sorted(cnn_runs[norm])
+        err = [100 * (1 - cnn_runs[norm][b]["mean"]) for b in sizes]
+        ours.errorbar(sizes, err, yerr=[100 * cnn_runs[norm][b]["std"] for b in sizes], marker="o", capsize=3,
                       label=norm)
+    ours.axhline(100 * (1 - mlp["mean"]), color="grey", linestyle=":",
+                 label=f"MLP (batch {cfg.reference_batch})")
     for norm, points in PAPER_ERROR.items():
         sizes = sorted(points)
         paper.plot(sizes, [points[b] for b in sizes], marker="o", label=norm, linestyle="-" if len(sizes) > 1
                    else "none")
-    for ax, title in ((ours, f"ours: small CNN on digits, {cfg.epochs} epochs, {cfg.seeds} seeds"),
-                      (paper, "Wu & He 2018, Fig. 1: ResNet-50 on ImageNet")):
+    sizes = sorted(bn_gap)
+    for which, style in (("running", "-"), ("batch", "--")):
+        stats.errorbar(sizes, [100 * (1 - bn_gap[b][which]["mean"]) for b in sizes],
+                       yerr=[100 * bn_gap[b][which]["std"] for b in sizes], marker="o", capsize=3,
+                       linestyle=style, label=f"BN, {which} statistics at test")
+    for ax, title in ((ours, f"ours: CNN on {ds.name}, {cfg.steps} steps, {cfg.seeds} seeds"),
+                      (paper, "Wu & He 2018, Fig. 1: ResNet-50 on ImageNet"),
+                      (stats, "BN test error: running vs batch statistics")):
         ax.set_xscale("log", base=2)
         ax.set_xlabel("batch size (paper: images per GPU)")
         ax.set_ylabel("test error (%)")
         ax.set_title(title, fontsize="medium")
-        ax.legend()
+        ax.legend(fontsize="small")
     return ctx.save_figure(fig, "error_vs_batch_size.png")
 
 
@@ -235,7 +375,7 @@ def _figure_rnn_robust_groups(ctx: RunContext, cfg: Config, rnn: dict, robust: d
         ax.bar(x, [100 * robust[norm][k]["mean"] for k in kinds], 0.16,
                yerr=[100 * robust[norm][k]["std"] for k in kinds], capsize=2, label=norm)
     ax.set_xticks(np.arange(len(kinds)), kinds)
-    ax.set_title(f"CNN (batch {cfg.reference_batch}), per-image test changes", fontsize="medium")
+    ax.set_title(f"CNN (batch {cfg.reference_batch}), per-example test changes", fontsize="medium")
     ax.legend(ncols=2)
     ax = axes[0, 2]
     g = list(groups)
@@ -247,52 +387,138 @@ def _figure_rnn_robust_groups(ctx: RunContext, cfg: Config, rnn: dict, robust: d
     return ctx.save_figure(fig, "rnn_robustness_groups.png")
 
 
-def _summary(cfg, ds, cnn, rnn, robust, groups, claims, figures) -> str:
+def _figure_curves(ctx: RunContext, cfg: Config, curves: dict) -> str:
+    """Training loss against steps per batch size (the endpoint: has it flattened?)."""
+    fig, axes = new_figure(1, len(cfg.batch_sizes), width=3.6, height=3.2)
+    for ax, b in zip(axes[0], cfg.batch_sizes, strict=True):
+        for norm in CNN_NORMS:
+            loss = np.nanmean(curves[norm, b], axis=0)
+            window = max(1, min(50, loss.size // 10))
+            smooth = np.convolve(loss, np.ones(window) / window, mode="valid")
+            ax.plot(np.arange(window, loss.size + 1), smooth, label=norm)
+        ax.set_yscale("log")
+        ax.set_title(f"batch {b}", fontsize="medium")
+        ax.set_xlabel("step")
+    axes[0, 0].set_ylabel("training loss (moving average, mean of seeds)")
+    axes[0, 0].legend(fontsize="small")
+    return ctx.save_figure(fig, "training_loss.png")
+
+
+def _summary(ctx, cfg, ds, cnn_runs, mlp, rnn, robust, groups, bn_gap, claims, figures) -> str:
     sizes = sorted(cfg.batch_sizes)
-    lines = ["# normalization — which norm wins at which batch size, in RNNs and under contrast changes", "",
-             f"Data: {ds.describe()}. CNN widths {cfg.widths}, {cfg.epochs} epochs at every batch size, "
-             f"Adam with lr {cfg.learning_rate:g} x sqrt(batch/{cfg.reference_batch}); mean ± std over "
-             f"{cfg.seeds} seeds (test accuracy, %).", "",
-             "| norm | " + " | ".join(f"batch {b}" for b in sizes) + " |",
-             "|---|" + "---|" * len(sizes)]
+    ref = cfg.reference_batch
+    examples = {b: b * cfg.steps for b in sizes}
+    train_size = len(ds.y_train) - math.ceil(cfg.validation_fraction * len(ds.y_train))
+    lines = [f"# {NAME} — which norm wins at which batch size, in RNNs and under contrast changes", "",
+             f"Data: {ds.describe()}; {cfg.validation_fraction:.0%} of the training set held out to choose "
+             f"the learning rate, the rest ({train_size}) trains. "
+             f"Model: `{cnn(cfg, 'none', ds.num_classes)!r}`. Every configuration takes "
+             f"**{cfg.steps} optimizer steps** whatever its batch size (a step budget, not epochs: batch "
+             f"{sizes[0]} sees {examples[sizes[0]] / train_size:.1f} epochs, batch "
+             f"{sizes[-1]} {examples[sizes[-1]] / train_size:.0f}), Adam at the rate chosen per (norm, batch "
+             f"size) among {list(cfg.learning_rates)} by best mean validation accuracy "
+             f"(`training.tune_learning_rate`, all rates x seeds in one vmapped program). Test accuracy (%), "
+             f"mean ± std over {cfg.seeds} seeds, chosen rate in brackets:", "",
+             "| model | " + " | ".join(f"batch {b}" for b in sizes) + " |", "|---|" + "---|" * len(sizes)]
     for norm in CNN_NORMS:
-        lines.append(f"| {norm} | " + " | ".join(_pct(cnn[norm][b]) for b in sizes) + " |")
+        lines.append(f"| CNN, {norm} | " + " | ".join(
+            f"{_pct(cnn_runs[norm][b])} ({cnn_runs[norm][b]['learning_rate']:g})" for b in sizes) + " |")
+    lines.append("| MLP, no norm | " + " | ".join(
+        f"{_pct(mlp)} ({mlp['learning_rate']:g})" if b == ref else "—" for b in sizes) + " |")
+    none, diff_mlp = cnn_runs["none"][ref], _gap(cnn_runs["none"][ref], mlp)
+    lines += ["", f"No-norm CNN minus MLP at batch {ref}: {100 * diff_mlp[0]:+.1f} ± {100 * diff_mlp[1]:.1f} "
+              f"points ({_pct(none)} vs {_pct(mlp)}).", "",
+              "Endpoint evidence: did the training loss flatten (least-squares change of the seed-mean step "
+              "loss over the last 20% of steps, relative to its level; flattened when within 5%), and the "
+              "final training loss (mean of the last evaluation interval):", "",
+              "| norm | " + " | ".join(f"batch {b}" for b in sizes) + " |", "|---|" + "---|" * len(sizes)]
+    for norm in CNN_NORMS:
+        lines.append(f"| {norm} | " + " | ".join(_flat(cnn_runs[norm][b]) for b in sizes) + " |")
     lines += ["", "Wu & He (2018), ResNet-50 on ImageNet, validation error (%) at 32/16/8/4/2 images per GPU: "
               "BN 23.6/23.7/24.8/27.3/34.7, GN 24.1/24.2/24.0/24.2/24.1; at 32: LN 25.3, IN 28.4. "
               "Their trend: BN's error grows as the batch shrinks below 16; GN's is flat.", "",
-              f"![error vs batch size]({figures[0]})", "",
-              "Row-RNN (rows as time steps), test accuracy (%):", "",
+              f"![error vs batch size]({figures[0]})", "", f"![training loss]({figures[2]})", "",
+              "Why BN does or does not degrade here: each BN model evaluated on the same test examples with "
+              "its running statistics (what inference uses) and with the statistics of each test batch of "
+              "its training batch size (what it was trained with), accuracy (%):", "",
+              "| batch | running statistics | batch statistics | running minus batch (pts) |",
+              "|---|---|---|---|"]
+    for b, g in bn_gap.items():
+        lines.append(f"| {b} | {_pct(g['running'])} | {_pct(g['batch'])} | {100 * g['gap']['mean']:+.1f} ± "
+                     f"{100 * g['gap']['std']:.1f} |")
+    lines += ["", _bn_reading(cfg, cnn_runs, bn_gap), "",
+              "Row-RNN (rows/positions as time steps), test accuracy (%), chosen rate in brackets:", "",
               "| norm | " + " | ".join(f"batch {b}" for b in sorted(rnn["batch"])) + " |",
               "|---|" + "---|" * len(rnn["batch"])]
     for norm in RNN_NORMS:
-        lines.append(f"| {norm} | " + " | ".join(_pct(rnn[norm][b]) for b in sorted(rnn[norm])) + " |")
+        lines.append(f"| {norm} | " + " | ".join(f"{_pct(rnn[norm][b])} ({rnn[norm][b]['learning_rate']:g})"
+                                                for b in sorted(rnn[norm])) + " |")
     kinds = ("clean", "contrast", "brightness", "both")
-    lines += ["", f"Per-image test changes (contrast x[{CONTRAST_RANGE[0]:.2f}, {CONTRAST_RANGE[1]:g}] "
-              f"log-uniform, brightness +[{BRIGHTNESS_RANGE[0]:g}, {BRIGHTNESS_RANGE[1]:g}] on 0..16 pixels), "
-              f"CNN trained at batch {cfg.reference_batch}, accuracy (%):", "",
+    lines += ["", f"Per-example test changes (contrast x[{CONTRAST_RANGE[0]:.2f}, {CONTRAST_RANGE[1]:g}] "
+              f"log-uniform on the raw input, brightness an offset of up to ±{BRIGHTNESS_FRACTION:.0%} of the "
+              f"raw training range), CNN trained at batch {ref}, accuracy (%):", "",
               "| norm | " + " | ".join(kinds) + " |", "|---|" + "---|" * len(kinds)]
     for norm in CNN_NORMS:
         lines.append(f"| {norm} | " + " | ".join(_pct(robust[norm][k]) for k in kinds) + " |")
-    lines += ["", "Group norm's group count at batch " f"{cfg.reference_batch}: "
-              + ", ".join(f"G={g}: {_pct(r)}" for g, r in groups.items()) + ".", "",
+    lines += ["", f"Group norm's group count at batch {ref}: "
+              + ", ".join(f"G={g}: {_pct(r)} ({r['learning_rate']:g})" for g, r in groups.items()) + ".", "",
               f"![RNN, robustness, groups]({figures[1]})", "",
               "Verdicts (supported / not supported when the difference exceeds 2 standard errors over seeds, "
-              "else unclear):", "", "| claim (seed) | test | difference (pts) | verdict | numbers |",
-              "|---|---|---|---|---|"]
+              "else unclear" + ("; a quick run's verdicts are not conclusive" if ctx.quick else "") + "):", "",
+              "| claim (seed) | test | difference (pts) | verdict | numbers |", "|---|---|---|---|---|"]
     for c in claims:
         gap = f"{100 * c['difference']:+.1f} ± {100 * c['standard_error']:.1f}"
-        lines.append(f"| {c['claim']} | {c['test']} | {gap} | {c['verdict']} | {c['numbers']} |")
-    lines += ["", "Notes: a contrast change in raw pixels is, in standardized units, a scale *and* a shift "
+        lines.append(f"| {c['claim']} | {c['test']} | {gap} | {c['shown_verdict']} | {c['numbers']} |")
+    lines += ["", "Notes: a contrast change in raw units is, in standardized units, a scale *and* a shift "
               "(the blank background is not 0 after standardization), and the first conv's zero padding does "
               "not move with a shift; so instance norm is close to, not exactly, invariant to these changes "
               "(it is exactly invariant to a pure scale of its input: tests/test_models.py). Batch norm's "
-              "running statistics are fixed at test time, so a changed image reaches the network "
+              "running statistics are fixed at test time, so a changed input reaches the network "
               "un-normalized."]
     return "\n".join(lines)
 
 
-EXPERIMENT = Experiment(NAME, "no/batch/layer/instance/group norm on digits vs batch size (GN paper Fig. 1), "
-                        "row-RNN, contrast robustness, GN groups, verdicts on the seed's claims", run)
+def _flat(record: dict) -> str:
+    """``yes (+0.4%), loss 0.012``: flattened?, the relative change over the last 20% of steps, the final
+    training loss (a loss flat at ln(10) = 2.3 is a model that has not learned, not a converged one)."""
+    f, loss = record["flattened"], record["final_train_loss"]["mean"]
+    if not math.isfinite(f["relative_change"]):
+        return "diverged"
+    return f"{'yes' if f['flattened'] else 'no'} ({100 * f['relative_change']:+.1f}%), loss {loss:.3f}"
+
+
+def _bn_reading(cfg: Config, cnn_runs: dict, bn_gap: dict) -> str:
+    """One paragraph of evidence on the Group Norm paper's small-batch claim, written from the numbers."""
+    small, ref = min(cfg.batch_sizes), cfg.reference_batch
+    drop, se = _gap(cnn_runs["batch"][ref], cnn_runs["batch"][small])
+    spread = max(cnn_runs["batch"][b]["std"] for b in cfg.batch_sizes)
+    gap_small, gap_ref = bn_gap[small]["gap"], bn_gap[ref]["gap"]
+    reproduced = verdict(drop, se) == "supported"
+    text = (f"Reading: BN's test accuracy at batch {ref} minus at batch {small}: {100 * drop:+.1f} ± "
+            f"{100 * se:.1f} points (the largest seed-to-seed std of BN's accuracy over the batch sizes is "
+            f"{100 * spread:.1f} points), so the paper's small-batch degradation is "
+            f"**{'reproduced' if reproduced else 'not reproduced'}** at this step budget. Normalizing each "
+            f"test batch of {small} with its own statistics instead of the running averages costs "
+            f"{100 * gap_small['mean']:+.1f} ± {100 * gap_small['std']:.1f} points (at batch {ref}: "
+            f"{100 * gap_ref['mean']:+.1f} ± {100 * gap_ref['std']:.1f}).")
+    if gap_small["mean"] > 2 * gap_small["std"] / math.sqrt(len(gap_small["values"])):
+        text += (f" So statistics of {small} examples ARE a noisy normalization (what the network trained "
+                 "with), but inference uses running averages over thousands of training batches, which remove "
+                 "that noise")
+        text += (": the remaining small-batch cost is in training itself." if reproduced else
+                 "; the network learned to tolerate the training-time noise (it acts like a regularizer), so "
+                 "the accuracy it reaches at inference does not show it. The paper's ResNet-50 stacks ~50 "
+                 "normalized layers on ImageNet's 1000 classes, where that noise compounds; this shallow "
+                 "network on 10 classes, with a rate tuned per batch size, absorbs it.")
+    else:
+        text += (f" The statistics of {small} examples normalize about as well as the running averages here, "
+                 "so the small-batch noise that drives the paper's effect is small on this data.")
+    return text
+
+
+EXPERIMENT = Experiment(NAME, "no/batch/layer/instance/group norm vs batch size at a fixed step budget "
+                        "and tuned rates (GN paper Fig. 1), MLP baseline, row-RNN, contrast robustness, GN "
+                        "groups, BN running vs batch statistics, verdicts on the seed's claims", run)
 
 if __name__ == "__main__":
     raise SystemExit(main_for(NAME))

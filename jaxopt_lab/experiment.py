@@ -7,6 +7,11 @@ engines, saves figures through ``ctx.save_figure`` and hands its numbers and its
 ``ctx.set_metrics`` / ``ctx.set_summary``. The runner then writes ``metrics.json`` and ``summary.md``
 and swaps the finished folder into ``OUT/NAME`` atomically (see :mod:`jaxopt_lab.results`).
 
+Quick and full runs are told apart in one place: the runner puts :func:`mode_line` on the line right after
+the summary's ``# name — title`` heading (quick: a smoke-size run whose verdicts are not conclusive; full:
+"Full mode" and the training endpoint an experiment gave with ``ctx.set_endpoint``), and
+``ctx.verdict(...)`` marks a verdict as not conclusive in quick mode.
+
 An experiment exists once its module does: nothing is listed before it is implemented.
 """
 
@@ -27,11 +32,16 @@ from jaxopt_lab import results
 __all__ = [
     "CANONICAL_ORDER",
     "DATA_PARALLEL_MODES",
+    "QUICK_VERDICT_MARK",
     "Experiment",
     "RunContext",
     "available_experiments",
+    "check_training_config",
     "environment",
+    "mark_verdict",
+    "mode_line",
     "run_experiment",
+    "with_mode_line",
 ]
 
 # The order of the report and of `jaxopt-lab list`: from the seed network up to real-data training.
@@ -48,6 +58,121 @@ CANONICAL_ORDER = (
 
 # `--data-parallel MODE` -> the `data_parallel` argument of `training.train_seeds`.
 DATA_PARALLEL_MODES: dict[str, bool | None] = {"auto": None, "on": True, "off": False}
+
+
+# Appended to every verdict of a quick run (see `mark_verdict`).
+QUICK_VERDICT_MARK = " (quick: not conclusive)"
+
+
+def mark_verdict(verdict: str, *, quick: bool) -> str:
+    """``verdict`` as a summary shows it: marked as not conclusive in quick mode.
+
+    >>> mark_verdict("supported", quick=True), mark_verdict("supported", quick=False)
+    ('supported (quick: not conclusive)', 'supported')
+    """
+    return verdict + QUICK_VERDICT_MARK if quick else verdict
+
+
+def mode_line(*, quick: bool, endpoint: str | None = None) -> str:
+    """The line under a summary's heading that says whether the run is quick or full, and its endpoint.
+
+    >>> mode_line(quick=False, endpoint="3000 steps, lr chosen per norm")
+    '**Full mode.** Training endpoint: 3000 steps, lr chosen per norm.'
+    >>> mode_line(quick=True).startswith("**Quick mode: a smoke-size run")
+    True
+    """
+    end = f" Training endpoint: {endpoint.rstrip('.')}." if endpoint else ""
+    if quick:
+        return ("**Quick mode: a smoke-size run; its numbers show that the experiment runs, its verdicts are "
+                "not conclusive** (run without `--quick` for the full experiment)." + end)
+    return "**Full mode.**" + end
+
+
+def with_mode_line(summary: str, *, quick: bool, endpoint: str | None = None) -> str:
+    r"""``summary`` with :func:`mode_line` on the line right after its first line when that is a ``#``
+    heading (where ``jaxopt-lab report`` finds a section), else on its first line.
+
+    >>> print(with_mode_line("# demo — a title\n\nBody.", quick=False))
+    # demo — a title
+    **Full mode.**
+    <BLANKLINE>
+    Body.
+    """
+    line = mode_line(quick=quick, endpoint=endpoint)
+    head, _, rest = summary.partition("\n")
+    if head.startswith("# "):
+        return f"{head}\n{line}\n" + (rest if rest.startswith("\n") or not rest else "\n" + rest)
+    return f"{line}\n\n{summary}"
+
+
+def check_training_config(model: Any, tx: Any, input_shape: Sequence[int], *, batch_sizes: Sequence[int],
+                          train_size: int, num_microbatches: int = 1, where: str) -> None:
+    """Raises ``ValueError`` (naming ``where``) unless ``model`` and ``tx`` can train on this data.
+
+    The check behind every experiment's ``check_configs()``: it initializes ``model`` and runs one
+    training step (:func:`jaxopt_lab.training.make_train_step`) under ``jax.eval_shape`` (cached per model,
+    input shape and micro-batching), then ``tx``'s ``init`` and ``update`` on the parameters' shapes, so
+    shapes, group counts and optimizer states are checked without computing anything (milliseconds to a
+    second), and checks every batch size against ``train_size`` examples and ``num_microbatches``.
+
+    Args:
+      model: a Flax classifier called as ``model(images, train=...)``.
+      tx: an optax ``GradientTransformation``.
+      input_shape: one example's shape, e.g. ``(8, 8, 1)`` or ``(40, 1)``.
+      batch_sizes: every batch size the config trains this model at.
+      train_size: the training examples available (after any validation split).
+      num_microbatches: micro-batches per step; every batch size must be divisible by it.
+      where: names the config entry in the error, e.g. ``"FULL: CNN(norm='group') on digits"``.
+
+    >>> import optax
+    >>> from jaxopt_lab import models
+    >>> check_training_config(models.MLP(), optax.adam(1e-3), (8, 8, 1), batch_sizes=[32], train_size=1000,
+    ...                       where="demo")
+    >>> check_training_config(models.MLP(), optax.adam(1e-3), (8, 8, 1), batch_sizes=[2048], train_size=1000,
+    ...                       where="demo")
+    Traceback (most recent call last):
+    ValueError: demo: num_batches: batch_size=2048 exceeds the 1000 examples
+    """
+    import jax
+
+    from jaxopt_lab import data
+
+    try:
+        for batch_size in batch_sizes:
+            data.num_batches(train_size, batch_size)
+            if batch_size % num_microbatches:
+                raise ValueError(f"batch_size={batch_size} is not divisible by num_microbatches="
+                                 f"{num_microbatches}")
+        # The shapes are the same at every batch size: trace the model once (cached across configs that
+        # share it), then the optimizer on the parameters' shapes.
+        params = _abstract_params(model, tuple(input_shape), min(batch_sizes), num_microbatches)
+        jax.eval_shape(lambda p: tx.update(p, tx.init(p), p), params)
+    except Exception as error:  # any failure to build or step: the config cannot run
+        raise ValueError(f"{where}: {error}") from error
+
+
+_ABSTRACT_PARAMS: dict[tuple[Any, ...], Any] = {}
+
+
+def _abstract_params(model: Any, input_shape: tuple[int, ...], batch_size: int, num_microbatches: int) -> Any:
+    """The parameter shapes of ``model`` after one abstract training step (``jax.eval_shape``), cached."""
+    import jax
+    import jax.numpy as jnp
+    import optax
+
+    from jaxopt_lab import training
+
+    key = (repr(model), input_shape, batch_size, num_microbatches)
+    if key not in _ABSTRACT_PARAMS:
+        def one_step(images: jax.Array, labels: jax.Array) -> Any:
+            state = training.create_train_state(model, optax.sgd(0.1), jax.random.key(0), images[:1])
+            step = training.make_train_step(num_microbatches=num_microbatches)
+            return step(state, training.Batch(images, labels))[0].params
+
+        _ABSTRACT_PARAMS[key] = jax.eval_shape(one_step, jax.ShapeDtypeStruct((batch_size, *input_shape),
+                                                                              jnp.float32),
+                                               jax.ShapeDtypeStruct((batch_size,), jnp.int32))
+    return _ABSTRACT_PARAMS[key]
 
 
 def _data_parallel_mode(data_parallel: bool | None) -> str:
@@ -79,6 +204,7 @@ class RunContext:
     config: Any = None
     metrics: Any = None
     summary: str | None = None
+    endpoint: str | None = None
     figures: list[str] = dataclasses.field(default_factory=list)
 
     def progress(self, iterable: Iterable[Any] | None = None, *, total: int | None = None,
@@ -103,8 +229,21 @@ class RunContext:
         self.config, self.metrics = config, metrics
 
     def set_summary(self, markdown: str) -> None:
-        """Records the summary (markdown; figures linked by their bare file names)."""
+        """Records the summary (markdown; figures linked by their bare file names).
+
+        Start it with ``# NAME — title``; the runner adds the quick/full line (:func:`mode_line`) under it.
+        """
         self.summary = markdown
+
+    def set_endpoint(self, text: str) -> None:
+        """Records the training endpoint in a few words (e.g. "1500 optimizer steps per configuration,
+        rate chosen per norm on a validation split"): shown under the summary's heading, and saved in
+        ``metrics.json``."""
+        self.endpoint = text
+
+    def verdict(self, verdict: str) -> str:
+        """``verdict`` marked as not conclusive in quick mode (:func:`mark_verdict`)."""
+        return mark_verdict(verdict, quick=self.quick)
 
 
 def environment() -> dict[str, Any]:
@@ -173,6 +312,8 @@ def run_experiment(experiment: Experiment, out: str | Path, *, quick: bool, seed
         results.atomic_write_json(staged / "metrics.json", {
             "experiment": experiment.name,
             "quick": quick,
+            "mode": "quick" if quick else "full",
+            "endpoint": ctx.endpoint,
             "seed": seed,
             "data_path": data_path,
             "data_parallel": _data_parallel_mode(data_parallel),
@@ -182,7 +323,8 @@ def run_experiment(experiment: Experiment, out: str | Path, *, quick: bool, seed
             "config": ctx.config,
             "metrics": ctx.metrics,
         })
-        summary = (ctx.summary or "").rstrip() + _footer(ctx, elapsed, env)
+        summary = with_mode_line((ctx.summary or "").rstrip(), quick=quick, endpoint=ctx.endpoint)
+        summary += _footer(ctx, elapsed, env)
         results.atomic_write_text(staged / "summary.md", summary)
     return elapsed
 

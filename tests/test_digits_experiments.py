@@ -10,6 +10,7 @@ from jaxopt_lab import cli, data
 pytestmark = pytest.mark.slow_e2e
 
 VERDICTS = {"supported", "not supported", "unclear"}
+QUICK_MARK = " (quick: not conclusive)"
 
 
 def _run(name, out, *extra):
@@ -17,11 +18,22 @@ def _run(name, out, *extra):
     folder = out / name
     meta = json.loads((folder / "metrics.json").read_text())
     summary = (folder / "summary.md").read_text()
-    assert summary.startswith(f"# {name} — "), summary[:80]  # the report's section heading
+    heading, mode_line = summary.split("\n")[:2]
+    assert heading.startswith(f"# {name} — "), heading  # the report's section heading
+    # The line under the heading says it is a quick, smoke-size run, and gives the training endpoint.
+    assert mode_line.startswith("**Quick mode: a smoke-size run") and "not conclusive" in mode_line, mode_line
+    assert f"Training endpoint: {meta['endpoint']}" in mode_line and "steps" in meta["endpoint"], mode_line
+    assert meta["mode"] == "quick"
     assert f"`jaxopt-lab run {name} --quick --seed 0{''.join(' ' + e for e in extra)}`" in summary  # reproduce
     for figure in meta["figures"]:
         assert (folder / figure).stat().st_size > 10_000 and f"]({figure})" in summary
     return meta["config"], meta["metrics"], summary
+
+
+def _chosen_rate(record, rates):
+    """The rate a sweep chose is one of the swept rates, and its table marks it."""
+    assert record["learning_rate"] in rates, (record["learning_rate"], rates)
+    assert [row["learning_rate"] for row in record["rate_table"] if row["chosen"]] == [record["learning_rate"]]
 
 
 def test_normalization(tmp_path):
@@ -31,9 +43,21 @@ def test_normalization(tmp_path):
     for norm in norms:
         assert set(metrics["cnn"][norm]) == {str(b) for b in config["batch_sizes"]}
         for record in metrics["cnn"][norm].values():
-            assert len(record["values"]) == config["seeds"] >= 3 and 0.0 <= record["mean"] <= 1.0
+            assert len(record["values"]) == config["seeds"] >= 2 and 0.0 <= record["mean"] <= 1.0
+            _chosen_rate(record, config["learning_rates"])
+            assert set(record["flattened"]) >= {"flattened", "relative_change"}
+    _chosen_rate(metrics["mlp"], config["learning_rates"])
+    assert "| MLP, no norm |" in summary  # the MLP row sits in the CNN table
     assert set(metrics["rnn"]) == {"none", "batch", "layer"}
     assert {c["verdict"] for c in metrics["claims"]} <= VERDICTS and len(metrics["claims"]) >= 9
+    for c in metrics["claims"]:  # every verdict shown in quick mode is marked as not conclusive
+        assert c["shown_verdict"] == c["verdict"] + QUICK_MARK and f"| {c['shown_verdict']} |" in summary
+    # Batch norm with running vs batch statistics, at every batch size, on the same test examples.
+    bn = metrics["bn_running_vs_batch_statistics"]
+    assert set(bn) == {str(b) for b in config["batch_sizes"]}
+    for b, g in bn.items():
+        assert g["examples"] % int(b) == 0 and 0.0 <= g["batch"]["mean"] <= 1.0
+        assert abs(g["gap"]["mean"] - (g["running"]["mean"] - g["batch"]["mean"])) < 1e-9
     # Instance norm normalizes each image: it loses less to a per-image contrast change than batch norm.
     lost = {n: r["clean"]["mean"] - r["contrast"]["mean"] for n, r in metrics["robustness"].items()}
     assert lost["instance"] < lost["batch"], lost
@@ -47,6 +71,10 @@ def test_gradient_centralization_on_a_device_mesh(tmp_path):
     assert meta["data_parallel"] == "on"
     runs = {(r["model"], r["optimizer"], r["variant"]): r for r in metrics["runs"]}
     assert len(runs) == 2 * len(config["optimizers"]) * 3
+    for r in runs.values():  # each (model, optimizer, variant) at its own swept rate
+        _chosen_rate(r, config["learning_rates_swept"][r["optimizer"]])
+    assert {v["shown_verdict"] for v in metrics["gc_vs_plain"]} <= {
+        v + QUICK_MARK for v in ("GC better", "GC worse", "within noise")}
     for model in ("CNN (batch norm)", "MLP"):
         # GC on SGD+momentum keeps every output's mean weight at its initial value; nothing else does.
         gc = runs[model, "SGD+momentum", "GC (ours)"]["max_weight_mean_drift"]
@@ -64,6 +92,12 @@ def test_gradient_accumulation_on_an_npz_file(tmp_path):
              x_test=digits.x_test[..., 0] * 4 + 8, y_test=digits.y_test)
     config, metrics, summary = _run("gradient-accumulation", tmp_path / "out", "--data", str(path))
     assert config["data"].startswith("my_digits:")
+    # One swept rate for (a), (b) and (c) (an equivalence test needs the same rate); (d) its own.
+    for model, chosen in metrics["chosen_learning_rates"].items():
+        runs = {r["variant"][:3]: r for r in metrics["runs"] if r["model"] == model}
+        assert runs["(a)"]["learning_rate"] == runs["(b)"]["learning_rate"] == runs["(c)"]["learning_rate"] \
+            == chosen["128"]["learning_rate"] in config["learning_rates"]
+        assert runs["(d)"]["learning_rate"] == chosen["32"]["learning_rate"] in config["learning_rates"]
     # Median over seeds: a rounding-level difference can flip a ReLU at its kink in one seed (see summary).
     diff = {(r["model"], r["variant"][:3]): np.median(r["max_abs_param_diff_to_a"]["values"])
             for r in metrics["runs"]}

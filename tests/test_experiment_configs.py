@@ -1,0 +1,80 @@
+"""Contract A: every experiment's QUICK and FULL configs can be built, checked in seconds without training.
+
+Each module that defines ``EXPERIMENT`` also defines ``check_configs()``, which builds every model,
+optimizer and data shape of both configs abstractly (``jax.eval_shape``) and raises ``ValueError`` on a
+config that cannot run. A FULL config that crashes after 20 minutes of training fails here instead.
+"""
+
+import dataclasses
+import importlib
+import json
+
+import optax
+import pytest
+
+from jaxopt_lab import experiment, models
+
+EXPERIMENTS = experiment.available_experiments()
+
+
+def _module(name):
+    return importlib.import_module(EXPERIMENTS[name].run.__module__)
+
+
+def test_every_experiment_is_checked():
+    assert len(EXPERIMENTS) >= 8, list(EXPERIMENTS)  # the discovery found the experiments
+
+
+@pytest.mark.parametrize("name", list(EXPERIMENTS))
+def test_quick_and_full_configs_can_run(name):
+    module = _module(name)
+    assert callable(getattr(module, "check_configs", None)), (
+        f"experiments/{module.__name__.rsplit('.', 1)[-1]}.py defines EXPERIMENT but no check_configs()")
+    module.check_configs()  # raises ValueError on a config that cannot run
+
+
+def test_a_group_count_that_does_not_divide_a_width_is_caught():
+    # The crash of issue 11: FULL's group counts reached 32 while the first CNN width was 16.
+    model = models.CNN(norm="group", widths=(16, 32, 32), num_groups=32)
+    with pytest.raises(ValueError, match=r"FULL: GN G=32.*divisible by num_groups=32"):
+        experiment.check_training_config(model, optax.adam(1e-3), (8, 8, 1), batch_sizes=[32],
+                                         train_size=1000, where="FULL: GN G=32")
+
+
+def test_the_normalization_check_rejects_a_group_count_that_no_width_admits():
+    normalization = _module("normalization")
+    widths = normalization.FULL.widths or models.CNN().widths
+    too_many = 2 * max(widths)  # divides no width
+    broken = dataclasses.replace(normalization.FULL, group_counts=(*normalization.FULL.group_counts, too_many))
+    with pytest.raises(ValueError, match=rf"FULL: groups {too_many} on digits.*num_groups={too_many}"):
+        normalization.check_config(broken, "FULL", ("digits",))
+
+
+def _toy(ctx):
+    from jaxopt_lab.plotting import new_figure
+
+    fig, _ = new_figure()
+    ctx.save_figure(fig, "toy.png")
+    ctx.set_endpoint("100 optimizer steps")
+    ctx.set_metrics({}, {"verdict": ctx.verdict("supported")})
+    ctx.set_summary("# toy — a title\n\nBody. ![toy](toy.png)\n")
+
+
+@pytest.mark.parametrize("quick", [True, False])
+def test_quick_and_full_summaries_are_marked_under_their_heading(tmp_path, quick):
+    from jaxopt_lab import report
+
+    experiment.run_experiment(experiment.Experiment("toy", "a toy", _toy), tmp_path, quick=quick, seed=0,
+                              show_progress=False)
+    lines = (tmp_path / "toy" / "summary.md").read_text().split("\n")
+    assert lines[0] == "# toy — a title"
+    if quick:
+        assert lines[1].startswith("**Quick mode: a smoke-size run") and "not conclusive" in lines[1]
+    else:
+        assert lines[1].startswith("**Full mode.**")
+    assert lines[1].endswith("Training endpoint: 100 optimizer steps.") and lines[2] == ""
+    meta = json.loads((tmp_path / "toy" / "metrics.json").read_text())
+    assert meta["mode"] == ("quick" if quick else "full") and meta["endpoint"] == "100 optimizer steps"
+    assert meta["metrics"]["verdict"] == ("supported (quick: not conclusive)" if quick else "supported")
+    text = report.write_report(tmp_path).read_text()  # the report still finds the section by its heading
+    assert f"## toy — a title\n{lines[1]}\n" in text and "![toy](toy/toy.png)" in text
