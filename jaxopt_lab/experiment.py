@@ -54,6 +54,7 @@ CANONICAL_ORDER = (
     "normalization",
     "gradient-centralization",
     "gradient-accumulation",
+    "baselines",
 )
 
 # `--data-parallel MODE` -> the `data_parallel` argument of `training.train_seeds`.
@@ -333,4 +334,5 @@ def main_for(name: str, argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python experiments/<name>.py [--quick] [--out DIR] [--seed N] ...`` (run's flags)."""
     from jaxopt_lab import cli
 
-    return cli.main(["run", name, *(sys.argv[1:] if argv is None else argv)])
+    # Run as a script (argv None) it is the program: Ctrl-C exits at once with 130, like `jaxopt-lab`.
+    return cli.main(["run", name, *(sys.argv[1:] if argv is None else argv)], exit_on_interrupt=argv is None)
