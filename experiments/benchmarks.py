@@ -130,7 +130,7 @@ def _compared(group: str, ours: str, anchor: str, shape: str, comparison: Any, t
 # --- norms ----------------------------------------------------------------------------------------------
 
 
-def _vjp_fn(apply: Callable[[Any, Any], Any]) -> Callable[..., Any]:
+def _vjp_fn(apply: Callable[[Any, Any], Any]) -> Any:
     """Jitted forward + backward of ``apply(x, params) -> (y, aux)``: returns y, aux and (dx, dparams)."""
     import jax
 
@@ -382,7 +382,7 @@ def accumulation_rows(cfg: BenchConfig) -> list[Row]:
     # scan runs as a loop (bounded memory) and unrolled (XLA:CPU runs a conv backward inside a loop body
     # slowly, jax-ml/jax#12868; unrolling removes the loop). Memory: XLA's temporary bytes of each program.
     # Quick mode: the MLP only (the CNN's scan compiles for tens of seconds on a loaded 2-core machine).
-    workloads = [("MLP (layer norm)", models.MLP(norm="layer"))]
+    workloads: list[tuple[str, Any]] = [("MLP (layer norm)", models.MLP(norm="layer"))]
     if not cfg.quick:
         workloads.insert(0, ("CNN (group norm)", models.CNN(norm="group")))
     rows += [row for label, model in workloads for row in _gradient_rows(cfg, label, model, target)]
@@ -611,8 +611,8 @@ def _figure(rows: list[Row]) -> Any:
         y = np.arange(len(compared))[::-1]
         colors = ["tab:gray" if r.met is None else ("tab:green" if r.met else "tab:red") for r in compared]
         ax.barh(y, [r.ratio for r in compared], color=colors)
-        iqr = [(r.ratio - r.ratio_iqr[0], r.ratio_iqr[1] - r.ratio) if r.ratio_iqr else (0.0, 0.0)
-               for r in compared]
+        iqr = [(r.ratio - r.ratio_iqr[0], r.ratio_iqr[1] - r.ratio)
+               if r.ratio_iqr is not None and r.ratio is not None else (0.0, 0.0) for r in compared]
         ax.errorbar([r.ratio for r in compared], y, xerr=np.array(iqr).T, fmt="none", ecolor="k",
                     elinewidth=0.8, capsize=2)
         for yi, r in zip(y, compared, strict=True):
