@@ -203,6 +203,23 @@ def _norm_cases(cfg: BenchConfig) -> list[NormCase]:
     return cases
 
 
+def _pallas_path(case: NormCase) -> Callable[[Any, Any], Any] | None:
+    """:mod:`jaxopt_lab.pallas_norm`'s fused kernel for ``case``, or None where it cannot compile here.
+
+    Only layer norm (over the last axis) and group norm have kernels; they need a GPU backend
+    (``pallas_norm.available()``) and a shape the Triton lowering takes (``pallas_norm.supported``).
+    """
+    from jaxopt_lab import pallas_norm
+
+    if case.name not in ("layer_norm", "group_norm") or not pallas_norm.available():
+        return None
+    if not pallas_norm.supported(case.shape, case.groups or None):
+        return None
+    if case.name == "layer_norm":
+        return lambda x, p: (pallas_norm.layer_norm(x, p["scale"], p["bias"], eps=1e-6), ())
+    return lambda x, p: (pallas_norm.group_norm(x, case.groups, p["scale"], p["bias"], eps=1e-6), ())
+
+
 def _flax_apply(module: Any, x: Any) -> tuple[Callable, Any]:
     import jax
 
@@ -264,6 +281,9 @@ def norm_rows(cfg: BenchConfig) -> list[Row]:
         flax_fast, params = _flax_apply(case.make_flax(True), x)
         flax_two_pass, _ = _flax_apply(case.make_flax(False), x)
         paths = {"ours": case.ours, "flax": flax_fast, "flax_two_pass": flax_two_pass}
+        pallas = _pallas_path(case)
+        if pallas is not None:  # the fused kernels, where this process can compile them (a GPU)
+            paths["pallas"] = pallas
         # Compiled once, then timed and read (HLO) from the same program.
         compiled = {label: _vjp_fn(apply).lower(x, params, dy).compile() for label, apply in paths.items()}
         fns = {label: functools.partial(fn, x, params, dy) for label, fn in compiled.items()}
@@ -278,8 +298,10 @@ def norm_rows(cfg: BenchConfig) -> list[Row]:
         x_offset = (jax.random.normal(kx, case.shape, jnp.float32) + LARGE_OFFSET).astype(case.dtype)
         eps = 1e-5 if case.name == "batch_norm" else 1e-6
         reference = _reference_norm(x_offset, case.name, case.groups, eps)
-        error = {k: float(np.max(np.abs(np.asarray(jax.jit(apply)(x_offset, params)[0], np.float64)
-                                        - reference))) for k, apply in paths.items()}
+        errors = {k: float(np.max(np.abs(np.asarray(jax.jit(apply)(x_offset, params)[0], np.float64)
+                                         - reference))) for k, apply in paths.items()}
+        pallas_error = errors.pop("pallas", None)
+        error = errors
         extra = {"dtype": case.dtype, "gbps": gbps, "copy_gbps": copy_gbps,
                  "fraction_of_copy_bandwidth": {k: v / copy_gbps for k, v in gbps.items()},
                  "memory_traffic": traffic, "max_abs_error_at_large_offset": error}
@@ -291,6 +313,15 @@ def norm_rows(cfg: BenchConfig) -> list[Row]:
         cause = None if default.meets(target) else _norm_cause(q3, traffic)
         rows.append(_compared("norms", f"{case.name} fwd+bwd", "flax.linen default (fast variance)", case.label,
                               default, target, cause, **extra))
+        if pallas is not None:
+            comparison = bm.Comparison(t["pallas"], t["flax"])
+            gap = (None if comparison.meets(target) else f"{comparison.ratio_quartiles[1] - 1:+.0%} by upper "
+                   "quartile (a fused kernel: the HLO pass counts do not apply to its custom call)")
+            rows.append(_compared(
+                "norms", f"pallas_norm.{case.name} fwd+bwd", "flax.linen default (fast variance)", case.label,
+                comparison, target, gap,
+                **{**extra, "pallas_gbps": bm.achieved_gbps(moved, t["pallas"].median),
+                   "pallas_max_abs_error_at_large_offset": pallas_error}))
         rows.append(_compared("norms", f"{case.name} fwd+bwd", "flax.linen use_fast_variance=False", case.label,
                               bm.Comparison(t["ours"], t["flax_two_pass"]), None, **extra))
     return rows
@@ -604,7 +635,8 @@ def _figure(rows: list[Row]) -> Any:
     from jaxopt_lab.plotting import new_figure
 
     compared = [r for r in rows if r.ratio is not None]
-    norms = [r for r in rows if r.group == "norms" and r.anchor and "default" in r.anchor]
+    norms = [r for r in rows if r.group == "norms" and r.anchor and "default" in r.anchor
+             and not r.ours.startswith("pallas")]
     fig, axes = new_figure(1, 2, width=6.5, height=max(3.0, 0.35 * len(compared) + 1.2))
     ax = axes[0, 0]
     if compared:
@@ -675,7 +707,8 @@ def _summary(cfg: BenchConfig, rows: list[Row], unavailable: dict[str, str], env
         lines.append(f"| {r.group} | {r.ours} | {r.anchor or '-'} | {r.shape} | {_fmt_s(r.ours_s, r.unit)} | "
                      f"{_fmt_s(r.anchor_s, r.unit)} | {ratio} | {iqr} | "
                      f"{r.target.describe() if r.target else '-'} | {met} |")
-    norms = [r for r in rows if r.group == "norms" and r.anchor and "default" in r.anchor]
+    norms = [r for r in rows if r.group == "norms" and r.anchor and "default" in r.anchor
+             and not r.ours.startswith("pallas")]
     if norms:
         lines += ["", "Norms against the memory-bandwidth floor (GB/s; fwd+bwd moves at least 4x the bytes of "
                   "x: read x and dy, write y and dx; the copy reads and writes x once) and, from the compiled "
@@ -697,7 +730,7 @@ def _summary(cfg: BenchConfig, rows: list[Row], unavailable: dict[str, str], env
                   f"offset of {LARGE_OFFSET:g} and unit spread; the float64 reference normalizes the same "
                   f"input, so an exact float32 computation would be off by ~1e-7 (its rounding of y), a "
                   f"bfloat16 one by ~4e-3."]
-        missed = [r for r in norms if r.cause]
+        missed = [r for r in rows if r.group == "norms" and r.cause]
         if missed:
             lines += ["", "Norm rows that missed the target, with the gap and its HLO-level cause:", ""]
             lines += [f"* {r.ours.split()[0]} {r.shape}: {r.cause}." for r in missed]

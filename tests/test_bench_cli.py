@@ -4,6 +4,7 @@ The end-to-end run measures only the groups whose library modules exist; it chec
 consistency of every row, never how fast anything was.
 """
 
+import dataclasses
 import json
 import subprocess
 import sys
@@ -99,6 +100,20 @@ def test_bench_covers_the_issue_rows(bench_out):
         assert r["ratio"] == pytest.approx(r["ours_s"] / r["bound_bytes"])
     start, end = meta["load_average"]["start"], meta["load_average"]["end"]
     assert (start is None) == (end is None) and (start is None or len(start) == 3)
+
+
+def test_pallas_rows_only_where_the_kernels_compile(monkeypatch):
+    from jaxopt_lab import pallas_norm
+
+    cases = {(c.name, c.shape): c for c in benchmarks._norm_cases(benchmarks.BenchConfig.for_mode(True))}
+    layer, group = cases["layer_norm", (64, 1024)], cases["group_norm", (8, 16, 16, 32)]
+    monkeypatch.setattr(pallas_norm, "available", lambda backend=None: False)
+    assert benchmarks._pallas_path(layer) is None and benchmarks._pallas_path(group) is None
+    monkeypatch.setattr(pallas_norm, "available", lambda backend=None: True)  # as on a GPU
+    assert callable(benchmarks._pallas_path(layer)) and callable(benchmarks._pallas_path(group))
+    assert benchmarks._pallas_path(cases["batch_norm", (8, 16, 16, 32)]) is None  # no kernel for it
+    odd = dataclasses.replace(group, shape=(8, 7, 7, 32))  # H*W = 49: not a Triton block size
+    assert benchmarks._pallas_path(odd) is None
 
 
 def test_missing_modules_are_reported_and_broken_ones_raise(monkeypatch, tmp_path):
