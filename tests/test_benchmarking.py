@@ -78,6 +78,24 @@ def test_ratio_is_scale_free_and_swapping_inverts_it(ours, anchor, scale):
     assert swapped.ratio == pytest.approx(1.0 / cmp.ratio, rel=1e-9)  # odd sample count: exact median
 
 
+def test_ratio_quartiles_and_the_upper_quartile_rule():
+    # Per-repetition ratios 0.8, 0.9, 1.0, 1.1, 1.3: median 1.0, quartiles 0.9 and 1.1.
+    ours = bm.Timing(np.array([0.8, 0.9, 1.0, 1.1, 1.3]), 1)
+    cmp = bm.Comparison(ours, bm.Timing(np.ones(5), 1))
+    assert cmp.ratio == pytest.approx(1.0)
+    assert cmp.ratio_quartiles == pytest.approx((0.9, 1.1))
+    np.testing.assert_allclose(cmp.ratios, ours.samples)
+    # A median that meets "<= 1.0" is not enough: the upper quartile (1.1) must.
+    assert bm.Target("max_ratio", 1.0).met(cmp.ratio) and not cmp.meets(bm.Target("max_ratio", 1.0))
+    assert cmp.meets(bm.Target("max_ratio", 1.1))
+    # min_speedup is judged at the same pessimistic end: 1 / 1.1 = 0.909x.
+    assert cmp.meets(bm.Target("min_speedup", 0.9)) and not cmp.meets(bm.Target("min_speedup", 1.0))
+    with pytest.raises(ValueError, match="same interleaved run"):
+        _ = bm.Comparison(ours, bm.Timing(np.ones(3), 1)).ratios
+    with pytest.raises(ValueError, match="positive finite"):
+        bm.Target("max_ratio", 1.0).met_by([1.0, np.nan])
+
+
 def test_targets():
     slowdown, speedup = bm.Target("max_ratio", 1.15), bm.Target("min_speedup", 10)
     assert slowdown.met(1.15) and not slowdown.met(1.2)
@@ -119,6 +137,36 @@ def test_streaming_copy_really_writes_a_new_array():
     assert y.unsafe_buffer_pointer() != x.unsafe_buffer_pointer()
     gbps, timing = bm.copy_bandwidth((256,), repeats=2, warmup=1, min_sample_s=0.0)
     assert math.isfinite(gbps) and gbps > 0 and timing.samples.shape == (2,)
+
+
+def test_memory_traffic_counts_passes_and_full_size_arrays():
+    x = jnp.ones((64, 256))
+    copy = bm.memory_traffic(bm.streaming_copy, (x,), x)
+    assert copy.passes == pytest.approx(2.0) and copy.full_size_buffers == 1  # read x, write one array
+    # Two outputs of x's size: two fusions reading x each (4 passes) or one multi-output fusion (3).
+    two = bm.memory_traffic(jax.jit(lambda x: (x + 1, x * 2)), (x,), x)
+    assert two.full_size_buffers in (1, 2) and two.passes == pytest.approx(2 + two.full_size_buffers, rel=0.01)
+    # A reduction writes nothing of x's size; an already compiled program is read as it is.
+    compiled = jax.jit(lambda x: x.sum(0)).lower(x).compile()
+    total = bm.memory_traffic(compiled, (x,), x)
+    assert total.full_size_buffers == 0 and 1.0 <= total.passes < 1.1
+    assert total.as_dict() == {"passes": total.passes, "full_size_buffers": 0}
+
+
+def test_compiled_memory_reports_temporaries():
+    x = jnp.ones((128, 128))
+    small = bm.compiled_memory(jax.jit(lambda x: (x @ x).sum()), (x,))
+    assert small["argument_bytes"] == x.nbytes and small["output_bytes"] == 4 and small["temp_bytes"] >= 0
+    # A backward pass keeps the forward's activations (here two of x's size) as temporaries.
+    grad = bm.compiled_memory(lambda x: jax.grad(lambda w: jnp.tanh(jnp.tanh(x @ w) @ w).sum())(x), (x,))
+    assert grad["temp_bytes"] >= 2 * x.nbytes and grad["output_bytes"] == x.nbytes
+
+
+def test_load_average_is_recorded():
+    load = bm.load_average()
+    assert load is None or (len(load) == 3 and all(v >= 0 for v in load))
+    recorded = bm.benchmark_environment()["load_average"]
+    assert recorded is None or len(recorded) == 3
 
 
 def test_environment_names_the_device_and_versions():
