@@ -227,13 +227,16 @@ def test_gradients_match_autodiff_of_the_plain_formula(kind):
     chex.assert_trees_all_close(ours, plain, atol=2e-4, rtol=2e-4)
 
 
-@pytest.mark.parametrize("axes, param_shape", [((1, 2), (6,)), ((3,), (6,)), ((0, 1, 2), (6,)),
-                                               ((1, 2, 4), (3, 2)), ((1, 2), None)])
+@pytest.mark.parametrize("axes, param_shape", [
+    ((1, 2), (1, 1, 1, 6)), ((3,), (1, 1, 1, 6)), ((0, 1, 2), (1, 1, 1, 6)), ((1, 2, 4), (1, 1, 1, 3, 2)),
+    ((1, 2), None), ((3,), (1, 3, 4, 1)), ((2,), (1, 3, 1, 6)), ((), (1, 1, 1, 6))])
 def test_custom_backward_matches_autodiff_of_the_same_forward(axes, param_shape):
     # The hand-derived VJP of the core (output and the returned statistics) against jax.grad of its
-    # own forward, for every layout the norms use: IN, LN, BN, grouped GN, and no affine parameters.
+    # own forward, for every layout the norms use: IN, LN, BN, grouped GN, no affine parameters, feature
+    # axes off the reduced ones (LayerNorm(feature_axes=(1, 2)), InstanceNorm(feature_axes=(1, 3))) and
+    # nothing to reduce (InstanceNorm of (N, C)). Parameters have x's rank, size 1 where they do not vary.
     keys = jax.random.split(jax.random.key(16), 6)
-    x = 3.0 + jax.random.normal(keys[0], (2, 3, 4, 6) if len(param_shape or ()) < 2 else (2, 3, 4, 3, 2))
+    x = 3.0 + jax.random.normal(keys[0], (2, 3, 4, 6) if len(param_shape or (0,) * 4) == 4 else (2, 3, 4, 3, 2))
     scale = None if param_shape is None else 1.0 + jax.random.normal(keys[1], param_shape)
     bias = None if param_shape is None else jax.random.normal(keys[2], param_shape)
     stats_shape = tuple(1 if a in axes else d for a, d in enumerate(x.shape))
@@ -387,11 +390,19 @@ BAD_INPUTS = [
     (lambda: norm.group_norm(jnp.ones((2, 8))), ValueError, "exactly one of num_groups and group_size"),
     (lambda: norm.group_norm(jnp.ones((2, 8)), 2, group_size=4), ValueError, "exactly one"),
     (lambda: norm.group_norm(jnp.ones((2, 8)), 0), ValueError, "num_groups must be a positive integer"),
-    (lambda: norm.group_norm(jnp.ones(8), 2), ValueError, r"rank >= 2 .* got shape \(8,\)"),
-    (lambda: norm.instance_norm(jnp.ones((2, 8))), ValueError, r"instance_norm: x must have rank >= 3"),
+    (lambda: norm.group_norm(jnp.ones(()), 1), ValueError, r"rank >= 1 .* got shape \(\)"),
+    (lambda: norm.instance_norm(jnp.ones(8)), ValueError, r"instance_norm: x must have rank >= 2"),
+    (lambda: norm.instance_norm(jnp.ones((2, 3, 4)), feature_axes=(0, 2)), ValueError,
+     "instance_norm: feature_axes=.*cannot include the leading dimension"),
+    (lambda: norm.group_norm(jnp.ones((2, 3, 4)), 2, reduction_axes=(1,)), ValueError,
+     "group_norm: reduction_axes must include the last"),
+    (lambda: norm.layer_norm(jnp.ones((2, 3, 4)), mask=jnp.ones((3, 3), bool)), ValueError,
+     r"layer_norm: mask must be broadcastable to x's shape \(2, 3, 4\), got shape \(3, 3\)"),
+    (lambda: norm.layer_norm(jnp.ones((2, 3, 4)), jnp.ones(4), feature_axes=(1, 2)), ValueError,
+     r"layer_norm: scale must have shape x.shape\[\[1, 2\]\] = \(3, 4\)"),
     (lambda: norm.layer_norm(jnp.ones(())), ValueError, r"layer_norm: x must have rank >= 1"),
-    (lambda: norm.batch_norm(jnp.ones(8), norm.batch_norm_init(8), training=True), ValueError,
-     r"batch_norm: x must have rank >= 2"),
+    (lambda: norm.batch_norm(jnp.ones(()), norm.batch_norm_init(8), training=True), ValueError,
+     r"batch_norm: x must have rank >= 1"),
     (lambda: norm.layer_norm(jnp.ones((2, 4)), jnp.ones(3)), ValueError,
      r"layer_norm: scale must have shape \(C,\) = \(4,\) for x of shape \(2, 4\), got shape \(3,\)"),
     (lambda: norm.instance_norm(jnp.ones((2, 3, 4)), None, jnp.ones((1, 4))), ValueError,
@@ -407,8 +418,9 @@ BAD_INPUTS = [
      ValueError, r"momentum must be a number in \[0, 1\], got 1.5"),
     (lambda: norm.layer_norm(jnp.ones((2, 4)), eps=-1.0), ValueError, "eps must be a finite number >= 0"),
     (lambda: norm.layer_norm(jnp.ones((2, 4)), reduction_axes=(2,)), ValueError, "reduction_axes"),
-    (lambda: norm.layer_norm(jnp.ones((2, 4), jnp.int32)), TypeError, "floating-point array, got dtype int32"),
-    (lambda: norm.batch_norm_init(0), ValueError, "num_features must be a positive integer, got 0"),
+    (lambda: norm.layer_norm(jnp.ones((2, 4), jnp.int32)), TypeError,
+     "floating-point or complex array, got dtype int32"),
+    (lambda: norm.batch_norm_init(0), ValueError, "num_features must be a positive integer.*got 0"),
 ]
 
 

@@ -30,7 +30,11 @@ Vendored from the flax 0.12.8 sdist and adapted (Apache-2.0, header above); this
   ``test_instance_norm``, ``test_instance_norm_raise_error``, ``test_normalization_equivalence``): 30 cases.
 * Dropped: ``test_rms_norm_mask`` and ``test_rms_norm`` (RMSNorm: jaxopt_lab has no RMS norm), and the
   spectral/weight norm tests that follow in flax's class (other layers, no normalization statistics).
-* Tolerances: none relaxed; every assertion is flax's own.
+* References: where flax's reference is the float32 one-liner at a large offset (``test_layer_norm``
+  and ``test_instance_norm`` with ``use_fast_variance=False``, offsets 1e6 and 1e4), that reference is
+  itself 3.7e-2 and 1.0e-3 away from the float64 truth and ours is within 7e-8 and 3.5e-7 of it; those
+  two cases compare with the float64 one-liner instead (same tolerance) and also assert ours is closer
+  to it than the float32 one-liner (commented in place). No tolerance is loosened.
 * ``jax.config.parse_flags_with_absl()`` and the unused ``check_eq`` helper are omitted (pytest runs
   this file; absl's ``parameterized.TestCase`` is a ``unittest.TestCase`` that pytest collects).
 """
@@ -43,6 +47,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxopt_lab import nn as ours
+
+
+def float64_one_liner(x, axes, eps):
+  """jaxopt_lab addition: flax's one-liner reference, in float64 NumPy."""
+  x = np.asarray(x, np.float64)
+  mean = x.mean(axis=axes, keepdims=True)
+  return (x - mean) / np.sqrt(x.var(axis=axes, keepdims=True) + eps)
 
 
 class NormalizationTest(parameterized.TestCase):
@@ -183,6 +194,13 @@ class NormalizationTest(parameterized.TestCase):
     y_one_liner = (
       x - x.mean(axis=reduction_axes, keepdims=True)
     ) * jax.lax.rsqrt(x.var(axis=reduction_axes, keepdims=True) + e)
+    if not use_fast_variance:
+      # jaxopt_lab change: at offset 1e6 the float32 one-liner is itself off by 3.7e-2 from the float64
+      # truth (its mean rounds to the ulp of 1e6); flax's two-pass variance computes it the same way and
+      # matches it, ours is within 7e-8 of float64. So compare with the same one-liner in float64 (same
+      # tolerance) and check ours is the closer of the two.
+      y_one_liner, y_float32 = float64_one_liner(x, reduction_axes, e), y_one_liner
+      assert np.abs(y - y_one_liner).max() < np.abs(y_float32 - y_one_liner).max()
     np.testing.assert_allclose(y_one_liner, y, atol=1e-3, rtol=1e-3)
 
 
@@ -344,6 +362,12 @@ class NormalizationTest(parameterized.TestCase):
     y_one_liner = (
       x - x.mean(axis=reduction_axes, keepdims=True)
     ) * jax.lax.rsqrt(x.var(axis=reduction_axes, keepdims=True) + e)
+    if not use_fast_variance:
+      # jaxopt_lab change: at offset 1e4 the float32 one-liner is off by 1.0e-3 from the float64 truth
+      # (flax's two-pass variance computes it the same way and matches it); ours is within 3.5e-7. So
+      # compare with the same one-liner in float64 (same tolerance) and check ours is the closer of the two.
+      y_one_liner, y_float32 = float64_one_liner(x, tuple(reduction_axes), e), y_one_liner
+      assert np.abs(y - y_one_liner).max() < np.abs(y_float32 - y_one_liner).max()
 
     np.testing.assert_allclose(y_one_liner, y, atol=1e-6)
 
