@@ -122,12 +122,58 @@ def _sample_mean(x: jax.Array, axes: tuple[int, ...]) -> jax.Array:
     return jnp.mean(x[tuple(index)], axes, keepdims=True)
 
 
+def _two_sum(a: jax.Array, b: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``(hi, lo)`` with ``hi = fl(a + b)`` and ``hi + lo == a + b`` exactly (Knuth's TwoSum)."""
+    hi = a + b
+    b_part = hi - a
+    return hi, (a - (hi - b_part)) + (b - b_part)
+
+
+# Reduced axes are averaged in levels of at least this many elements each (see _mean).
+_LEVEL_SIZE = 16
+
+
+def _mean(v: jax.Array, axes: tuple[int, ...]) -> jax.Array:
+    """``mean(v, axes, keepdims=True)`` in levels: the innermost reduced axes first, then the next ones.
+
+    A float32 accumulation's rounding error grows with its length; averaging a feature map row by row
+    and then the row means (each level a reduction over >= ``_LEVEL_SIZE`` elements) keeps each
+    accumulation short. Measured on group norm's (16, 32, 32, 32, 2) layout: the relative error of the
+    mean of squares drops from 4.3e-7 to 4.3e-8 (RMS over groups). Means, not sums: XLA folds a sum of
+    sums into one reduction again, not a mean of means (equal to the mean, the levels being of equal
+    size). The first level reads ``v`` once, fused with whatever computes it; the later levels reduce
+    arrays ``>= 16x`` smaller.
+
+    Only for reduced axes with a gap between them (group norm's ``(*spatial, C/G)`` around the kept
+    ``G``): a contiguous block of reduced axes (batch, instance and layer norm) is one row or column
+    reduction for XLA, already accurate (its levels measured 1.5x *less* accurate for batch norm).
+    """
+    if axes == tuple(range(axes[0], axes[-1] + 1)) if axes else True:
+        return jnp.mean(v, axes, keepdims=True)
+    levels: list[tuple[int, ...]] = []
+    current: list[int] = []
+    for a in reversed(axes):
+        current.insert(0, a)
+        if math.prod(v.shape[i] for i in current) >= _LEVEL_SIZE:
+            levels.append(tuple(current))
+            current = []
+    if current:  # leftover leading axes with few elements join the last level
+        levels = [*levels[:-1], tuple(current) + levels[-1]] if levels else [tuple(current)]
+    for level in levels:
+        v = jnp.mean(v, level, keepdims=True)
+    return v
+
+
 class _Moments(NamedTuple):
     """Statistics of one or more reduction groups, all of shape ``x``'s with size-1 reduced axes.
 
-    The mean is kept as ``shift + offset`` with ``shift`` near the mean: ``x - shift`` is exact for ``x``
-    near ``shift`` (Sterbenz), so ``(x - shift) - offset`` centers ``x`` to float32 accuracy even when
-    the mean is large; ``x - (shift + offset)`` would round the mean to the ulp of ``shift``.
+    The mean is kept as ``shift + offset``, ``shift`` near the mean and ``offset`` below its rounding
+    error (``shift`` the group's exact mean rounded, or split so by :func:`_two_sum`); ``x`` is centered
+    as ``(x - shift) - offset``. At a large mean ``x - shift`` is exact (Sterbenz) and ``offset`` keeps
+    the digits the rounded mean lost, where ``x - (shift + offset)`` would round the mean to the ulp of
+    ``shift``; near zero ``offset`` is below half an ulp of ``x - shift`` and the centering rounds once,
+    as a plain ``x - mean``. (A sample mean as ``shift`` with its ``offset`` unsplit rounds twice: 1.3x
+    flax's error at offset 0 for batch norm.)
     """
 
     shift: jax.Array
@@ -166,29 +212,34 @@ def _moments(x: jax.Array, axes: tuple[int, ...], axis_name: str | None = None, 
     # two-pass algorithm of Chan, Golub & LeVeque. Otherwise a second pass would stream x from memory
     # again; the mean of SHIFT_SAMPLES spread samples (a strided slice, not a pass) is within
     # ~std/8 of the mean, which costs less accuracy than the rounding of the sums themselves (one
-    # sample, ~1 std away, cost 5-12x flax's error on N(0, 1) data). With a mask, the shift is the
+    # sample, ~1 std away, cost 3.5-12x flax's error on N(0, 1) data). With a mask, the shift is the
     # masked mean (a second pass on that path only: samples may all be masked).
     # The shift does not change the variance mathematically, only the rounding; so it gets no gradient.
-    count: jax.Array | float
+    # The means run in levels (_mean): shorter float32 accumulations, 10x less rounding.
+    size = float(math.prod(x.shape[a] for a in axes))
+    count: jax.Array | float = size
+    trailing = axes == tuple(range(x.ndim - len(axes), x.ndim))
     if mask is not None:
         mask = jnp.broadcast_to(jnp.asarray(mask, bool), x.shape)
         count = jnp.sum(mask, axes, keepdims=True, dtype=_real_dtype(x.dtype))
-        total = jnp.sum(jnp.where(mask, x, 0), axes, keepdims=True)
-        shift = lax.stop_gradient(total / jnp.maximum(count, 1))
+        unmasked = size / count  # mean over the unmasked elements = mean over all (zeros put in) * this
+        shift = lax.stop_gradient(_mean(jnp.where(mask, x, 0), axes) * (size / jnp.maximum(count, 1)))
         centered = jnp.where(mask, x - shift, 0)
-        offset = jnp.sum(centered, axes, keepdims=True) / count
-        square = jnp.sum(_abs_sq(centered), axes, keepdims=True) / count
+        offset = _mean(centered, axes) * unmasked
+        square = _mean(_abs_sq(centered), axes) * unmasked
     else:
-        trailing = axes == tuple(range(x.ndim - len(axes), x.ndim))
-        count = float(math.prod(x.shape[a] for a in axes))
         shift = lax.stop_gradient(jnp.mean(x, axes, keepdims=True) if trailing else _sample_mean(x, axes))
         centered = x - shift
-        offset = jnp.mean(centered, axes, keepdims=True)
-        square = jnp.mean(_abs_sq(centered), axes, keepdims=True)
+        offset = _mean(centered, axes)
+        square = _mean(_abs_sq(centered), axes)
     # Rounding can leave a tiny negative difference; clip it so that rsqrt(var + eps) stays finite.
     var = jnp.maximum(square - _abs_sq(offset), 0.0)
     if axis_name is not None:
         shift, offset, var = _combine_over_devices(shift, offset, var, count, axis_name, axis_index_groups)
+    if mask is not None or axis_name is not None or not trailing:
+        # The shift is not the group's mean rounded: split shift + offset so that the centering rounds
+        # once (_Moments). Layer norm's shift is its mean, its offset already below the rounding.
+        shift, offset = _two_sum(shift, offset)
     return _Moments(shift, offset, var)
 
 
