@@ -24,16 +24,23 @@ All four share one statistics helper, :func:`_moments` (like ``flax.linen.normal
   ``E[x^2] - E[x]^2`` (``use_fast_variance=True``) cancels catastrophically instead: for
   ``x = 1e4 + N(0, 1)`` in float32, ``E[x^2]`` and ``E[x]^2`` are both ~1e8 and agree to float32's ~7
   digits, so the naive difference keeps no correct digit of the variance 1; ours matches a float64
-  reference to ~2e-6. The shift is the group's mean when the reduced axes are the trailing ones (layer
-  norm: a cache-resident first pass, the corrected two-pass algorithm) and one sample of the group
-  otherwise (one pass over ``x``). A constant input gives variance exactly 0 (no NaN).
+  reference to ~1e-6. The shift is the group's mean when the reduced axes are the trailing ones (layer
+  norm: a cache-resident first pass, the corrected two-pass algorithm) and otherwise the mean of 64
+  spread samples of the group (a strided slice; one pass over ``x``). With ``shift + offset`` split
+  exactly (TwoSum) and levelled sums where the reduced axes are not contiguous (group norm), the error
+  at offset 0 is at most Flax's default (4x below it for group norm), and stays so at large offsets.
+  A constant input gives variance exactly 0 (no NaN).
+* Flax's arguments: ``mask`` (statistics of the ``True`` elements only), ``feature_axes`` (layer and
+  instance norm), ``reduction_axes`` (layer and group norm), ``axis`` (batch norm), ``axis_name`` and
+  ``axis_index_groups`` (all four), and complex input (complex mean, variance ``E|x - mean|^2``).
 * The backward is hand-derived (:func:`_normalize`, a ``jax.custom_vjp``): one reduction pass over
   ``(dy, dy * x_hat)`` and one elementwise pass, 1.2-2.7x faster than autodiff of the same forward; with
   it, forward + backward is close to Flax's fast variance, not yet faster (1.03-1.44x on XLA:CPU;
   ``docs/benchmarks.md`` has the numbers).
-* Under ``axis_name`` (``shard_map``/``pmap``) the per-device ``(mean, var)`` pairs travel in one
-  collective (a ``psum`` gathering the stacked pairs) and are combined exactly with the law of total
-  variance, so the cross-device statistics are as stable as the local ones. Under plain ``jit`` with a
+* Under ``axis_name`` (``shard_map``/``pmap``) the per-device ``(mean, var, count)`` triples travel in
+  one collective (a ``psum`` gathering the stacked triples, within ``axis_index_groups`` if given) and
+  are combined exactly with the law of total variance, so the cross-device statistics are as stable as
+  the local ones, and exact when masks leave the devices different counts. Under plain ``jit`` with a
   sharded batch no ``axis_name`` is needed: XLA's SPMD partitioner makes the reductions global.
 
 Batch norm's running statistics use ``new = momentum * running + (1 - momentum) * batch`` with

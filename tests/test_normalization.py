@@ -565,32 +565,37 @@ def test_nothing_to_reduce_gives_the_bias():
 
 # --- accuracy at offset 0 and at large offsets, against flax ------------------------------------------
 
-def _flax_error(kind: str, x: jax.Array, fast: bool) -> float:
+def _errors(kind: str, y: jax.Array, x: jax.Array) -> tuple[float, float]:
+    """(max, RMS) error of the output against the float64 reference."""
+    error = np.asarray(y, np.float64) - reference(kind, np.asarray(x, np.float64), 32)
+    return float(np.abs(error).max()), float(np.sqrt(np.mean(error**2)))
+
+
+def _flax_errors(kind: str, x: jax.Array, fast: bool) -> tuple[float, float]:
     import flax.linen as fnn
     module = {"group": fnn.GroupNorm(num_groups=32, use_fast_variance=fast, epsilon=EPS),
               "instance": fnn.InstanceNorm(use_fast_variance=fast, epsilon=EPS),
               "batch": fnn.BatchNorm(use_running_average=False, use_fast_variance=fast, epsilon=EPS)}[kind]
     variables = module.init(jax.random.key(0), x)
-    y = jax.jit(lambda x: module.apply(variables, x, mutable=["batch_stats"])[0])(x)
-    return float(np.abs(np.asarray(y, np.float64) - reference(kind, np.asarray(x, np.float64), 32)).max())
+    return _errors(kind, jax.jit(lambda x: module.apply(variables, x, mutable=["batch_stats"])[0])(x), x)
 
 
-@pytest.mark.parametrize("kind, margin", [("group", 0.5), ("instance", 1.05), ("batch", 1.05)])
-def test_error_at_offset_zero_is_no_worse_than_flaxs_and_large_offsets_keep_it(kind, margin):
-    # Max error against float64 at offset 0, ours <= margin * flax's default (use_fast_variance=True).
-    # Group norm: ours is ~4x below flax's (levelled sums, see _mean), so at most half of it. Instance
-    # and batch norm: both sit at float32's rounding floor (~1.5 ulp of the largest |y|), equal to within
-    # 0.5 % in docs/normalization.md; 5 % margin. One sample of each group as the shift (this project's
-    # earlier choice) was 3.5-12x above flax's. At offset 1e3 ours stays at that floor (at most 1.5x
-    # flax's offset-0 error), where flax's default has no correct digit.
+@pytest.mark.parametrize("kind, max_margin, rms_margin", [("group", 0.5, 0.5), ("instance", 1.25, 1.05),
+                                                          ("batch", 1.25, 1.05)])
+def test_error_at_offset_zero_is_no_worse_than_flaxs_and_large_offsets_keep_it(kind, max_margin, rms_margin):
+    # Error against float64 at offset 0, ours against flax's default (use_fast_variance=True).
+    # Group norm: ours is ~4x below flax's in max and RMS (levelled sums, see _mean), so at most half.
+    # Instance and batch norm: both sit at float32's rounding floor, ours within +-4 % of flax's in RMS and
+    # -15..+15 % in max depending on the seed (docs/normalization.md), so margins 5 % (RMS) and 25 %
+    # (max, the noisier statistic). One sample of each group as the shift (this project's earlier choice)
+    # was 3.5-12x above flax's max error. At offset 1e3 ours stays at the floor (at most 1.5x flax's
+    # offset-0 max error), where flax's default has no correct digit.
     shape = (16, 32, 32, 64)  # group: 32 groups of 2 channels, 2048 values per group
     x = jax.random.normal(jax.random.key(25), shape)
-    ours = float(np.abs(np.asarray(apply(kind, x, groups=32), np.float64)
-                        - reference(kind, np.asarray(x, np.float64), 32)).max())
-    flax_default = _flax_error(kind, x, fast=True)
-    assert ours <= margin * flax_default, (ours, flax_default)
+    (ours_max, ours_rms), (flax_max, flax_rms) = _errors(kind, apply(kind, x, groups=32), x), _flax_errors(
+        kind, x, fast=True)
+    assert ours_max <= max_margin * flax_max and ours_rms <= rms_margin * flax_rms, (ours_max, flax_max,
+                                                                                    ours_rms, flax_rms)
     x_far = 1e3 + x
-    ours_far = float(np.abs(np.asarray(apply(kind, x_far, groups=32), np.float64)
-                            - reference(kind, np.asarray(x_far, np.float64), 32)).max())
-    assert ours_far <= 1.5 * flax_default, (ours_far, flax_default)
-    assert _flax_error(kind, x_far, fast=True) > 0.1
+    assert _errors(kind, apply(kind, x_far, groups=32), x_far)[0] <= 1.5 * flax_max
+    assert _flax_errors(kind, x_far, fast=True)[0] > 0.1
