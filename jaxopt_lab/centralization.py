@@ -79,6 +79,9 @@ def centralize_gradient(g: jax.Array, *, feature_axis: int = -1) -> jax.Array:
     Leaves with fewer than two dimensions (biases, norm scales, scalars) are returned unchanged: a
     1-D parameter holds a single number per output unit, so there is nothing to average over. The
     mean is accumulated in at least float32, so bfloat16 gradients lose no precision to the reduction.
+    Floating (and complex) gradients keep their dtype; integer or boolean ones come back as float32 (a
+    centred integer array is not an integer array: rounding it back would lose the fractions), as
+    ``optax.centralize`` does.
 
     Args:
       g: a gradient (or update) array.
@@ -92,6 +95,9 @@ def centralize_gradient(g: jax.Array, *, feature_axis: int = -1) -> jax.Array:
       >>> centralize_gradient(jnp.array([[1.0, 4.0], [3.0, 0.0]]))
       Array([[-1.,  2.],
              [ 1., -2.]], dtype=float32)
+      >>> centralize_gradient(jnp.array([[1, 2], [4, 6]]))  # integers: a float result
+      Array([[-1.5, -2. ],
+             [ 1.5,  2. ]], dtype=float32)
     """
     g = jnp.asarray(g)
     if g.ndim < 2:
@@ -99,7 +105,8 @@ def centralize_gradient(g: jax.Array, *, feature_axis: int = -1) -> jax.Array:
     axes = _reduced_axes(g.ndim, feature_axis)
     stats_dtype = jnp.promote_types(g.dtype, jnp.float32)
     mean = jnp.mean(g, axis=axes, keepdims=True, dtype=stats_dtype)
-    return (g.astype(stats_dtype) - mean).astype(g.dtype)
+    out_dtype = g.dtype if jnp.issubdtype(g.dtype, jnp.inexact) else stats_dtype
+    return (g.astype(stats_dtype) - mean).astype(out_dtype)
 
 
 def gradient_centralization(

@@ -2,19 +2,22 @@
 
 Each module is a thin wrapper: it declares the parameters (``scale``, ``bias``) and, for
 :class:`BatchNorm`, the running statistics (``batch_stats`` collection, variables ``mean`` and ``var``)
-with Flax's names, shapes and initializers, then calls the pure function. Constructor arguments match
-``flax.linen``'s where they overlap (``use_running_average``, ``momentum``, ``epsilon``, ``use_scale``,
-``use_bias``, ``num_groups``, ``group_size``, ``axis_name``, ``dtype``, ``param_dtype``, ``scale_init``,
-``bias_init``) and so do the defaults: ``momentum=0.99`` for :class:`BatchNorm` (the functional
-:func:`~jaxopt_lab.normalization.batch_norm` defaults to 0.9, same formula), ``epsilon=1e-5`` for
-:class:`BatchNorm` and ``1e-6`` for the others. A Flax checkpoint therefore loads unchanged. What
-differs: the variance is always the stable shifted estimate (there is no ``use_fast_variance``).
+with Flax's names, shapes and initializers, then calls the pure function. The attributes are exactly
+``flax.linen``'s (0.12.8), in Flax's order and with Flax's defaults (``momentum=0.99``; ``epsilon=1e-5``
+for :class:`BatchNorm` and ``1e-6`` for the others; ``num_groups=32``), and ``__call__`` takes Flax's
+``mask=`` (and ``use_running_average=`` for :class:`BatchNorm`); a Flax checkpoint loads unchanged.
+Flax's own ``NormalizationTest`` runs against these modules (``tests/flax_compat``).
 
-NNX users wrap a module with ``flax.nnx.bridge.ToNNX`` (tested; see ``docs/normalization.md``)::
+What we accept but do differently, on purpose:
 
-    model = nnx.bridge.ToNNX(BatchNorm(), rngs=nnx.Rngs(0)).lazy_init(x, use_running_average=False)
-    y = model(x, use_running_average=False, mutable=["batch_stats"])  # updates model.mean, model.var
-    y = model(x, use_running_average=True)                             # eval: running statistics
+* ``use_fast_variance``: accepted, no effect. The variance is always the stable shifted estimate, at
+  least as accurate as Flax's two-pass one and as fast as its fast one (``docs/normalization.md``).
+* ``force_float32_reductions=False``: the running statistics are kept in ``param_dtype`` as Flax does,
+  but the statistics are still computed in (at least) float32.
+* ``axis_name`` with a ``mask``: the statistics are exact over all devices' unmasked elements; Flax
+  averages the per-device means, weighting devices equally whatever their unmasked counts.
+
+Native NNX versions (``flax.nnx.Module``, ``nnx.BatchNorm``'s signature) are in :mod:`jaxopt_lab.nnx`.
 
 >>> import jax, jax.numpy as jnp
 >>> from jaxopt_lab import nn
@@ -30,7 +33,6 @@ NNX users wrap a module with ``flax.nnx.bridge.ToNNX`` (tested; see ``docs/norma
 
 from __future__ import annotations
 
-from collections.abc import Sequence
 from typing import Any
 
 import flax.linen as linen
@@ -40,6 +42,7 @@ from flax.linen import dtypes
 from jax.nn import initializers
 
 from jaxopt_lab import normalization
+from jaxopt_lab.normalization import Axes
 
 __all__ = ["BatchNorm", "GroupNorm", "InstanceNorm", "LayerNorm"]
 
@@ -47,15 +50,20 @@ Initializer = Any  # flax.typing.Initializer
 Dtype = Any
 
 
-def _scale_and_bias(module: linen.Module, num_features: int) -> tuple[jax.Array | None, jax.Array | None]:
-    """Declares Flax's ``scale`` and ``bias`` parameters of shape ``(num_features,)`` when enabled."""
-    shape = (num_features,)
+def _scale_and_bias(module: Any, shape: tuple[int, ...]) -> tuple[jax.Array | None, jax.Array | None]:
+    """Declares Flax's ``scale`` and ``bias`` parameters of ``shape`` (the feature shape) when enabled."""
     scale = module.param("scale", module.scale_init, shape, module.param_dtype) if module.use_scale else None
     bias = module.param("bias", module.bias_init, shape, module.param_dtype) if module.use_bias else None
     return scale, bias
 
 
-def _output_dtype(module: linen.Module, *arrays: jax.Array | None) -> Any:
+def _feature_shape(x: jax.Array, axes: Axes) -> tuple[int, ...]:
+    """``x.shape`` at the (canonicalized, sorted) ``axes``: Flax's parameter shape."""
+    axes = (axes,) if isinstance(axes, int) else tuple(axes)
+    return tuple(x.shape[a] for a in sorted({a % x.ndim for a in axes}))
+
+
+def _output_dtype(module: Any, *arrays: jax.Array | None) -> Any:
     """Flax's rule: ``dtype`` if given, else the promoted dtype of the input and the parameters."""
     return dtypes.canonicalize_dtype(*(a for a in arrays if a is not None), dtype=module.dtype)
 
@@ -69,7 +77,7 @@ class BatchNorm(linen.Module):
 
     Attributes:
       use_running_average: normalize with the running statistics (eval) instead of the batch's.
-      axis: the feature axis (channels-last by default).
+      axis: the feature axis, or axes (channels-last by default).
       momentum: weight of the old running statistics (Flax's default 0.99; PyTorch's 0.1 means 0.9 here).
       epsilon: added to the variance.
       dtype: output dtype (default: promoted from input and parameters, as Flax).
@@ -79,6 +87,10 @@ class BatchNorm(linen.Module):
       bias_init: initializer of the bias.
       scale_init: initializer of the scale.
       axis_name: mapped axis (``shard_map``/``pmap``) over which the batch statistics are global.
+      axis_index_groups: groups of device indices along ``axis_name`` normalized separately.
+      use_fast_variance: accepted for compatibility; no effect (the variance is always the stable one).
+      force_float32_reductions: ``False`` keeps the running statistics in ``param_dtype`` (as Flax); the
+        statistics themselves are computed in at least float32 either way.
 
     >>> import jax, jax.numpy as jnp
     >>> from jaxopt_lab.nn import BatchNorm
@@ -89,7 +101,7 @@ class BatchNorm(linen.Module):
     """
 
     use_running_average: bool | None = None
-    axis: int = -1
+    axis: Axes = -1
     momentum: float = 0.99
     epsilon: float = 1e-5
     dtype: Dtype | None = None
@@ -99,40 +111,53 @@ class BatchNorm(linen.Module):
     bias_init: Initializer = initializers.zeros
     scale_init: Initializer = initializers.ones
     axis_name: str | None = None
+    axis_index_groups: Any = None
+    use_fast_variance: bool = True
+    force_float32_reductions: bool = True
 
     @linen.compact
-    def __call__(self, x: jax.Array, use_running_average: bool | None = None) -> jax.Array:
-        """Normalizes ``x``; ``use_running_average`` here overrides the attribute (as Flax)."""
+    def __call__(self, x: jax.Array, use_running_average: bool | None = None, *,
+                 mask: jax.Array | None = None) -> jax.Array:
+        """Normalizes ``x``; ``use_running_average`` here overrides the attribute (as Flax).
+
+        ``mask``: booleans broadcastable to ``x``; only ``True`` positions enter the batch statistics.
+        """
         use_running_average = linen.merge_param(
             "use_running_average", self.use_running_average, use_running_average)
         x = jnp.asarray(x)
-        channels_last = jnp.moveaxis(x, self.axis, -1)
-        num_features = channels_last.shape[-1]
-        ra_mean = self.variable("batch_stats", "mean", jnp.zeros, (num_features,), jnp.float32)
-        ra_var = self.variable("batch_stats", "var", jnp.ones, (num_features,), jnp.float32)
-        scale, bias = _scale_and_bias(self, num_features)
+        shape = _feature_shape(x, self.axis)
+        stats_dtype = jnp.float32 if self.force_float32_reductions else self.param_dtype
+        ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, stats_dtype), shape)
+        ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, stats_dtype), shape)
+        scale, bias = _scale_and_bias(self, shape)
         initializing = self.is_initializing()
         y, new_stats = normalization.batch_norm(
-            channels_last, normalization.BatchNormStats(ra_mean.value, ra_var.value), scale, bias,
-            training=not use_running_average, momentum=self.momentum, eps=self.epsilon,
-            axis_name=None if initializing else self.axis_name, dtype=_output_dtype(self, x, scale, bias))
+            x, normalization.BatchNormStats(ra_mean.value, ra_var.value), scale, bias,
+            training=not use_running_average, momentum=self.momentum, eps=self.epsilon, axis=self.axis,
+            mask=mask, axis_name=None if initializing else self.axis_name,
+            axis_index_groups=self.axis_index_groups, dtype=_output_dtype(self, x, scale, bias))
         if not use_running_average and not initializing:
             ra_mean.value, ra_var.value = new_stats
-        return jnp.moveaxis(y, -1, self.axis)
+        return y
 
 
 class LayerNorm(linen.Module):
-    """Layer normalization (Ba et al., 2016), drop-in for ``flax.linen.LayerNorm`` (last-axis features).
+    """Layer normalization (Ba et al., 2016), drop-in for ``flax.linen.LayerNorm``.
 
     Attributes:
       epsilon: added to the variance (Flax's default 1e-6).
       dtype: output dtype (default: promoted from input and parameters, as Flax).
       param_dtype: dtype of ``scale`` and ``bias``.
-      use_bias: learn a per-channel bias.
-      use_scale: learn a per-channel scale.
+      use_bias: learn a bias.
+      use_scale: learn a scale.
       bias_init: initializer of the bias.
       scale_init: initializer of the scale.
       reduction_axes: axes of the statistics (default the last; ``(1, ..., ndim-1)`` for a CNN's LN).
+      feature_axes: axes the learned scale and bias vary over (default the last).
+      axis_name: mapped axis over which ``x`` is split (model parallelism): statistics span the devices.
+      axis_index_groups: groups of device indices along ``axis_name`` normalized separately.
+      use_fast_variance: accepted for compatibility; no effect (the variance is always the stable one).
+      force_float32_reductions: accepted; the statistics are computed in at least float32 either way.
 
     >>> import jax, jax.numpy as jnp
     >>> from jaxopt_lab.nn import LayerNorm
@@ -148,18 +173,28 @@ class LayerNorm(linen.Module):
     use_scale: bool = True
     bias_init: Initializer = initializers.zeros
     scale_init: Initializer = initializers.ones
-    reduction_axes: int | Sequence[int] = -1
+    reduction_axes: Axes = -1
+    feature_axes: Axes = -1
+    axis_name: str | None = None
+    axis_index_groups: Any = None
+    use_fast_variance: bool = True
+    force_float32_reductions: bool = True
 
     @linen.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
+        """Normalizes ``x``; only the ``True`` positions of ``mask`` (if given) enter the statistics."""
         x = jnp.asarray(x)
-        scale, bias = _scale_and_bias(self, x.shape[-1])
-        return normalization.layer_norm(x, scale, bias, eps=self.epsilon, reduction_axes=self.reduction_axes,
-                                        dtype=_output_dtype(self, x, scale, bias))
+        scale, bias = _scale_and_bias(self, _feature_shape(x, self.feature_axes))
+        return normalization.layer_norm(
+            x, scale, bias, eps=self.epsilon, reduction_axes=self.reduction_axes,
+            feature_axes=self.feature_axes, mask=mask, axis_name=self.axis_name,
+            axis_index_groups=self.axis_index_groups, dtype=_output_dtype(self, x, scale, bias))
 
 
 class InstanceNorm(linen.Module):
     """Instance normalization (Ulyanov et al., 2016), drop-in for ``flax.linen.InstanceNorm``.
+
+    Statistics over every axis but the first (batch) and ``feature_axes``.
 
     Attributes:
       epsilon: added to the variance (Flax's default 1e-6).
@@ -169,6 +204,11 @@ class InstanceNorm(linen.Module):
       use_scale: learn a per-channel scale.
       bias_init: initializer of the bias.
       scale_init: initializer of the scale.
+      feature_axes: the channel axes (not 0); scale and bias vary over them.
+      axis_name: mapped axis over which ``x`` is split (model parallelism): statistics span the devices.
+      axis_index_groups: groups of device indices along ``axis_name`` normalized separately.
+      use_fast_variance: accepted for compatibility; no effect (the variance is always the stable one).
+      force_float32_reductions: accepted; the statistics are computed in at least float32 either way.
 
     >>> import jax, jax.numpy as jnp
     >>> from jaxopt_lab.nn import InstanceNorm
@@ -185,13 +225,21 @@ class InstanceNorm(linen.Module):
     use_scale: bool = True
     bias_init: Initializer = initializers.zeros
     scale_init: Initializer = initializers.ones
+    feature_axes: Axes = -1
+    axis_name: str | None = None
+    axis_index_groups: Any = None
+    use_fast_variance: bool = True
+    force_float32_reductions: bool = True
 
     @linen.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
+        """Normalizes ``x``; only the ``True`` positions of ``mask`` (if given) enter the statistics."""
         x = jnp.asarray(x)
-        scale, bias = _scale_and_bias(self, x.shape[-1])
-        return normalization.instance_norm(x, scale, bias, eps=self.epsilon,
-                                           dtype=_output_dtype(self, x, scale, bias))
+        scale, bias = _scale_and_bias(self, _feature_shape(x, self.feature_axes))
+        return normalization.instance_norm(
+            x, scale, bias, eps=self.epsilon, feature_axes=self.feature_axes, mask=mask,
+            axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
+            dtype=_output_dtype(self, x, scale, bias))
 
 
 class GroupNorm(linen.Module):
@@ -209,6 +257,12 @@ class GroupNorm(linen.Module):
       use_scale: learn a per-channel scale.
       bias_init: initializer of the bias.
       scale_init: initializer of the scale.
+      reduction_axes: axes of the statistics, including the last (channel) axis; default every axis but
+        the first. Canonicalized for the input at call time (negative axes count from the end).
+      axis_name: mapped axis over which ``x`` is split (model parallelism): statistics span the devices.
+      axis_index_groups: groups of device indices along ``axis_name`` normalized separately.
+      use_fast_variance: accepted for compatibility; no effect (the variance is always the stable one).
+      force_float32_reductions: accepted; the statistics are computed in at least float32 either way.
 
     >>> import jax, jax.numpy as jnp
     >>> from jaxopt_lab.nn import GroupNorm
@@ -227,10 +281,18 @@ class GroupNorm(linen.Module):
     use_scale: bool = True
     bias_init: Initializer = initializers.zeros
     scale_init: Initializer = initializers.ones
+    reduction_axes: Axes | None = None
+    axis_name: str | None = None
+    axis_index_groups: Any = None
+    use_fast_variance: bool = True
+    force_float32_reductions: bool = True
 
     @linen.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
+        """Normalizes ``x``; only the ``True`` positions of ``mask`` (if given) enter the statistics."""
         x = jnp.asarray(x)
-        scale, bias = _scale_and_bias(self, x.shape[-1])
-        return normalization.group_norm(x, self.num_groups, scale, bias, group_size=self.group_size,
-                                        eps=self.epsilon, dtype=_output_dtype(self, x, scale, bias))
+        scale, bias = _scale_and_bias(self, x.shape[-1:])
+        return normalization.group_norm(
+            x, self.num_groups, scale, bias, group_size=self.group_size, eps=self.epsilon,
+            reduction_axes=self.reduction_axes, mask=mask, axis_name=self.axis_name,
+            axis_index_groups=self.axis_index_groups, dtype=_output_dtype(self, x, scale, bias))

@@ -98,6 +98,20 @@ def test_bfloat16_keeps_dtype_and_float32_accurate_mean():
     np.testing.assert_allclose(np.asarray(out, np.float32), ref, atol=2e-2)
 
 
+def test_integer_gradient_gives_a_float_result_like_optax():
+    # An integer gradient centred in integer arithmetic would truncate the means ([[1, 2], [4, 6]] gave
+    # [[0, 0], [-1, 1]]); the result is float32, as optax.centralize's.
+    g = jnp.array([[1, 2], [4, 6]])
+    out = centralize_gradient(g, feature_axis=0)  # optax's layout: mean over every axis but the first
+    assert out.dtype == jnp.float32
+    np.testing.assert_array_equal(out, [[-0.5, 0.5], [-1.0, 1.0]])
+    optax_out, _ = optax.centralize().update(g, optax.EmptyState())
+    np.testing.assert_array_equal(out, optax_out)
+    tx_out, _ = gradient_centralization().update({"k": g, "b": jnp.array([1, 2])}, optax.EmptyState())
+    np.testing.assert_array_equal(tx_out["k"], [[-1.5, -2.0], [1.5, 2.0]])
+    assert tx_out["b"].dtype == jnp.int32  # 1-D leaves pass through unchanged
+
+
 # ------------------------------------------------------------------------------------------------
 # Layout: Flax (features last) vs optax.centralize / the official PyTorch code (features first).
 # ------------------------------------------------------------------------------------------------

@@ -98,3 +98,110 @@ def test_nnx_bridge_trains_and_evaluates_like_linen():
     np.testing.assert_allclose(state["var"][...], variables["batch_stats"]["var"], rtol=1e-5)
     np.testing.assert_allclose(model(X, use_running_average=True),
                                bn.apply(variables, X, use_running_average=True), atol=1e-5)
+
+
+# --- flax's full argument set, against flax.linen ----------------------------------------------------
+
+MASK = jax.random.bernoulli(jax.random.key(3), 0.7, X.shape).at[:, 0, 0].set(True)
+
+# (ours, flax's, call kwargs): flax with use_fast_variance=False, its stable variance, so the comparison
+# tests semantics (which axes, which parameters, the mask), not flax's cancellation.
+ARGUMENT_PAIRS = [
+    (nn.BatchNorm(use_running_average=False, axis=(1, 3)),
+     fnn.BatchNorm(use_running_average=False, axis=(1, 3), use_fast_variance=False), {}),
+    (nn.BatchNorm(use_running_average=False), fnn.BatchNorm(use_running_average=False, use_fast_variance=False),
+     {"mask": MASK}),
+    (nn.LayerNorm(reduction_axes=2, feature_axes=(1, 3)),
+     fnn.LayerNorm(reduction_axes=2, feature_axes=(1, 3), use_fast_variance=False), {}),
+    (nn.LayerNorm(), fnn.LayerNorm(use_fast_variance=False), {"mask": MASK}),
+    (nn.InstanceNorm(feature_axes=(1, 3)), fnn.InstanceNorm(feature_axes=(1, 3), use_fast_variance=False), {}),
+    (nn.InstanceNorm(), fnn.InstanceNorm(use_fast_variance=False), {"mask": MASK}),
+    (nn.GroupNorm(num_groups=4, reduction_axes=(0, 1, -1)),
+     fnn.GroupNorm(num_groups=4, reduction_axes=(0, 1, -1), use_fast_variance=False), {}),
+    (nn.GroupNorm(num_groups=4), fnn.GroupNorm(num_groups=4, use_fast_variance=False), {"mask": MASK}),
+]
+
+
+@pytest.mark.parametrize("ours, theirs, kwargs", ARGUMENT_PAIRS, ids=lambda m: repr(m).split("(")[0])
+def test_flax_arguments_mean_the_same(ours, theirs, kwargs):
+    variables = theirs.init(jax.random.key(1), X, **kwargs)
+    variables = jax.tree.map(lambda v: v + jax.random.uniform(jax.random.key(2), v.shape), variables)
+    chex.assert_trees_all_equal_shapes_and_dtypes(ours.init(jax.random.key(1), X, **kwargs), variables)
+    y, updates = ours.apply(variables, X, mutable=["batch_stats"], **kwargs)
+    y_flax, updates_flax = theirs.apply(variables, X, mutable=["batch_stats"], **kwargs)
+    chex.assert_trees_all_close(y, y_flax, atol=2e-5, rtol=2e-5)
+    chex.assert_trees_all_close(updates, updates_flax, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("ours, theirs", [
+    (nn.BatchNorm(use_running_average=False), fnn.BatchNorm(use_running_average=False)),
+    (nn.LayerNorm(), fnn.LayerNorm()), (nn.InstanceNorm(), fnn.InstanceNorm()),
+    (nn.GroupNorm(num_groups=4), fnn.GroupNorm(num_groups=4))], ids=lambda m: repr(m).split("(")[0])
+def test_use_fast_variance_is_accepted_and_ours_stays_closer_to_float64(ours, theirs):
+    # The deliberate difference: use_fast_variance=True (flax's default) is accepted and ignored; ours
+    # keeps the stable variance. At offset 1e3 flax's default has no correct digit, ours is at float32's
+    # rounding floor of a float64 reference.
+    x = 1e3 + jax.random.normal(jax.random.key(4), (6, 4, 4, 16))
+    ours = ours.clone(use_fast_variance=True)
+    variables = theirs.init(jax.random.key(1), x)
+    y, _ = ours.apply(variables, x, mutable=["batch_stats"])
+    y_flax, _ = theirs.apply(variables, x, mutable=["batch_stats"])
+    # Float64 reference: flax's own module with its stable variance, on float64 input.
+    with jax.enable_x64(True):
+        x64 = jnp.asarray(np.asarray(x, np.float64))
+        stable = theirs.clone(use_fast_variance=False, param_dtype=jnp.float64)
+        y64, _ = stable.apply(stable.init(jax.random.key(1), x64), x64, mutable=["batch_stats"])
+        y64 = np.asarray(y64)
+    error = np.abs(np.asarray(y, np.float64) - y64).max()
+    error_flax = np.abs(np.asarray(y_flax, np.float64) - y64).max()
+    assert error < 1e-5 < 0.1 < error_flax, (error, error_flax)
+
+
+def test_rank_one_batch_norm_and_rank_two_instance_norm_equal_flax():
+    x = jax.random.normal(jax.random.key(5), (6, 16))
+    batch_norms = nn.BatchNorm(use_running_average=False), fnn.BatchNorm(use_running_average=False)
+    for ours, theirs, data in [(*batch_norms, x[0]), (nn.InstanceNorm(), fnn.InstanceNorm(), x)]:
+        variables = theirs.init(jax.random.key(1), data)
+        variables = jax.tree.map(lambda v: v + jax.random.uniform(jax.random.key(2), v.shape), variables)
+        chex.assert_trees_all_close(ours.apply(variables, data, mutable=["batch_stats"]),
+                                    theirs.apply(variables, data, mutable=["batch_stats"]), atol=1e-6)
+
+
+# --- jaxopt_lab.nnx: native NNX modules, against flax.nnx ---------------------------------------------
+
+NNX_PAIRS = [
+    (lambda nnx_, **k: nnx_.BatchNorm(16, momentum=0.9, **k), {}),
+    (lambda nnx_, **k: nnx_.LayerNorm(16, **k), {"mask": MASK}),
+    (lambda nnx_, **k: nnx_.InstanceNorm(16, **k), {}),
+    (lambda nnx_, **k: nnx_.GroupNorm(16, num_groups=4, **k), {"mask": MASK}),
+]
+
+
+@pytest.mark.parametrize("make, kwargs", NNX_PAIRS, ids=["BatchNorm", "LayerNorm", "InstanceNorm", "GroupNorm"])
+def test_nnx_modules_match_flax_nnx_and_share_its_state(make, kwargs):
+    from jaxopt_lab import nnx as jnnx
+
+    ours, theirs = make(jnnx, rngs=nnx.Rngs(0)), make(nnx, rngs=nnx.Rngs(0), use_fast_variance=False)
+    # Same variables (types, names, shapes): flax's state loads into ours unchanged.
+    state = jax.tree.map(lambda v: v + jax.random.uniform(jax.random.key(2), v.shape), nnx.state(theirs))
+    assert jax.tree.structure(nnx.state(ours)) == jax.tree.structure(state)
+    nnx.update(ours, state)
+    nnx.update(theirs, state)
+
+    @nnx.jit
+    def step(model, x):
+        return model(x, **kwargs)
+
+    for i in range(2):  # BatchNorm: training mode by default, the running statistics move alike
+        chex.assert_trees_all_close(step(ours, X + i), step(theirs, X + i), atol=2e-5, rtol=2e-5)
+    chex.assert_trees_all_close(nnx.state(ours), nnx.state(theirs), atol=1e-5, rtol=1e-5)
+    ours.eval()
+    theirs.eval()
+    chex.assert_trees_all_close(step(ours, X), step(theirs, X), atol=2e-5, rtol=2e-5)
+
+
+def test_nnx_group_norm_checks_its_groups_at_construction():
+    from jaxopt_lab import nnx as jnnx
+
+    with pytest.raises(ValueError, match=r"16 channels .* not divisible by num_groups=5"):
+        jnnx.GroupNorm(16, num_groups=5, rngs=nnx.Rngs(0))

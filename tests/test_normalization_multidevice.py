@@ -1,4 +1,4 @@
-"""Cross-device batch norm on 8 simulated CPU devices, in a subprocess.
+"""Cross-device batch norm (also masked, with axis_index_groups) on 8 simulated CPU devices, in a subprocess.
 
 The device count of the CPU backend is fixed when JAX starts, so the checks run in a fresh interpreter
 (this file executed as a script) with ``XLA_FLAGS=--xla_force_host_platform_device_count=8``; the
@@ -137,6 +137,33 @@ def _checks() -> None:
         out_specs=(PartitionSpec(), PartitionSpec(), PartitionSpec())))(x, cotangent)
     chex.assert_trees_all_close((loss, updates, grads), (loss_single, updates_single, grads_single),
                                 atol=2e-4, rtol=2e-4)
+    # 5. A mask leaving the devices different numbers of elements: the pooled statistics are exactly
+    # those of all unmasked elements (flax would average the per-device means, devices weighted alike).
+    mask = jax.random.bernoulli(jax.random.key(7), 0.5, x.shape[:1])[:, None, None, None]
+    mask = mask.at[::2].set(True)  # every device keeps at least one sample, most keep a different count
+    masked = jax.jit(jax.shard_map(
+        lambda x, m: norm.batch_norm(x, stats, training=True, mask=m, axis_name="data"), mesh=mesh,
+        in_specs=(PartitionSpec("data"), PartitionSpec("data")),
+        out_specs=(PartitionSpec("data"), PartitionSpec())))
+    y_masked, stats_masked = masked(x, mask)
+    kept = x64[np.asarray(mask[:, 0, 0, 0])]
+    reference = (x64 - kept.mean((0, 1, 2))) / np.sqrt(kept.var((0, 1, 2)) + 1e-5)
+    np.testing.assert_allclose(y_masked, reference, atol=2e-4)
+    np.testing.assert_allclose(stats_masked.var, 0.9 * 2.0 + 0.1 * kept.var((0, 1, 2)), rtol=1e-5)
+
+    # 6. axis_index_groups (pmap; shard_map does not support it, for flax either): devices 0-3 and 4-7
+    # are normalized as two separate batches, and the groups reach the collective.
+    groups = [[0, 1, 2, 3], [4, 5, 6, 7]]
+    y_groups, stats_groups = jax.pmap(
+        lambda x: norm.batch_norm(x, stats, training=True, axis_name="data", axis_index_groups=groups),
+        axis_name="data")(x.reshape(NUM_DEVICES, 2, 3, 3, 5))
+    for members in groups:
+        part = x64.reshape(NUM_DEVICES, 2, 3, 3, 5)[members].reshape(-1, 3, 3, 5)
+        expected = (part - part.mean((0, 1, 2))) / np.sqrt(part.var((0, 1, 2)) + 1e-5)
+        got = np.asarray(y_groups[members[0]:members[-1] + 1]).reshape(part.shape)
+        np.testing.assert_allclose(got, expected, atol=2e-4)
+        for d in members:
+            np.testing.assert_allclose(stats_groups.var[d], 0.9 * 2.0 + 0.1 * part.var((0, 1, 2)), rtol=1e-5)
     print("all cross-device checks passed")
 
 
