@@ -213,11 +213,9 @@ def _pct(stats: dict) -> str:
 
 def _summary(ctx: RunContext, cfg: Config, rows: list[dict], descriptions: dict[str, str],
              figures: list[str]) -> str:
-    mode = ("quick mode: a smoke-size run (short budgets, 2 seeds, 2 rates); its verdicts are not conclusive"
-            if ctx.quick else "full mode")
+    # The runner puts the quick/full line under this heading (jaxopt_lab.experiment).
     tag = " (quick: not conclusive)" if ctx.quick else ""
-    lines = [f"# baselines — MNIST-1D logistic / MLP / CNN / GRU beside the paper; MLP vs CNN on digits "
-             f"({mode})", ""]
+    lines = ["# baselines — MNIST-1D logistic / MLP / CNN / GRU beside the paper; MLP vs CNN on digits", ""]
     rates = ", ".join(f"{r:g}" for r in cfg.learning_rates)
     endpoint = "; ".join(f"{part.dataset}: {part.steps} Adam steps at batch {part.batch_size}"
                          for part in cfg.parts)

@@ -43,8 +43,9 @@ def test_a_tiny_quick_run_writes_the_table_the_endpoint_and_the_figures(tmp_path
     verdicts = metrics["metrics"]["verdicts"]
     assert set(verdicts) == {"cnn_at_least_mlp_digits", "gap_points_logistic"}
     summary = (out / "summary.md").read_text()
-    first_line = summary.splitlines()[0]
-    assert "quick" in first_line and "not conclusive" in first_line
+    heading, mode_line = summary.splitlines()[:2]  # the runner's quick/full line under the heading, once
+    assert heading.startswith("# baselines") and "quick" not in heading.lower()
+    assert "Quick mode" in mode_line and "not conclusive" in mode_line
     endpoint = next(line for line in summary.splitlines() if line.startswith("**Endpoint.**"))
     assert "mnist1d: 20 Adam steps at batch 50" in endpoint and "digits: 10 Adam steps at batch 32" in endpoint
     assert "among 0.001, 0.01" in endpoint
