@@ -20,8 +20,6 @@ import math
 from collections.abc import Callable, Sequence
 from typing import Any
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
@@ -120,13 +118,6 @@ def check_configs() -> None:
     check_config(FULL, "FULL")
 
 
-def initial_params(model: Any, seeds: Sequence[int], sample: np.ndarray) -> Any:
-    """Each seed's initial parameters, as :func:`jaxopt_lab.training.train_seeds` draws them
-    (``model.init`` from ``fold_in(key(seed), 0)``): leaves with a leading seeds axis."""
-    keys = jax.vmap(lambda s: jax.random.fold_in(jax.random.key(s), 0))(jnp.asarray(seeds, jnp.uint32))
-    return jax.vmap(lambda k: model.init(k, jnp.asarray(sample[:1]), train=False)["params"])(keys)
-
-
 def per_output_means(params: Any) -> dict[str, np.ndarray]:
     """Each kernel's mean over every axis but the last (Flax's output features), per seed:
     ``{layer: (seeds, outputs)}`` for parameters with a leading seeds axis."""
@@ -149,7 +140,7 @@ def run(ctx: RunContext) -> None:
     cfg = config_for(ctx.quick, ds.name)
     seeds = [ctx.seed + i for i in range(cfg.seeds)]
     model_for = model_zoo(ds.num_classes)
-    start_means = {m: per_output_means(initial_params(model, seeds, ds.x_train))
+    start_means = {m: per_output_means(training.initial_variables(model, seeds, ds.x_train)["params"])
                    for m, model in model_for.items()}
     jobs = [(m, o, v) for m in model_for for o in cfg.optimizers for v in VARIANTS]
     rows, curves = [], {}

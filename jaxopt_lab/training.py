@@ -36,7 +36,6 @@ A run whose loss becomes NaN/inf is not an error: its history carries the non-fi
 from __future__ import annotations
 
 import dataclasses
-import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -66,6 +65,7 @@ __all__ = [
     "evaluate",
     "evaluate_seeds",
     "fit",
+    "initial_variables",
     "loss_flattened",
     "make_train_step",
     "mean_std",
@@ -165,6 +165,20 @@ def _init_variables(model: nn.Module, keys: jax.Array, sample_images: jax.Array)
     """
     init = _init_fast_compile if jax.default_backend() == "cpu" else _init_default
     return init(model, keys, sample_images)
+
+
+def initial_variables(model: nn.Module, seeds: Sequence[int], sample_images: jax.typing.ArrayLike) -> Any:
+    """The variables each seed's run of :func:`train_seeds` / :func:`tune_learning_rate` starts from:
+    ``model.init`` from ``fold_in(key(seed), 0)``, leaves with a leading seeds axis (compiled once per
+    model and input shape, shared with training).
+
+    >>> from jaxopt_lab import models
+    >>> variables = initial_variables(models.MLP(widths=(8,)), [0, 1], np.zeros((1, 8, 8, 1), np.float32))
+    >>> variables["params"]["dense0"]["kernel"].shape
+    (2, 64, 8)
+    """
+    _, init_keys = _seed_keys(_check_seeds("initial_variables", seeds))
+    return _init_variables(model, init_keys, jnp.asarray(sample_images)[:1])
 
 
 def _vmapped_init(model: nn.Module, keys: jax.Array, sample_images: jax.Array) -> Any:

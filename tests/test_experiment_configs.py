@@ -50,6 +50,20 @@ def test_the_normalization_check_rejects_a_group_count_that_no_width_admits():
         normalization.check_config(broken, "FULL", ("digits",))
 
 
+def test_the_normalization_step_budget_covers_min_epochs_at_every_batch_size():
+    normalization = _module("normalization")
+    cfg, train_size = normalization.FULL, 1077  # digits' training split after the validation hold-out
+    for batch_size in (1, 2, 3, 4, 8, 16, 32, 64, 128, 1077):
+        steps = normalization.steps_for(cfg, batch_size, train_size)
+        assert steps % 20 == 0 and steps >= cfg.steps  # evaluation intervals of equal length, never cut short
+        assert steps * batch_size >= cfg.min_epochs * train_size  # the small batches see min_epochs epochs
+        assert (steps - 20) < max(cfg.steps, cfg.min_epochs * train_size / batch_size)  # and not more
+    quick = normalization.QUICK
+    assert {normalization.steps_for(quick, b, train_size) for b in quick.batch_sizes} == {quick.steps}
+    with pytest.raises(ValueError, match="multiple of 20"):
+        normalization.check_config(dataclasses.replace(cfg, steps=510), "FULL", ())
+
+
 def _toy(ctx):
     from jaxopt_lab.plotting import new_figure
 
