@@ -40,7 +40,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
-__all__ = ["BenchConfig", "Row", "collect_rows", "run_benchmarks"]
+__all__ = ["GROUP_NAMES", "BenchConfig", "Row", "collect_rows", "run_benchmarks"]
 
 BENCH_DIR = "bench"
 
@@ -604,6 +604,7 @@ GROUPS: tuple[tuple[str, tuple[str, ...], Callable[[BenchConfig], list[Row]]], .
     ("sweep", ("jaxopt_lab.sweep", "jaxopt_lab.landscapes"), sweep_rows),
     ("end-to-end", (), end_to_end_rows),
 )
+GROUP_NAMES = tuple(group for group, _, _ in GROUPS)
 
 
 def _missing_modules(modules: Sequence[str]) -> list[str]:
@@ -618,12 +619,29 @@ def _missing_modules(modules: Sequence[str]) -> list[str]:
     return missing
 
 
-def collect_rows(cfg: BenchConfig, *, log: Callable[[str], None] = print) -> tuple[list[Row], dict[str, str]]:
-    """Runs every group whose modules exist; returns the rows and {group: why it was left out}."""
+def _check_groups(groups: Sequence[str] | None) -> tuple[str, ...]:
+    if groups is None:
+        return GROUP_NAMES
+    if isinstance(groups, str) or not all(isinstance(g, str) for g in groups):
+        raise TypeError(f"groups must be a sequence of group names, got {groups!r}")
+    unknown = [g for g in groups if g not in GROUP_NAMES]
+    if unknown or not groups:
+        raise ValueError(f"groups must be one or more of {', '.join(GROUP_NAMES)}; got {list(groups)!r}")
+    return tuple(groups)
+
+
+def collect_rows(cfg: BenchConfig, *, groups: Sequence[str] | None = None,
+                 log: Callable[[str], None] = print) -> tuple[list[Row], dict[str, str]]:
+    """Runs every selected group (default: all) whose modules exist; returns the rows and {group: why it
+    was left out}."""
     from jaxopt_lab.benchmarking import load_average
 
+    selected = _check_groups(groups)
     rows, unavailable = [], {}
     for group, modules, make_rows in GROUPS:
+        if group not in selected:
+            unavailable[group] = "not selected (--group)"
+            continue
         missing = _missing_modules(modules)
         if missing:
             unavailable[group] = f"not yet implemented: {', '.join(missing)}"
@@ -752,23 +770,26 @@ def _summary(cfg: BenchConfig, rows: list[Row], unavailable: dict[str, str], env
     return "\n".join(lines) + "\n"
 
 
-def run_benchmarks(out: str | Path = "results", *, quick: bool = False,
+def run_benchmarks(out: str | Path = "results", *, quick: bool = False, groups: Sequence[str] | None = None,
                    log: Callable[[str], None] = print) -> Path:
-    """Runs the suite and writes ``out/bench/{metrics.json, ratios.png, summary.md}`` atomically."""
+    """Runs the suite (or the named ``groups`` of :data:`GROUP_NAMES`) and writes
+    ``out/bench/{metrics.json, ratios.png, summary.md}`` atomically."""
     from jaxopt_lab import results
     from jaxopt_lab.benchmarking import benchmark_environment, load_average
 
+    selected = _check_groups(groups)
     cfg = BenchConfig.for_mode(quick)
     env = benchmark_environment()
     start = time.perf_counter()
-    rows, unavailable = collect_rows(cfg, log=log)
+    rows, unavailable = collect_rows(cfg, groups=selected, log=log)
     elapsed = time.perf_counter() - start
     load = {"start": env["load_average"], "end": load_average()}
     final = Path(out) / BENCH_DIR
     with results.staging_dir(final) as staged:
         results.save_figure(_figure(rows), staged / "ratios.png")
         results.atomic_write_json(staged / "metrics.json", {
-            "benchmark": "jaxopt-lab bench", "quick": quick, "elapsed_s": elapsed, "environment": env,
+            "benchmark": "jaxopt-lab bench", "quick": quick, "groups": list(selected), "elapsed_s": elapsed,
+            "environment": env,
             "config": cfg, "load_average": load, "figures": ["ratios.png"],
             "rows": [r.as_dict() for r in rows], "unavailable": unavailable})
         results.atomic_write_text(staged / "summary.md", _summary(cfg, rows, unavailable, env, elapsed, load))

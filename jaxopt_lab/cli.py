@@ -86,10 +86,14 @@ def _build_parser() -> _Parser:
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
     report = commands.add_parser("report", help="gather every summary and figure into OUT/REPORT.md")
     report.add_argument("--out", type=Path, default=Path("results"), help="results folder (default: results)")
+    from jaxopt_lab.experiments.benchmarks import GROUP_NAMES as BENCH_GROUPS  # stdlib-only module
+
     bench = commands.add_parser("bench", help="time our paths against their anchors into OUT/bench/")
     bench.add_argument("--quick", action="store_true",
                        help="small shapes, few repetitions (<= ~1 min on 2 CPU cores)")
     bench.add_argument("--out", type=Path, default=Path("results"), help="results folder (default: results)")
+    bench.add_argument("--group", action="append", choices=BENCH_GROUPS, metavar="GROUP",
+                       help=f"measure only this group (repeatable): {', '.join(BENCH_GROUPS)}; default all")
     for sub in (commands.choices[name] for name in ("list", "run", "report", "bench")):
         _add_debug(sub, argparse.SUPPRESS)
     return parser
@@ -198,7 +202,8 @@ def _cmd_bench(args: argparse.Namespace) -> int:
     from jaxopt_lab.experiments.benchmarks import run_benchmarks
 
     _writable_folder(args.out)
-    print(f"[jaxopt-lab] bench: {run_benchmarks(args.out, quick=args.quick)}/summary.md", flush=True)
+    folder = run_benchmarks(args.out, quick=args.quick, groups=args.group)
+    print(f"[jaxopt-lab] bench: {folder}/summary.md", flush=True)
     return 0
 
 

@@ -131,12 +131,25 @@ def test_missing_modules_are_reported_and_broken_ones_raise(monkeypatch, tmp_pat
         benchmarks.collect_rows(benchmarks.BenchConfig.for_mode(True), log=lambda _: None)
 
 
+def test_group_selects_what_is_measured(tmp_path):
+    # end-to-end has no rows in quick mode: the cheapest group to select; every other one is "not selected".
+    assert cli.main(["bench", "--quick", "--group", "end-to-end", "--out", str(tmp_path)]) == 0
+    meta = json.loads((tmp_path / "bench" / "metrics.json").read_text())
+    assert meta["groups"] == ["end-to-end"] and meta["rows"] == []
+    assert meta["unavailable"] == {g: "not selected (--group)" for g in benchmarks.GROUP_NAMES if g != "end-to-end"}
+    with pytest.raises(ValueError, match="groups must be one or more of norms, accumulation"):
+        benchmarks.run_benchmarks(tmp_path, quick=True, groups=["norm"])
+    with pytest.raises(TypeError, match="sequence of group names"):
+        benchmarks.run_benchmarks(tmp_path, quick=True, groups="norms")
+
+
 def test_bench_is_not_an_experiment():
     assert not hasattr(benchmarks, "EXPERIMENT")
     assert all(exp.run.__module__ != benchmarks.__name__ for exp in available_experiments().values())
 
 
-@pytest.mark.parametrize("argv", [["bench", "--repeats", "3"], ["bench", "extra"], ["bench", "--out"]])
+@pytest.mark.parametrize("argv", [["bench", "--repeats", "3"], ["bench", "extra"], ["bench", "--out"],
+                                  ["bench", "--group", "norm"]])
 def test_usage_errors_are_one_line_with_status_2(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(argv)
