@@ -56,9 +56,14 @@ class Config:
     loss_target: float = 0.5
     smoothing_steps: int = 20
     validation_fraction: float = 0.2
+    # The CNN's conv widths and pooling: None = models.CNN's defaults (four conv layers).
+    cnn_widths: tuple[int, ...] | None = None
+    cnn_pool_after: tuple[int, ...] | None = None
 
 
-QUICK = Config(optimizers=("SGD+momentum", "Adam"), steps=160, seeds=2, rates_per_optimizer=2)
+# Quick: a two-conv-layer CNN (half the compile time of the default four; quick runs are compile-bound).
+QUICK = Config(optimizers=("SGD+momentum", "Adam"), steps=160, seeds=2, rates_per_optimizer=2,
+               cnn_widths=(16, 32), cnn_pool_after=(0,))
 FULL = Config(optimizers=tuple(OPTIMIZERS), steps=600, seeds=3)
 # MNIST-1D: 3x the training examples, a harder task, cheaper 1-D convolutions: more steps.
 FULL_BY_DATA = {"mnist1d": dataclasses.replace(FULL, steps=1000)}
@@ -85,9 +90,11 @@ def optimizer(name: str, variant: str, learning_rate: Any = None) -> optax.Gradi
     return optax.chain(optax.centralize(), base)
 
 
-def model_zoo(num_classes: int) -> dict[str, Any]:
-    """The two models: ``models.CNN``'s defaults with batch norm, and ``models.MLP``'s defaults."""
-    return {"CNN (batch norm)": models.CNN(norm="batch", num_classes=num_classes),
+def model_zoo(num_classes: int, cfg: Config = FULL) -> dict[str, Any]:
+    """The two models: ``models.CNN`` with batch norm (the config's widths, else its defaults), and
+    ``models.MLP``'s defaults."""
+    arch = {k: v for k, v in (("widths", cfg.cnn_widths), ("pool_after", cfg.cnn_pool_after)) if v is not None}
+    return {"CNN (batch norm)": models.CNN(norm="batch", num_classes=num_classes, **arch),
             "MLP": models.MLP(num_classes=num_classes)}
 
 
@@ -101,7 +108,7 @@ def check_config(cfg: Config, label: str, datasets: Sequence[str] = SUPPORTED_DA
     for name in datasets:
         ds = data.load_dataset(name)
         train_size = len(ds.y_train) - math.ceil(cfg.validation_fraction * len(ds.y_train))
-        for model_name, model in model_zoo(ds.num_classes).items():
+        for model_name, model in model_zoo(ds.num_classes, cfg).items():
             for opt in cfg.optimizers:
                 for variant in VARIANTS:
                     check_training_config(model, optimizer(opt, variant), ds.image_shape,
@@ -139,7 +146,7 @@ def run(ctx: RunContext) -> None:
     ds = data.load_dataset(None if ctx.data_path is None else str(ctx.data_path))
     cfg = config_for(ctx.quick, ds.name)
     seeds = [ctx.seed + i for i in range(cfg.seeds)]
-    model_for = model_zoo(ds.num_classes)
+    model_for = model_zoo(ds.num_classes, cfg)
     start_means = {m: per_output_means(training.initial_variables(model, seeds, ds.x_train)["params"])
                    for m, model in model_for.items()}
     jobs = [(m, o, v) for m in model_for for o in cfg.optimizers for v in VARIANTS]
