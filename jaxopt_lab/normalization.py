@@ -331,10 +331,14 @@ def _normalize(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None, ax
     if mask is not None or axis_name is not None or jnp.iscomplexobj(x):
         moments = _moments(x, axes, axis_name, mask=mask, axis_index_groups=axis_index_groups)
         return _affine(_standardize(x, moments, eps), scale, bias, dtype), moments.mean, moments.var
-    x_axes = _varying_axes(x)
-    scale, bias = (None if p is None else lax.pcast(p, tuple(a for a in x_axes if a not in _varying_axes(p)),
-                                                     to="varying") for p in (scale, bias))
-    return _normalize_core(x, scale, bias, axes, eps, dtype)
+    return _normalize_core(x, _varying_like(x, scale), _varying_like(x, bias), axes, eps, dtype)
+
+
+def _varying_like(x: jax.Array, p: jax.Array | None) -> jax.Array | None:
+    """``p`` marked as varying over the manual mesh axes ``x`` varies over (see :func:`_normalize`)."""
+    if p is None:
+        return None
+    return lax.pcast(p, tuple(a for a in _varying_axes(x) if a not in _varying_axes(p)), to="varying")
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
@@ -388,6 +392,100 @@ def _normalize_bwd(axes, eps, dtype, residuals, cotangents):
 
 
 _normalize_core.defvjp(_normalize_fwd, _normalize_bwd)
+
+
+# --------------------------------------------------------------------------------------------------
+# Group norm's fast path: channels-last statistics in two stages.
+#
+# Group norm's statistics layout (N, *spatial, G, C/G) reduced over the spatial axes and C/G at once has
+# an innermost reduced axis C/G long (2 for 64 channels in 32 groups), which XLA:CPU runs ~1.1-1.35x
+# slower than flax's plain formula. On the channels-last view (N, M, C), M = prod(spatial), the common
+# case (real input, no mask, no axis_name, statistics over every axis but the batch) instead reduces in
+# two stages: first over M for every (n, channel), a column reduction whose C outputs are contiguous (it
+# vectorizes over C, as instance norm's), then over the C/G channels of each group, an (N, C)-sized
+# array. Each channel has its own shift (the mean of SHIFT_SAMPLES spread samples, as _moments'); the
+# channel moments combine into the group's with the law of total variance, the channel means taken
+# relative to the group's first shift (differences of nearby numbers, exact at large offsets), so the
+# result stays exact to rounding at any offset. The backward sums (dy, dy * x_hat) per (n, channel) in
+# one pass, combines the sums per group and writes dx in one elementwise pass (as _normalize_bwd).
+
+
+def _group_moments(x3: jax.Array, groups: int) -> tuple[_Moments, jax.Array, jax.Array]:
+    """Group statistics of channels-last ``x3`` ``(N, M, C)`` (statistics dtype), each ``(N, 1, C)``.
+
+    Returns ``(moments, centered, offset)``: ``moments.shift + moments.offset`` is the mean of the
+    channel's group, split by TwoSum as :func:`_moments`' (``moments.var`` the group's biased variance);
+    ``centered`` is ``x3`` minus each channel's shift, the array the sums ran over, and ``offset`` the
+    group mean minus that shift, so that ``centered - offset`` is ``x3`` centered.
+    """
+    n, _, channels = x3.shape
+    size = channels // groups
+    shift = lax.stop_gradient(_sample_mean(x3, (1,)))  # (N, 1, C)
+    centered = x3 - shift
+    channel_offset = jnp.mean(centered, 1)  # (N, C)
+    channel_var = jnp.maximum(jnp.mean(jnp.square(centered), 1) - jnp.square(channel_offset), 0.0)
+    shifts = shift.reshape(n, groups, size)
+    spread = shifts - shifts[..., :1]  # each channel's shift relative to its group's first one
+    relative = spread + channel_offset.reshape(n, groups, size)  # channel means - the group's first shift
+    group_offset = jnp.mean(relative, -1, keepdims=True)
+    var = (jnp.mean(channel_var.reshape(n, groups, size), -1, keepdims=True)
+           + jnp.mean(jnp.square(relative - group_offset), -1, keepdims=True))
+    offset = (group_offset - spread).reshape(shift.shape)
+    var = jnp.broadcast_to(var, shifts.shape).reshape(shift.shape)
+    return _Moments(*_two_sum(shift, offset), var), centered, offset
+
+
+def _group_norm_impl(x3, scale, bias, groups, eps, dtype):
+    moments, centered, offset = _group_moments(x3.astype(_statistics_dtype(x3.dtype)), groups)
+    return _affine(_standardize(x3, moments, eps), scale, bias, dtype), (centered, offset, moments.var)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _group_norm_core(x3: jax.Array, scale: jax.Array | None, bias: jax.Array | None, groups: int, eps: float,
+                     dtype: Any) -> jax.Array:
+    """Group norm of real channels-last ``x3`` ``(N, M, C)``; ``scale``/``bias`` of shape ``(1, 1, C)``."""
+    return _group_norm_impl(x3, scale, bias, groups, eps, dtype)[0]
+
+
+def _group_norm_fwd(x3, scale, bias, groups, eps, dtype):
+    y, (centered, offset, var) = _group_norm_impl(x3, scale, bias, groups, eps, dtype)
+    # The backward reads the centered array the statistics were summed over (XLA:CPU writes it anyway,
+    # its reductions taking no broadcast operand) instead of x: its sums then need no broadcast of the
+    # shift either, and x - shift is not recomputed.
+    return y, (centered, scale, bias, offset, lax.rsqrt(var + eps), jnp.zeros((0,), x3.dtype))
+
+
+def _group_norm_bwd(groups, eps, dtype, residuals, dy):
+    centered, scale, bias, offset, rstd, x_dtype = residuals
+    n, m, channels = centered.shape
+    dy = dy.astype(centered.dtype)
+    # One reduction pass per (n, channel) over (dy, dy * centered), no broadcast operand; sum(dy * x_hat)
+    # follows from them ((centered - offset) * rstd = x_hat). Everything then is (N, 1, C)-sized until dx.
+    sum_dy = jnp.sum(dy, 1, keepdims=True)
+    sum_dy_x_hat = (jnp.sum(dy * centered, 1, keepdims=True) - offset * sum_dy) * rstd
+    dscale = None if scale is None else jnp.sum(sum_dy_x_hat, 0, keepdims=True).astype(scale.dtype)
+    dbias = None if bias is None else jnp.sum(sum_dy, 0, keepdims=True).astype(bias.dtype)
+    if scale is not None:  # the gradient reaching x_hat is g = dy * scale
+        sum_dy, sum_dy_x_hat, dy = sum_dy * scale, sum_dy_x_hat * scale, dy * scale
+    count = m * (channels // groups)
+
+    def group_mean(v: jax.Array) -> jax.Array:  # (N, 1, C) -> each channel's group mean over count values
+        v = jnp.sum(v.reshape(n, groups, -1), -1, keepdims=True) / count
+        return jnp.broadcast_to(v, (n, groups, channels // groups)).reshape(n, 1, channels)
+
+    x_hat = (centered - offset) * rstd
+    dx = rstd * (dy - group_mean(sum_dy) - x_hat * group_mean(sum_dy_x_hat))
+    return dx.astype(x_dtype.dtype), dscale, dbias
+
+
+_group_norm_core.defvjp(_group_norm_fwd, _group_norm_bwd)
+
+
+def _group_norm_fast_path(x: jax.Array, axes: tuple[int, ...], mask: Any, axis_name: str | None) -> bool:
+    """Whether :func:`group_norm` takes :func:`_group_norm_core`: real input, no mask or ``axis_name``,
+    and statistics over every axis but the batch (the default ``reduction_axes``) of ``(N, ..., C)``."""
+    return (mask is None and axis_name is None and not jnp.iscomplexobj(x) and x.ndim >= 2
+            and axes == tuple(range(1, x.ndim)))
 
 
 # --------------------------------------------------------------------------------------------------
@@ -606,11 +704,17 @@ def group_norm(x: jax.typing.ArrayLike, num_groups: int | None = None,
         raise ValueError(f"{fn}: reduction_axes must include the last (channel) axis {x.ndim - 1} or -1, "
                          f"got {reduction_axes!r}")
     mask = _check_mask(fn, mask, x.shape)
+    scale, bias = (_feature_param(fn, name, p, (x.ndim - 1,), x.shape)
+                   for name, p in (("scale", scale), ("bias", bias)))
+    if _group_norm_fast_path(x, axes, mask, axis_name):
+        x3 = x.reshape(x.shape[0], math.prod(x.shape[1:-1]), channels)  # (N, M, C): a bitcast
+        scale, bias = (None if p is None else _varying_like(x3, p.reshape(1, 1, channels))
+                       for p in (scale, bias))
+        return _group_norm_core(x3, scale, bias, groups, eps, dtype or x.dtype).reshape(x.shape)
     grouped_shape = (*x.shape[:-1], groups, channels // groups)
     # Channel c = g * C/G + j: scale[c] becomes scale[..., g, j].
-    params = (_feature_param(fn, name, p, (x.ndim - 1,), x.shape)
-              for name, p in (("scale", scale), ("bias", bias)))
-    scale, bias = (None if p is None else p.reshape(*p.shape[:-1], groups, channels // groups) for p in params)
+    scale, bias = (None if p is None else p.reshape(*p.shape[:-1], groups, channels // groups)
+                   for p in (scale, bias))
     y, _, _ = _normalize(x.reshape(grouped_shape), scale, bias, (*axes[:-1], x.ndim), eps, dtype or x.dtype,
                          mask=None if mask is None else mask.reshape(grouped_shape), axis_name=axis_name,
                          axis_index_groups=axis_index_groups)
