@@ -420,7 +420,12 @@ def _group_moments(x3: jax.Array, groups: int) -> tuple[_Moments, jax.Array, jax
     """
     n, _, channels = x3.shape
     size = channels // groups
-    shift = lax.stop_gradient(_sample_mean(x3, (1,)))  # (N, 1, C)
+    # One shift per channel, (N, 1, C): the mean of a power-of-two number of samples (<= SHIFT_SAMPLES,
+    # from the first 2^k positions), so that sum / count is exact. XLA:CPU contracts a rounded product and
+    # a subtraction into one FMA in some fusions and not in others: a mean with a rounded division then
+    # had two values, and the centering and the spread of the shifts below disagreed (a constant input
+    # gave a nonzero output).
+    shift = lax.stop_gradient(_sample_mean(x3[:, :1 << (x3.shape[1].bit_length() - 1)], (1,)))
     centered = x3 - shift
     channel_offset = jnp.mean(centered, 1)  # (N, C)
     channel_var = jnp.maximum(jnp.mean(jnp.square(centered), 1) - jnp.square(channel_offset), 0.0)
@@ -484,7 +489,7 @@ _group_norm_core.defvjp(_group_norm_fwd, _group_norm_bwd)
 def _group_norm_fast_path(x: jax.Array, axes: tuple[int, ...], mask: Any, axis_name: str | None) -> bool:
     """Whether :func:`group_norm` takes :func:`_group_norm_core`: real input, no mask or ``axis_name``,
     and statistics over every axis but the batch (the default ``reduction_axes``) of ``(N, ..., C)``."""
-    return (mask is None and axis_name is None and not jnp.iscomplexobj(x) and x.ndim >= 2
+    return (mask is None and axis_name is None and not jnp.iscomplexobj(x) and x.ndim >= 2 and x.size > 0
             and axes == tuple(range(1, x.ndim)))
 
 
