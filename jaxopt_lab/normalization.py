@@ -410,73 +410,81 @@ _normalize_core.defvjp(_normalize_fwd, _normalize_bwd)
 # one pass, combines the sums per group and writes dx in one elementwise pass (as _normalize_bwd).
 
 
-def _group_moments(x3: jax.Array, groups: int) -> tuple[_Moments, jax.Array, jax.Array]:
-    """Group statistics of channels-last ``x3`` ``(N, M, C)`` (statistics dtype), each ``(N, 1, C)``.
+def _group_moments(x: jax.Array, groups: int) -> tuple[_Moments, jax.Array, jax.Array]:
+    """Group statistics of channels-last ``x`` ``(N, *spatial, C)`` (statistics dtype), each ``(N, 1.., C)``.
 
     Returns ``(moments, centered, offset)``: ``moments.shift + moments.offset`` is the mean of the
     channel's group, split by TwoSum as :func:`_moments`' (``moments.var`` the group's biased variance);
-    ``centered`` is ``x3`` minus each channel's shift, the array the sums ran over, and ``offset`` the
-    group mean minus that shift, so that ``centered - offset`` is ``x3`` centered.
+    ``centered`` is ``x`` minus each channel's shift, the array the sums ran over, and ``offset`` the
+    group mean minus that shift, so that ``centered - offset`` is ``x`` centered.
     """
-    n, _, channels = x3.shape
+    n, channels, spatial = x.shape[0], x.shape[-1], tuple(range(1, x.ndim - 1))
     size = channels // groups
-    # One shift per channel, (N, 1, C): the mean of a power-of-two number of samples (<= SHIFT_SAMPLES,
-    # from the first 2^k positions), so that sum / count is exact. XLA:CPU contracts a rounded product and
-    # a subtraction into one FMA in some fusions and not in others: a mean with a rounded division then
-    # had two values, and the centering and the spread of the shifts below disagreed (a constant input
-    # gave a nonzero output).
+    stats_shape = (n,) + (1,) * len(spatial) + (channels,)
+    # One shift per channel: the mean of a power-of-two number of samples (<= SHIFT_SAMPLES, from the
+    # first 2^k positions), so that sum / count is exact. XLA:CPU contracts a rounded product and a
+    # subtraction into one FMA in some fusions and not in others: a mean with a rounded division then had
+    # two values, and the centering and the spread of the shifts below disagreed (a constant input gave a
+    # nonzero output).
+    x3 = x.reshape(n, -1, channels)
     shift = lax.stop_gradient(_sample_mean(x3[:, :1 << (x3.shape[1].bit_length() - 1)], (1,)))
-    centered = x3 - shift
-    channel_offset = jnp.mean(centered, 1)  # (N, C)
-    channel_var = jnp.maximum(jnp.mean(jnp.square(centered), 1) - jnp.square(channel_offset), 0.0)
+    shift = shift.reshape(stats_shape)
+    centered = x - shift
+    channel_offset = jnp.mean(centered, spatial, keepdims=True)
+    channel_var = jnp.maximum(jnp.mean(jnp.square(centered), spatial, keepdims=True)
+                              - jnp.square(channel_offset), 0.0)
     shifts = shift.reshape(n, groups, size)
     spread = shifts - shifts[..., :1]  # each channel's shift relative to its group's first one
     relative = spread + channel_offset.reshape(n, groups, size)  # channel means - the group's first shift
     group_offset = jnp.mean(relative, -1, keepdims=True)
     var = (jnp.mean(channel_var.reshape(n, groups, size), -1, keepdims=True)
            + jnp.mean(jnp.square(relative - group_offset), -1, keepdims=True))
-    offset = (group_offset - spread).reshape(shift.shape)
-    var = jnp.broadcast_to(var, shifts.shape).reshape(shift.shape)
+    offset = (group_offset - spread).reshape(stats_shape)
+    var = jnp.broadcast_to(var, shifts.shape).reshape(stats_shape)
     return _Moments(*_two_sum(shift, offset), var), centered, offset
 
 
-def _group_norm_impl(x3, scale, bias, groups, eps, dtype):
-    moments, centered, offset = _group_moments(x3.astype(_statistics_dtype(x3.dtype)), groups)
-    return _affine(_standardize(x3, moments, eps), scale, bias, dtype), (centered, offset, moments.var)
+def _group_norm_impl(x, scale, bias, groups, eps, dtype):
+    moments, centered, offset = _group_moments(x.astype(_statistics_dtype(x.dtype)), groups)
+    return _affine(_standardize(x, moments, eps), scale, bias, dtype), (centered, offset, moments.var)
 
 
 @functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
-def _group_norm_core(x3: jax.Array, scale: jax.Array | None, bias: jax.Array | None, groups: int, eps: float,
+def _group_norm_core(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None, groups: int, eps: float,
                      dtype: Any) -> jax.Array:
-    """Group norm of real channels-last ``x3`` ``(N, M, C)``; ``scale``/``bias`` of shape ``(1, 1, C)``."""
-    return _group_norm_impl(x3, scale, bias, groups, eps, dtype)[0]
+    """Group norm of real channels-last ``x`` ``(N, *spatial, C)``; ``scale``/``bias`` of shape ``(1.., C)``.
+
+    ``x`` keeps its own shape (not ``(N, H*W, C)``): XLA:CPU then converts a bf16 ``dy`` once for both
+    sums of the backward, where a reshape between them made it write two float32 copies.
+    """
+    return _group_norm_impl(x, scale, bias, groups, eps, dtype)[0]
 
 
-def _group_norm_fwd(x3, scale, bias, groups, eps, dtype):
-    y, (centered, offset, var) = _group_norm_impl(x3, scale, bias, groups, eps, dtype)
+def _group_norm_fwd(x, scale, bias, groups, eps, dtype):
+    y, (centered, offset, var) = _group_norm_impl(x, scale, bias, groups, eps, dtype)
     # The backward reads the centered array the statistics were summed over (XLA:CPU writes it anyway,
     # its reductions taking no broadcast operand) instead of x: its sums then need no broadcast of the
-    # shift either, and x - shift is not recomputed.
-    return y, (centered, scale, bias, offset, lax.rsqrt(var + eps), jnp.zeros((0,), x3.dtype))
+    # shift either. The empty array carries x's dtype (dx's).
+    return y, (centered, scale, bias, offset, lax.rsqrt(var + eps), jnp.zeros((0,), x.dtype))
 
 
 def _group_norm_bwd(groups, eps, dtype, residuals, dy):
     centered, scale, bias, offset, rstd, x_dtype = residuals
-    n, m, channels = centered.shape
+    n, channels, spatial = centered.shape[0], centered.shape[-1], tuple(range(1, centered.ndim - 1))
     dy = dy.astype(centered.dtype)
     # One reduction pass per (n, channel) over (dy, dy * centered), no broadcast operand; sum(dy * x_hat)
-    # follows from them ((centered - offset) * rstd = x_hat). Everything then is (N, 1, C)-sized until dx.
-    sum_dy = jnp.sum(dy, 1, keepdims=True)
-    sum_dy_x_hat = (jnp.sum(dy * centered, 1, keepdims=True) - offset * sum_dy) * rstd
+    # follows from them ((centered - offset) * rstd = x_hat). Everything then is (N, C)-sized until dx.
+    sum_dy = jnp.sum(dy, spatial, keepdims=True)
+    sum_dy_x_hat = (jnp.sum(dy * centered, spatial, keepdims=True) - offset * sum_dy) * rstd
     dscale = None if scale is None else jnp.sum(sum_dy_x_hat, 0, keepdims=True).astype(scale.dtype)
     dbias = None if bias is None else jnp.sum(sum_dy, 0, keepdims=True).astype(bias.dtype)
     if scale is not None:  # the gradient reaching x_hat is g = dy * scale
         sum_dy, sum_dy_x_hat, dy = sum_dy * scale, sum_dy_x_hat * scale, dy * scale
-    count = m * (channels // groups)
+    count = math.prod(centered.shape[1:-1]) * (channels // groups)
 
-    def group_mean(v: jax.Array) -> jax.Array:  # (N, 1, C) -> each channel's group mean over count values
+    def group_mean(v: jax.Array) -> jax.Array:  # per channel -> its group's mean over count values
         v = jnp.sum(v.reshape(n, groups, -1), -1, keepdims=True) / count
-        return jnp.broadcast_to(v, (n, groups, channels // groups)).reshape(n, 1, channels)
+        return jnp.broadcast_to(v, (n, groups, channels // groups)).reshape(rstd.shape)
 
     x_hat = (centered - offset) * rstd
     dx = rstd * (dy - group_mean(sum_dy) - x_hat * group_mean(sum_dy_x_hat))
@@ -712,10 +720,8 @@ def group_norm(x: jax.typing.ArrayLike, num_groups: int | None = None,
     scale, bias = (_feature_param(fn, name, p, (x.ndim - 1,), x.shape)
                    for name, p in (("scale", scale), ("bias", bias)))
     if _group_norm_fast_path(x, axes, mask, axis_name):
-        x3 = x.reshape(x.shape[0], math.prod(x.shape[1:-1]), channels)  # (N, M, C): a bitcast
-        scale, bias = (None if p is None else _varying_like(x3, p.reshape(1, 1, channels))
-                       for p in (scale, bias))
-        return _group_norm_core(x3, scale, bias, groups, eps, dtype or x.dtype).reshape(x.shape)
+        scale, bias = _varying_like(x, scale), _varying_like(x, bias)
+        return _group_norm_core(x, scale, bias, groups, eps, dtype or x.dtype)
     grouped_shape = (*x.shape[:-1], groups, channels // groups)
     # Channel c = g * C/G + j: scale[c] becomes scale[..., g, j].
     scale, bias = (None if p is None else p.reshape(*p.shape[:-1], groups, channels // groups)

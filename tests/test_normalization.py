@@ -727,7 +727,7 @@ def test_group_norm_takes_the_fast_path_only_in_the_common_case(monkeypatch):
     for call in common:
         calls.clear()
         y = call()
-        assert calls == [(2, 16, 6)]  # (N, H*W, C)
+        assert calls == [x.shape]
         atol = 2e-2 if y.dtype == jnp.bfloat16 else 2e-5
         np.testing.assert_allclose(np.asarray(y, np.float64), expected, atol=atol)
     general = [lambda: norm.group_norm(x, 3, mask=jnp.ones(x.shape, bool)),
