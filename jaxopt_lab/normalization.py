@@ -37,6 +37,10 @@ All four share one statistics helper, :func:`_moments` (like ``flax.linen.normal
   ``(dy, dy * x_hat)`` and one elementwise pass, 1.2-2.7x faster than autodiff of the same forward; with
   it, forward + backward is close to Flax's fast variance, not yet faster (1.03-1.44x on XLA:CPU;
   ``docs/benchmarks.md`` has the numbers).
+* Group norm's common case (real input, no mask or ``axis_name``, the default ``reduction_axes``) takes
+  a fast path (:func:`_group_norm_core`): statistics in two stages on ``(N, *spatial, C)`` (per channel,
+  then per group of channels, combined exactly), a backward on the saved ``x - shift``; same accuracy,
+  fewer full-size arrays on XLA:CPU (``docs/normalization.md``).
 * Under ``axis_name`` (``shard_map``/``pmap``) the per-device ``(mean, var, count)`` triples travel in
   one collective (a ``psum`` gathering the stacked triples, within ``axis_index_groups`` if given) and
   are combined exactly with the law of total variance, so the cross-device statistics are as stable as
