@@ -599,3 +599,144 @@ def test_error_at_offset_zero_is_no_worse_than_flaxs_and_large_offsets_keep_it(k
     x_far = 1e3 + x
     assert _errors(kind, apply(kind, x_far, groups=32), x_far)[0] <= 1.5 * flax_max
     assert _flax_errors(kind, x_far, fast=True)[0] > 0.1
+
+
+# --- group norm's channels-last fast path against its general path -------------------------------------
+
+def _general_group_norm(x, groups, scale=None, bias=None, eps=EPS):
+    """group_norm through the general path (_normalize on the grouped view), the fast path's yardstick."""
+    grouped = (*x.shape[:-1], groups, x.shape[-1] // groups)
+    param_shape = (1,) * (x.ndim - 1) + grouped[-2:]
+    scale, bias = (None if p is None else jnp.reshape(p, param_shape) for p in (scale, bias))
+    axes = (*range(1, x.ndim - 1), x.ndim)
+    return norm._normalize(x.reshape(grouped), scale, bias, axes, eps, x.dtype)[0].reshape(x.shape)
+
+
+def _group_norm_vjp_float64(x, groups, scale, bias, dy, eps=EPS):
+    """(y, dx, dscale, dbias) of group norm in float64 NumPy, the backward in closed form."""
+    x, scale, bias, dy = (np.asarray(a, np.float64) for a in (x, scale, bias, dy))
+    shape, grouped = x.shape, (*x.shape[:-1], groups, x.shape[-1] // groups)
+    axes = (*range(1, x.ndim - 1), x.ndim)
+    xg = x.reshape(grouped)
+    rstd = 1.0 / np.sqrt(xg.var(axes, keepdims=True) + eps)
+    x_hat = ((xg - xg.mean(axes, keepdims=True)) * rstd).reshape(shape)
+    g = (dy * scale).reshape(grouped)
+    x_hat_g = x_hat.reshape(grouped)
+    dx = rstd * (g - g.mean(axes, keepdims=True) - x_hat_g * (g * x_hat_g).mean(axes, keepdims=True))
+    batch_axes = tuple(range(x.ndim - 1))
+    return x_hat * scale + bias, dx.reshape(shape), (dy * x_hat).sum(batch_axes), dy.sum(batch_axes)
+
+
+@pytest.mark.parametrize("shape, groups", [((2, 5, 6, 8), 4), ((3, 7, 12), 3), ((4, 6), 2),
+                                           ((2, 3, 4, 5, 16), 8), ((2, 4, 4, 6), 6), ((2, 4, 4, 6), 1)])
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_group_norm_fast_path_matches_general_path_and_float64(shape, groups, dtype):
+    # Values and every cotangent (x, scale, bias) of the fast path against the general path (the same
+    # numerics, reduced over the grouped view) and against float64; ranks 2-5, 1 to C groups.
+    keys = jax.random.split(jax.random.key(30), 4)
+    x = (1.5 + 2.0 * jax.random.normal(keys[0], shape)).astype(dtype)
+    scale = 1.0 + 0.3 * jax.random.normal(keys[1], shape[-1:])
+    bias = jax.random.normal(keys[2], shape[-1:])
+    dy = jax.random.normal(keys[3], shape).astype(dtype)
+
+    @jax.jit
+    def both(x, scale, bias, dy):
+        def vjp(f):
+            y, f_vjp = jax.vjp(f, x, scale, bias)
+            return y, *f_vjp(dy)
+        return (vjp(lambda x, s, b: norm.group_norm(x, groups, s, b, eps=EPS)),
+                vjp(lambda x, s, b: _general_group_norm(x, groups, s, b)))
+
+    fast, general = both(x, scale, bias, dy)
+    expected = _group_norm_vjp_float64(x, groups, scale, bias, dy)
+    for got, want, name in zip(fast, general, ("y", "dx", "dscale", "dbias"), strict=True):
+        assert got.dtype == want.dtype and got.shape == want.shape, name
+    tol = 2e-4 if dtype == jnp.float32 else 4e-2
+    for result in (fast, general):
+        for got, want in zip(result, expected, strict=True):
+            np.testing.assert_allclose(np.asarray(got, np.float64), want, atol=tol * 4, rtol=tol)
+    chex.assert_trees_all_close(fast, general, atol=tol * 4, rtol=tol)
+
+
+@pytest.mark.parametrize("with_params", [True, False])
+def test_group_norm_fast_path_backward_matches_autodiff_of_its_forward(with_params):
+    # The hand-derived VJP of the fast path against jax.vjp of its own forward (shift, TwoSum and all).
+    keys = jax.random.split(jax.random.key(31), 4)
+    x3 = 3.0 + jax.random.normal(keys[0], (2, 12, 6))
+    scale = (1.0 + jax.random.normal(keys[1], (1, 1, 6))) if with_params else None
+    bias = jax.random.normal(keys[2], (1, 1, 6)) if with_params else None
+    dy = jax.random.normal(keys[3], x3.shape)
+
+    @jax.jit
+    def both(x3, scale, bias):
+        ours = jax.vjp(lambda *a: norm._group_norm_core(*a, 3, EPS, jnp.float32), x3, scale, bias)[1](dy)
+        plain = jax.vjp(lambda *a: norm._group_norm_impl(*a, 3, EPS, jnp.float32)[0], x3, scale, bias)[1](dy)
+        return ours, plain
+
+    ours, plain = both(x3, scale, bias)
+    chex.assert_trees_all_close(ours, plain, atol=2e-4, rtol=2e-4)
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e3, 1e4])
+def test_group_norm_fast_path_offset_accuracy_no_worse_than_the_general_path(offset):
+    # Max error of y and of dx against float64 at a large common offset: the fast path (channel shifts,
+    # channel moments combined per group) stays at the general path's rounding floor (1.25x: both are
+    # at float32's floor, where the max is a noisy statistic), and the float32 floor itself.
+    keys = jax.random.split(jax.random.key(32), 3)
+    shape, groups = (8, 16, 16, 32), 16
+    x = offset + jax.random.normal(keys[0], shape)
+    scale, dy = 1.0 + 0.3 * jax.random.normal(keys[1], (32,)), jax.random.normal(keys[2], shape)
+    ones = jnp.zeros(32)
+
+    def y_and_dx(f):
+        y, f_vjp = jax.vjp(lambda x: f(x, groups, scale, ones), x)
+        return y, f_vjp(dy)[0]
+
+    fast = jax.jit(lambda x: y_and_dx(lambda *a: norm.group_norm(*a, eps=EPS)))(x)
+    general = jax.jit(lambda x: y_and_dx(_general_group_norm))(x)
+    y64, dx64, _, _ = _group_norm_vjp_float64(x, groups, scale, ones, dy)
+    for (got, general_got, want) in ((fast[0], general[0], y64), (fast[1], general[1], dx64)):
+        fast_error = np.abs(np.asarray(got, np.float64) - want).max()
+        general_error = np.abs(np.asarray(general_got, np.float64) - want).max()
+        assert fast_error <= 1.25 * general_error and fast_error < 2e-5 * np.abs(want).max(), (fast_error,
+                                                                                              general_error)
+
+
+def test_group_norm_fast_path_tolerates_channel_means_far_apart_within_a_group():
+    # Channels of one group with means 1e3 apart: the channel shifts differ, the combination across the
+    # group must still give the group's mean and variance.
+    x = jax.random.normal(jax.random.key(33), (2, 6, 6, 4)) + jnp.array([0.0, 1e3, -5.0, 2e3])
+    np.testing.assert_allclose(jax.jit(norm.group_norm, static_argnums=1)(x, 2),
+                               reference("group", np.asarray(x, np.float64), 2), atol=1e-5)
+
+
+def test_group_norm_takes_the_fast_path_only_in_the_common_case(monkeypatch):
+    x = jax.random.normal(jax.random.key(34), (2, 4, 4, 6))
+    calls = []
+    core = norm._group_norm_core
+
+    def spy(*args):
+        calls.append(args[0].shape)
+        return core(*args)
+
+    monkeypatch.setattr(norm, "_group_norm_core", spy)
+    expected = reference("group", np.asarray(x, np.float64), 3)
+    common = [lambda: norm.group_norm(x, 3), lambda: norm.group_norm(x, group_size=2, scale=jnp.ones(6)),
+              lambda: norm.group_norm(x, 3, reduction_axes=(1, 2, 3)),
+              lambda: norm.group_norm(x, 3, dtype=jnp.bfloat16)]
+    for call in common:
+        calls.clear()
+        y = call()
+        assert calls == [x.shape]
+        atol = 2e-2 if y.dtype == jnp.bfloat16 else 2e-5
+        np.testing.assert_allclose(np.asarray(y, np.float64), expected, atol=atol)
+    general = [lambda: norm.group_norm(x, 3, mask=jnp.ones(x.shape, bool)),
+               lambda: norm.group_norm(x.astype(jnp.complex64), 3),
+               lambda: norm.group_norm(x, 3, reduction_axes=(0, 1, 2, 3)),
+               lambda: norm.group_norm(x, 3, reduction_axes=(2, 3))]
+    for call in general:
+        calls.clear()
+        call()
+        assert calls == []
+    assert norm._group_norm_fast_path(x, (1, 2, 3), None, None)
+    assert not norm._group_norm_fast_path(x, (1, 2, 3), None, "batch")
