@@ -259,9 +259,9 @@ NORM_MECHANISMS = {
     "layer_norm": "XLA:CPU's reduction fusions take no per-row broadcast, so x - shift, the broadcasts of "
                   "scale and 1/sigma, x_hat and dy * x_hat are written as full-size arrays; a backward "
                   "summing over the raw x avoids them but loses accuracy at large offsets",
-    "group_norm": "the grouped view (N, *spatial, G, C/G) is reduced over the spatial axes and C/G at once, "
-                  "an innermost reduced axis C/G long, which XLA:CPU runs slowly; reducing per (n, channel) "
-                  "first, then over each group, fixes it (docs/benchmarks.md)",
+    "group_norm": "the common case reduces per (n, channel) first, then over each group, and its backward "
+                  "reads the saved x - shift, so no reduction takes a broadcast operand; the remaining "
+                  "full-size arrays are y, dx, x - shift (and bf16 dy in float32) (docs/normalization.md)",
     "instance_norm": "the same passes and full-size arrays as flax: no HLO-level excess to remove; the gap "
                      "is the backend's scheduling of equal work, within the noise where the IQR spans 1",
     "batch_norm": "the same passes and full-size arrays as flax: no HLO-level excess to remove; the gap is "
