@@ -9,7 +9,7 @@ from jaxopt_lab import cli, data
 
 pytestmark = pytest.mark.slow_e2e
 
-VERDICTS = {"supported", "not supported", "unclear"}
+VERDICTS = {"supported", "not supported", "unclear", "no verdict: a model did not learn"}
 QUICK_MARK = " (quick: not conclusive)"
 
 
