@@ -290,9 +290,12 @@ class MemoryTraffic:
 
     passes: float  # bytes read and written / bytes of the array
     full_size_buffers: int  # top-level HLO instructions writing an array of that size (outputs included)
+    kernels: int = 0  # top-level HLO instructions (fusions, custom calls, copies): what the program launches
+    reductions: int = 0  # reduce instructions in the optimized module, inside fusions included
 
     def as_dict(self) -> dict[str, Any]:
-        return {"passes": self.passes, "full_size_buffers": self.full_size_buffers}
+        return {"passes": self.passes, "full_size_buffers": self.full_size_buffers, "kernels": self.kernels,
+                "reductions": self.reductions}
 
 
 def memory_traffic(fn: Callable[..., Any], args: tuple[Any, ...], array: Any) -> MemoryTraffic:
@@ -305,6 +308,9 @@ def memory_traffic(fn: Callable[..., Any], args: tuple[Any, ...], array: Any) ->
       not parameters, bitcasts, tuples and constants) that write an array with as many elements as
       ``array``, the outputs included. A norm's fused forward + backward writes two (y and dx); every
       other one is an intermediate XLA materialized instead of fusing it into its consumers.
+    * ``kernels``: those top-level instructions, whatever they write; ``reductions``: the ``reduce``
+      instructions of the whole optimized module. Equal traffic but more kernels or reductions is a gap in
+      compute and scheduling, not in memory.
 
     ``fn`` is jitted if it is not, and compiled (not timed); pass ``jax.jit(f).lower(*args).compile()``
     to reuse a program already compiled for timing.
@@ -318,15 +324,17 @@ def memory_traffic(fn: Callable[..., Any], args: tuple[Any, ...], array: Any) ->
     entry = text[text.index("\nENTRY"):]
     entry = entry[: entry.index("\n}")]
     skip = {"parameter", "bitcast", "tuple", "get-tuple-element", "constant"}
-    buffers = 0
+    buffers = kernels = 0
     for line in entry.splitlines()[1:]:
         match = re.match(r"\s*(?:ROOT )?%\S+ = (\(.*?\)|\S+) ([\w-]+)\(", line)
         if match is None or match.group(2) in skip:
             continue
+        kernels += 1
         dims = re.findall(r"\w+\[([\d,]*)\]", match.group(1))
         if any(math.prod(int(d) for d in dim.split(",") if d) == size for dim in dims):
             buffers += 1
-    return MemoryTraffic(float(cost["bytes accessed"]) / nbytes(array), buffers)
+    reductions = len(re.findall(r" reduce\(", text))
+    return MemoryTraffic(float(cost["bytes accessed"]) / nbytes(array), buffers, kernels, reductions)
 
 
 def compiled_memory(fn: Callable[..., Any], args: tuple[Any, ...]) -> dict[str, int]:

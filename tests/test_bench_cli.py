@@ -144,6 +144,21 @@ def test_group_selects_what_is_measured(tmp_path):
         benchmarks.run_benchmarks(tmp_path, quick=True, groups="norms")
 
 
+def test_a_missed_norm_row_states_its_hlo_level_cause_from_the_numbers():
+    side = lambda passes, arrays, kernels, reductions: {"passes": passes, "full_size_buffers": arrays,
+                                                        "kernels": kernels, "reductions": reductions}
+    # Equal traffic, one more reduction: compute, and what the extra reduction is.
+    cause = benchmarks._norm_cause("instance_norm", (1.03, 1.6), {"ours": side(14.2, 4, 14, 7),
+                                                                   "flax": side(15.0, 4, 13, 6)})
+    assert cause.startswith("+60% by upper quartile; HLO: ours 14.2 passes")
+    assert "(its IQR spans 1)" not in cause
+    assert "no more memory than flax" in cause and "1 more reduction, the accuracy shift" in cause
+    # More traffic than flax: the norm's known mechanism; an IQR reaching below 1 is said.
+    cause = benchmarks._norm_cause("layer_norm", (0.97, 1.13), {"ours": side(21.7, 7, 13, 7),
+                                                                 "flax": side(20.8, 6, 16, 6)})
+    assert "(its IQR spans 1)" in cause and cause.endswith(benchmarks.NORM_MECHANISMS["layer_norm"])
+
+
 def test_bench_is_not_an_experiment():
     assert not hasattr(benchmarks, "EXPERIMENT")
     assert all(exp.run.__module__ != benchmarks.__name__ for exp in available_experiments().values())

@@ -150,7 +150,11 @@ def test_memory_traffic_counts_passes_and_full_size_arrays():
     compiled = jax.jit(lambda x: x.sum(0)).lower(x).compile()
     total = bm.memory_traffic(compiled, (x,), x)
     assert total.full_size_buffers == 0 and 1.0 <= total.passes < 1.1
-    assert total.as_dict() == {"passes": total.passes, "full_size_buffers": 0}
+    assert total.reductions == 1 and total.kernels >= 1 and copy.reductions == 0
+    assert total.as_dict() == {"passes": total.passes, "full_size_buffers": 0, "kernels": total.kernels,
+                               "reductions": 1}
+    # Two sums of x are two reductions (in one multi-output fusion or two).
+    assert bm.memory_traffic(jax.jit(lambda x: (x.sum(0), (x * x).sum(0))), (x,), x).reductions == 2
 
 
 def test_compiled_memory_reports_temporaries():
