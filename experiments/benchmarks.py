@@ -629,13 +629,14 @@ def _missing_modules(modules: Sequence[str]) -> list[str]:
 
 
 def _check_groups(groups: Sequence[str] | None) -> tuple[str, ...]:
+    names = tuple(group for group, _, _ in GROUPS)
     if groups is None:
-        return GROUP_NAMES
+        return names
     if isinstance(groups, str) or not all(isinstance(g, str) for g in groups):
         raise TypeError(f"groups must be a sequence of group names, got {groups!r}")
-    unknown = [g for g in groups if g not in GROUP_NAMES]
+    unknown = [g for g in groups if g not in names]
     if unknown or not groups:
-        raise ValueError(f"groups must be one or more of {', '.join(GROUP_NAMES)}; got {list(groups)!r}")
+        raise ValueError(f"groups must be one or more of {', '.join(names)}; got {list(groups)!r}")
     return tuple(groups)
 
 

@@ -93,7 +93,8 @@ def optimizer(name: str, variant: str, learning_rate: Any = None) -> optax.Gradi
 def model_zoo(num_classes: int, cfg: Config = FULL) -> dict[str, Any]:
     """The two models: ``models.CNN`` with batch norm (the config's widths, else its defaults), and
     ``models.MLP``'s defaults."""
-    arch = {k: v for k, v in (("widths", cfg.cnn_widths), ("pool_after", cfg.cnn_pool_after)) if v is not None}
+    arch: dict[str, Any] = {k: v for k, v in (("widths", cfg.cnn_widths), ("pool_after", cfg.cnn_pool_after))
+                            if v is not None}
     return {"CNN (batch norm)": models.CNN(norm="batch", num_classes=num_classes, **arch),
             "MLP": models.MLP(num_classes=num_classes)}
 
