@@ -335,7 +335,8 @@ def _normalize(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None, ax
     if mask is not None or axis_name is not None or jnp.iscomplexobj(x):
         moments = _moments(x, axes, axis_name, mask=mask, axis_index_groups=axis_index_groups)
         return _affine(_standardize(x, moments, eps), scale, bias, dtype), moments.mean, moments.var
-    return _normalize_core(x, _varying_like(x, scale), _varying_like(x, bias), axes, eps, dtype)
+    core = _trailing_norm_core if _trailing_fast_path(x, scale, bias, axes) else _normalize_core
+    return core(x, _varying_like(x, scale), _varying_like(x, bias), axes, eps, dtype)
 
 
 def _varying_like(x: jax.Array, p: jax.Array | None) -> jax.Array | None:
@@ -396,6 +397,78 @@ def _normalize_bwd(axes, eps, dtype, residuals, cotangents):
 
 
 _normalize_core.defvjp(_normalize_fwd, _normalize_bwd)
+
+
+# --------------------------------------------------------------------------------------------------
+# Layer norm's fast path: statistics over the trailing axes, a backward on the saved x - mean.
+#
+# With the reduced axes the trailing ones (layer norm's default, also its (*spatial, C) "LN" of CNNs) and
+# scale/bias varying only over reduced axes, x is a (rows, cols) matrix normalized row by row. XLA:CPU's
+# reduction fusions take no broadcast operand, so _normalize_bwd's sums over dy * x_hat wrote x_hat and the
+# broadcasts of 1/sigma and of scale as full-size arrays. Here the forward is _normalize_impl's (the same
+# _moments: shift the row's mean, offset and variance of x - shift), and the backward reads the saved
+# x - shift (XLA:CPU writes it anyway for the statistics' sums, as group norm's fast path) and writes
+# dy * x_hat once: dscale is its column sum, the per-row sums of g = dy * scale and g * x_hat are
+# matrix-vector products with scale (no broadcast of scale), dbias the column sum of dy. Same values as
+# _normalize_bwd's to rounding (the same sums of the same dy * x_hat).
+
+
+def _trailing_fast_path(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None,
+                        axes: tuple[int, ...]) -> bool:
+    """Whether :func:`_normalize` takes :func:`_trailing_norm_core`: real non-empty ``x`` reduced over its
+    trailing axes, ``scale``/``bias`` (rank of ``x``) of size 1 on every axis not reduced."""
+    lead = x.ndim - len(axes)
+    return (bool(axes) and axes == tuple(range(lead, x.ndim)) and x.size > 0 and not jnp.iscomplexobj(x)
+            and all(p is None or all(d == 1 for d in p.shape[:lead]) for p in (scale, bias)))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _trailing_norm_core(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None, axes: tuple[int, ...],
+                        eps: float, dtype: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """:func:`_normalize_core` for ``axes`` the trailing axes of ``x`` and parameters that vary over them
+    only (:func:`_trailing_fast_path`): the same forward, a backward without full-size broadcasts."""
+    y, moments = _normalize_impl(x, scale, bias, axes, eps, dtype)
+    return y, moments.mean, moments.var
+
+
+def _trailing_norm_fwd(x, scale, bias, axes, eps, dtype):
+    y, moments = _normalize_impl(x, scale, bias, axes, eps, dtype)
+    centered = x.astype(moments.shift.dtype) - moments.shift  # _standardize's, the same array (CSE)
+    # The empty array carries x's dtype (dx's).
+    return ((y, moments.mean, moments.var),
+            (centered, scale, bias, moments.offset, lax.rsqrt(moments.var + eps), jnp.zeros((0,), x.dtype)))
+
+
+def _trailing_norm_bwd(axes, eps, dtype, residuals, cotangents):
+    centered, scale, bias, offset, rstd, x_dtype = residuals
+    dy, dmean, dvar = cotangents
+    shape, lead = centered.shape, centered.ndim - len(axes)
+    rows, cols = math.prod(shape[:lead]), math.prod(shape[lead:])
+    dy = dy.astype(centered.dtype).reshape(rows, cols)
+    offset, rstd = offset.reshape(rows, 1), rstd.reshape(rows, 1)
+    x_hat = (centered.reshape(rows, cols) - offset) * rstd
+    dy_x_hat = dy * x_hat
+    # Highest precision: the products sum float32 values (TPUs' default would round them to bfloat16).
+    matvec = functools.partial(jnp.dot, precision=lax.Precision.HIGHEST)
+
+    def to_param(v: jax.Array, p: jax.Array) -> jax.Array:  # (cols,) -> p's shape, summed where p is 1
+        v = v.reshape((1,) * lead + shape[lead:])
+        return jnp.sum(v, tuple(a for a in axes if p.shape[a] == 1), keepdims=True).astype(p.dtype)
+
+    dscale = None if scale is None else to_param(jnp.sum(dy_x_hat, 0), scale)
+    dbias = None if bias is None else to_param(jnp.sum(dy, 0), bias)
+    if scale is None:
+        sum_g, sum_g_x_hat, g = jnp.sum(dy, 1, keepdims=True), jnp.sum(dy_x_hat, 1, keepdims=True), dy
+    else:  # the gradient reaching x_hat is g = dy * scale
+        s = jnp.broadcast_to(scale, (1,) * lead + shape[lead:]).reshape(cols)
+        sum_g, sum_g_x_hat, g = matvec(dy, s)[:, None], matvec(dy_x_hat, s)[:, None], dy * s
+    dx = rstd * (g - sum_g / cols - x_hat * (sum_g_x_hat / cols))
+    # Cotangents of the returned statistics, as _normalize_bwd's.
+    dx = dx + (dmean.reshape(rows, 1) + 2.0 * dvar.reshape(rows, 1) * x_hat / rstd) / cols
+    return dx.reshape(shape).astype(x_dtype.dtype), dscale, dbias
+
+
+_trailing_norm_core.defvjp(_trailing_norm_fwd, _trailing_norm_bwd)
 
 
 # --------------------------------------------------------------------------------------------------
