@@ -41,6 +41,10 @@ All four share one statistics helper, :func:`_moments` (like ``flax.linen.normal
   a fast path (:func:`_group_norm_core`): statistics in two stages on ``(N, *spatial, C)`` (per channel,
   then per group of channels, combined exactly), a backward on the saved ``x - shift``; same accuracy,
   fewer full-size arrays on XLA:CPU (``docs/normalization.md``).
+* Layer norm's common case (real input, no mask or ``axis_name``, statistics over the trailing axes,
+  ``scale``/``bias`` varying over those axes only) keeps the forward and takes a backward on the saved
+  ``x - shift`` (:func:`_trailing_norm_core`): ``dy * x_hat`` written once, its per-row sums with
+  ``scale`` as matrix-vector products; same values to rounding, no full-size broadcast on XLA:CPU.
 * Under ``axis_name`` (``shard_map``/``pmap``) the per-device ``(mean, var, count)`` triples travel in
   one collective (a ``psum`` gathering the stacked triples, within ``axis_index_groups`` if given) and
   are combined exactly with the law of total variance, so the cross-device statistics are as stable as
