@@ -412,9 +412,9 @@ _normalize_core.defvjp(_normalize_fwd, _normalize_bwd)
 # broadcasts of 1/sigma and of scale as full-size arrays. Here the forward is _normalize_impl's (the same
 # _moments: shift the row's mean, offset and variance of x - shift), and the backward reads the saved
 # x - shift (XLA:CPU writes it anyway for the statistics' sums, as group norm's fast path) and writes
-# dy * x_hat once: dscale is its column sum, the per-row sums of g = dy * scale and g * x_hat are
-# matrix-vector products with scale (no broadcast of scale), dbias the column sum of dy. Same values as
-# _normalize_bwd's to rounding (the same sums of the same dy * x_hat).
+# dy * x_hat once: dscale is its sum over the axes scale does not vary over (dbias dy's), the per-row sums
+# of g = dy * scale and g * x_hat are matrix-vector products with scale (no broadcast of scale). Same
+# values as _normalize_bwd's to rounding (the same sums of the same dy * x_hat).
 
 
 def _trailing_fast_path(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None,
