@@ -35,12 +35,16 @@ All four share one statistics helper, :func:`_moments` (like ``flax.linen.normal
   ``axis_index_groups`` (all four), and complex input (complex mean, variance ``E|x - mean|^2``).
 * The backward is hand-derived (:func:`_normalize`, a ``jax.custom_vjp``): one reduction pass over
   ``(dy, dy * x_hat)`` and one elementwise pass, 1.2-2.7x faster than autodiff of the same forward; with
-  it, forward + backward is close to Flax's fast variance, not yet faster (1.03-1.44x on XLA:CPU;
+  it, forward + backward of the general path is close to Flax's fast variance (1.03-1.44x on XLA:CPU;
   ``docs/benchmarks.md`` has the numbers).
 * Group norm's common case (real input, no mask or ``axis_name``, the default ``reduction_axes``) takes
   a fast path (:func:`_group_norm_core`): statistics in two stages on ``(N, *spatial, C)`` (per channel,
   then per group of channels, combined exactly), a backward on the saved ``x - shift``; same accuracy,
   fewer full-size arrays on XLA:CPU (``docs/normalization.md``).
+* Layer norm's common case (real input, no mask or ``axis_name``, statistics over the trailing axes,
+  ``scale``/``bias`` varying over those axes only) keeps the forward and takes a backward on the saved
+  ``x - shift`` (:func:`_trailing_norm_core`): ``dy * x_hat`` written once, its per-row sums with
+  ``scale`` as matrix-vector products; same values to rounding, no full-size broadcast on XLA:CPU.
 * Under ``axis_name`` (``shard_map``/``pmap``) the per-device ``(mean, var, count)`` triples travel in
   one collective (a ``psum`` gathering the stacked triples, within ``axis_index_groups`` if given) and
   are combined exactly with the law of total variance, so the cross-device statistics are as stable as
@@ -335,7 +339,8 @@ def _normalize(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None, ax
     if mask is not None or axis_name is not None or jnp.iscomplexobj(x):
         moments = _moments(x, axes, axis_name, mask=mask, axis_index_groups=axis_index_groups)
         return _affine(_standardize(x, moments, eps), scale, bias, dtype), moments.mean, moments.var
-    return _normalize_core(x, _varying_like(x, scale), _varying_like(x, bias), axes, eps, dtype)
+    core = _trailing_norm_core if _trailing_fast_path(x, scale, bias, axes) else _normalize_core
+    return core(x, _varying_like(x, scale), _varying_like(x, bias), axes, eps, dtype)
 
 
 def _varying_like(x: jax.Array, p: jax.Array | None) -> jax.Array | None:
@@ -396,6 +401,81 @@ def _normalize_bwd(axes, eps, dtype, residuals, cotangents):
 
 
 _normalize_core.defvjp(_normalize_fwd, _normalize_bwd)
+
+
+# --------------------------------------------------------------------------------------------------
+# Layer norm's fast path: statistics over the trailing axes, a backward on the saved x - mean.
+#
+# With the reduced axes the trailing ones (layer norm's default, also its (*spatial, C) "LN" of CNNs) and
+# scale/bias varying only over reduced axes, x is a (rows, cols) matrix normalized row by row. XLA:CPU's
+# reduction fusions take no broadcast operand, so _normalize_bwd's sums over dy * x_hat wrote x_hat and the
+# broadcasts of 1/sigma and of scale as full-size arrays. Here the forward is _normalize_impl's (the same
+# _moments: shift the row's mean, offset and variance of x - shift), and the backward reads the saved
+# x - shift (XLA:CPU writes it anyway for the statistics' sums, as group norm's fast path) and writes
+# dy * x_hat once: dscale is its sum over the axes scale does not vary over (dbias dy's), the per-row sums
+# of g = dy * scale and g * x_hat are matrix-vector products with scale (no broadcast of scale). Same
+# values as _normalize_bwd's to rounding (the same sums of the same dy * x_hat).
+
+
+def _trailing_fast_path(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None,
+                        axes: tuple[int, ...]) -> bool:
+    """Whether :func:`_normalize` takes :func:`_trailing_norm_core`: real non-empty ``x`` reduced over its
+    trailing axes, ``scale``/``bias`` (rank of ``x``) of size 1 on every axis not reduced."""
+    lead = x.ndim - len(axes)
+    return (bool(axes) and axes == tuple(range(lead, x.ndim)) and x.size > 0 and not jnp.iscomplexobj(x)
+            and all(p is None or all(d == 1 for d in p.shape[:lead]) for p in (scale, bias)))
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _trailing_norm_core(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None, axes: tuple[int, ...],
+                        eps: float, dtype: Any) -> tuple[jax.Array, jax.Array, jax.Array]:
+    """:func:`_normalize_core` for ``axes`` the trailing axes of ``x`` and parameters that vary over them
+    only (:func:`_trailing_fast_path`): the same forward, a backward without full-size broadcasts."""
+    y, moments = _normalize_impl(x, scale, bias, axes, eps, dtype)
+    return y, moments.mean, moments.var
+
+
+def _trailing_norm_fwd(x, scale, bias, axes, eps, dtype):
+    y, moments = _normalize_impl(x, scale, bias, axes, eps, dtype)
+    centered = x.astype(moments.shift.dtype) - moments.shift  # _standardize's, the same array (CSE)
+    # The empty array carries x's dtype (dx's).
+    return ((y, moments.mean, moments.var),
+            (centered, scale, bias, moments.offset, lax.rsqrt(moments.var + eps), jnp.zeros((0,), x.dtype)))
+
+
+def _trailing_norm_bwd(axes, eps, dtype, residuals, cotangents):
+    centered, scale, bias, offset, rstd, x_dtype = residuals
+    dy, dmean, dvar = cotangents
+    shape, lead = centered.shape, centered.ndim - len(axes)
+    rows, cols = math.prod(shape[:lead]), math.prod(shape[lead:])
+    dy = dy.astype(centered.dtype).reshape(rows, cols)
+    offset, rstd = offset.reshape(rows, 1), rstd.reshape(rows, 1)
+    x_hat = (centered.reshape(rows, cols) - offset) * rstd
+    dy_x_hat = dy * x_hat
+    # Highest precision: the products sum float32 values (TPUs' default would round them to bfloat16).
+    matvec = functools.partial(jnp.dot, precision=lax.Precision.HIGHEST)
+
+    def to_param(v: jax.Array, p: jax.Array) -> jax.Array:  # summed over every axis where p has size 1
+        # One reduction on x's shape: a sum over the rows first, then over the reduced axes p does not
+        # vary over, was a (rows, cols) column sum that XLA:CPU runs ~40x slower when rows are few and
+        # cols many (layer norm over (*spatial, C) of a CNN: 32 x 65536 took 16 ms).
+        axes_p = tuple(a for a in range(len(shape)) if p.shape[a] == 1)
+        return jnp.sum(v.reshape(shape), axes_p, keepdims=True).astype(p.dtype)
+
+    dscale = None if scale is None else to_param(dy_x_hat, scale)
+    dbias = None if bias is None else to_param(dy, bias)
+    if scale is None:
+        sum_g, sum_g_x_hat, g = jnp.sum(dy, 1, keepdims=True), jnp.sum(dy_x_hat, 1, keepdims=True), dy
+    else:  # the gradient reaching x_hat is g = dy * scale
+        s = jnp.broadcast_to(scale, (1,) * lead + shape[lead:]).reshape(cols)
+        sum_g, sum_g_x_hat, g = matvec(dy, s)[:, None], matvec(dy_x_hat, s)[:, None], dy * s
+    dx = rstd * (g - sum_g / cols - x_hat * (sum_g_x_hat / cols))
+    # Cotangents of the returned statistics, as _normalize_bwd's.
+    dx = dx + (dmean.reshape(rows, 1) + 2.0 * dvar.reshape(rows, 1) * x_hat / rstd) / cols
+    return dx.reshape(shape).astype(x_dtype.dtype), dscale, dbias
+
+
+_trailing_norm_core.defvjp(_trailing_norm_fwd, _trailing_norm_bwd)
 
 
 # --------------------------------------------------------------------------------------------------

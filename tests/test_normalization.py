@@ -740,3 +740,145 @@ def test_group_norm_takes_the_fast_path_only_in_the_common_case(monkeypatch):
         assert calls == []
     assert norm._group_norm_fast_path(x, (1, 2, 3), None, None)
     assert not norm._group_norm_fast_path(x, (1, 2, 3), None, "batch")
+
+
+# --- layer norm's trailing-axes fast path against the general path -------------------------------------
+
+def _general_layer_norm(x, scale, bias, axes, eps=EPS):
+    """layer_norm through the general custom VJP (_normalize_core), the fast path's yardstick."""
+    return norm._normalize_core(x, scale, bias, axes, eps, x.dtype)[0]
+
+
+def _layer_norm_vjp_float64(x, scale, bias, dy, axes, eps=EPS):
+    """(y, dx, dscale, dbias) of layer norm over ``axes`` in float64 NumPy, the backward in closed form;
+    ``scale``/``bias`` of ``x``'s rank (size 1 where they do not vary)."""
+    x, scale, bias, dy = (np.asarray(a, np.float64) for a in (x, scale, bias, dy))
+    rstd = 1.0 / np.sqrt(x.var(axes, keepdims=True) + eps)
+    x_hat = (x - x.mean(axes, keepdims=True)) * rstd
+    g = dy * scale
+    dx = rstd * (g - g.mean(axes, keepdims=True) - x_hat * (g * x_hat).mean(axes, keepdims=True))
+    param_axes = tuple(a for a in range(x.ndim) if scale.shape[a] == 1)
+    return (x_hat * scale + bias, dx, (dy * x_hat).sum(param_axes, keepdims=True),
+            dy.sum(param_axes, keepdims=True))
+
+
+# (shape, reduced axes, parameter shape at x's rank): the last axis; (*spatial, C) with per-channel or
+# per-element parameters; two trailing axes of a token sequence.
+LAYER_NORM_FAST_CASES = [((6, 32), (1,), (1, 32)), ((2, 5, 6, 8), (3,), (1, 1, 1, 8)),
+                         ((2, 3, 4, 6), (1, 2, 3), (1, 1, 1, 6)), ((2, 3, 4, 6), (1, 2, 3), (1, 3, 4, 6)),
+                         ((3, 4, 5, 6), (2, 3), (1, 1, 5, 6))]
+
+
+@pytest.mark.parametrize("shape, axes, param_shape", LAYER_NORM_FAST_CASES)
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+def test_layer_norm_fast_path_matches_general_path_and_float64(shape, axes, param_shape, dtype):
+    # Values and every cotangent (x, scale, bias) of the trailing-axes path against the general custom
+    # VJP (the same forward) and against float64.
+    assert norm._trailing_fast_path(jnp.zeros(shape), jnp.ones(param_shape), None, axes)
+    keys = jax.random.split(jax.random.key(40), 4)
+    x = (1.5 + 2.0 * jax.random.normal(keys[0], shape)).astype(dtype)
+    scale = 1.0 + 0.3 * jax.random.normal(keys[1], param_shape)
+    bias = jax.random.normal(keys[2], param_shape)
+    dy = jax.random.normal(keys[3], shape).astype(dtype)
+
+    @jax.jit
+    def both(x, scale, bias, dy):
+        def vjp(f):
+            y, f_vjp = jax.vjp(f, x, scale, bias)
+            return y, *f_vjp(dy)
+        return (vjp(lambda x, s, b: norm._normalize(x, s, b, axes, EPS, x.dtype)[0]),
+                vjp(lambda x, s, b: _general_layer_norm(x, s, b, axes)))
+
+    fast, general = both(x, scale, bias, dy)
+    expected = _layer_norm_vjp_float64(x, scale, bias, dy, axes)
+    for got, want, name in zip(fast, general, ("y", "dx", "dscale", "dbias"), strict=True):
+        assert got.dtype == want.dtype and got.shape == want.shape, name
+    tol = 2e-4 if dtype == jnp.float32 else 4e-2
+    for result in (fast, general):
+        for got, want in zip(result, expected, strict=True):
+            np.testing.assert_allclose(np.asarray(got, np.float64), want, atol=tol * 4, rtol=tol)
+    chex.assert_trees_all_close(fast, general, atol=tol * 4, rtol=tol)
+
+
+@pytest.mark.parametrize("with_params", [True, False])
+def test_layer_norm_fast_path_backward_matches_autodiff_of_its_forward(with_params):
+    # The hand-derived VJP against jax.vjp of the same forward, with cotangents for all three outputs
+    # (y and the returned mean and variance, which batch-norm-like callers may differentiate).
+    keys = jax.random.split(jax.random.key(41), 6)
+    x = 3.0 + jax.random.normal(keys[0], (4, 3, 10))
+    axes = (1, 2)
+    scale = (1.0 + jax.random.normal(keys[1], (1, 3, 10))) if with_params else None
+    bias = jax.random.normal(keys[2], (1, 1, 10)) if with_params else None
+    cotangents = (jax.random.normal(keys[3], x.shape), jax.random.normal(keys[4], (4, 1, 1)),
+                  jax.random.normal(keys[5], (4, 1, 1)))
+
+    def plain(*args):
+        y, moments = norm._normalize_impl(*args, axes, EPS, jnp.float32)
+        return y, moments.mean, moments.var
+
+    @jax.jit
+    def both(x, scale, bias):
+        ours = jax.vjp(lambda *a: norm._trailing_norm_core(*a, axes, EPS, jnp.float32), x, scale, bias)
+        return ours[1](cotangents), jax.vjp(plain, x, scale, bias)[1](cotangents)
+
+    ours, autodiff = both(x, scale, bias)
+    chex.assert_trees_all_close(ours, autodiff, atol=2e-4, rtol=2e-4)
+
+
+@pytest.mark.parametrize("offset", [0.0, 1e3, 1e4])
+def test_layer_norm_fast_path_offset_accuracy_no_worse_than_the_general_path(offset):
+    # Max error of y, dx and dscale against float64 at a large common offset: the fast path stays at the
+    # general path's rounding floor (1.25x: both are at float32's floor, where the max is a noisy
+    # statistic) and at float32's floor itself.
+    keys = jax.random.split(jax.random.key(42), 3)
+    shape, axes = (16, 16, 16, 32), (3,)
+    x = offset + jax.random.normal(keys[0], shape)
+    scale, dy = 1.0 + 0.3 * jax.random.normal(keys[1], (1, 1, 1, 32)), jax.random.normal(keys[2], shape)
+    zeros = jnp.zeros((1, 1, 1, 32))
+
+    def y_dx_dscale(f):
+        y, f_vjp = jax.vjp(lambda x, s: f(x, s, zeros, axes), x, scale)
+        return y, *f_vjp(dy)
+
+    fast = jax.jit(lambda x: y_dx_dscale(lambda *a: norm._normalize(*a, EPS, jnp.float32)[0]))(x)
+    general = jax.jit(lambda x: y_dx_dscale(_general_layer_norm))(x)
+    y64, dx64, dscale64, _ = _layer_norm_vjp_float64(x, scale, zeros, dy, axes)
+    for got, general_got, want in zip(fast, general, (y64, dx64, dscale64), strict=True):
+        fast_error = np.abs(np.asarray(got, np.float64) - want).max()
+        general_error = np.abs(np.asarray(general_got, np.float64) - want).max()
+        assert fast_error <= 1.25 * general_error and fast_error < 2e-5 * np.abs(want).max(), (fast_error,
+                                                                                              general_error)
+
+
+def test_layer_norm_takes_the_fast_path_only_when_reducing_trailing_axes(monkeypatch):
+    x = jax.random.normal(jax.random.key(43), (2, 4, 4, 6))
+    calls = []
+    core = norm._trailing_norm_core
+
+    def spy(*args):
+        calls.append(args[3])
+        return core(*args)
+
+    monkeypatch.setattr(norm, "_trailing_norm_core", spy)
+    common = [(lambda: norm.layer_norm(x, jnp.ones(6), jnp.zeros(6)), (3,), reference("layer", x)),
+              (lambda: norm.layer_norm(x), (3,), reference("layer", x)),
+              (lambda: norm.layer_norm(x, jnp.ones(6), reduction_axes=(1, 2, 3)), (1, 2, 3),
+               reference_standardize(x, (1, 2, 3))),
+              (lambda: norm.layer_norm(x, dtype=jnp.bfloat16), (3,), reference("layer", x))]
+    for call, axes, expected in common:
+        calls.clear()
+        y = call()
+        assert calls == [axes]
+        atol = 2e-2 if y.dtype == jnp.bfloat16 else 2e-5
+        np.testing.assert_allclose(np.asarray(y, np.float64), expected, atol=atol)
+    general = [lambda: norm.layer_norm(x, mask=jnp.ones(x.shape, bool)),
+               lambda: norm.layer_norm(x.astype(jnp.complex64)),
+               lambda: norm.layer_norm(x, jnp.ones((4, 6)), reduction_axes=-1, feature_axes=(1, 3)),
+               lambda: norm.layer_norm(x, reduction_axes=(1, 2)),
+               lambda: norm.instance_norm(x), lambda: norm.group_norm(x, 3, reduction_axes=(2, 3)),
+               lambda: norm.batch_norm(x, norm.batch_norm_init(6), training=True)]
+    for call in general:
+        calls.clear()
+        call()
+        assert calls == []
+    assert not norm._trailing_fast_path(jnp.zeros((0, 6)), None, None, (1,))
