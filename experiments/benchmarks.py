@@ -256,9 +256,10 @@ def _reference_norm(x: Any, name: str, groups: int, eps: float) -> Any:
 # What the compiled HLO and side-by-side prototypes showed about each norm on XLA:CPU (jaxlib 0.10.2,
 # YNNPACK reduction fusions); docs/benchmarks.md has the measurements.
 NORM_MECHANISMS = {
-    "layer_norm": "XLA:CPU's reduction fusions take no per-row broadcast, so x - shift, the broadcasts of "
-                  "scale and 1/sigma, x_hat and dy * x_hat are written as full-size arrays; a backward "
-                  "summing over the raw x avoids them but loses accuracy at large offsets",
+    "layer_norm": "the common case (statistics over trailing axes) has a backward that reads the saved "
+                  "x - shift and writes dy * x_hat once, its per-row sums with scale matrix-vector products, "
+                  "so no full-size broadcast is written; the general path (mask, other axes) writes x - "
+                  "shift, the broadcasts of scale and 1/sigma, x_hat and dy * x_hat",
     "group_norm": "the common case reduces per (n, channel) first, then over each group, and its backward "
                   "reads the saved x - shift, so no reduction takes a broadcast operand; the remaining "
                   "full-size arrays are y, dx, x - shift (and bf16 dy in float32) (docs/normalization.md)",

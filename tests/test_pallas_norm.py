@@ -9,7 +9,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
-from hypothesis import given, settings
+from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from jaxopt_lab import normalization as norm
@@ -99,6 +99,9 @@ def test_default_parameters_are_identity_affine():
        st.integers(0, 2**16))
 def test_group_norm_property(n, spatial, channels_groups, seed):
     channels, groups = channels_groups
+    # A group of 2 elements normalizes to x_hat = +-1 whatever x is: its exact dx is 0, and both paths
+    # return rounding noise scaled by 1/sigma, which no relative tolerance compares. 4+ elements per group.
+    assume(spatial * (spatial + 1) * (channels // groups) >= 4)
     x, scale, bias, dy = _inputs((n, spatial, spatial + 1, channels), seed=seed)
     _assert_matches_xla(lambda x, s, b: pallas_norm.group_norm(x, groups, s, b, interpret=True),
                         lambda x, s, b: norm.group_norm(x, groups, s, b), x, scale, bias, dy,
