@@ -612,6 +612,27 @@ def _general_group_norm(x, groups, scale=None, bias=None, eps=EPS):
     return norm._normalize(x.reshape(grouped), scale, bias, axes, eps, x.dtype)[0].reshape(x.shape)
 
 
+def _assert_fast_and_general_paths_match(fast_fn, general_fn, expected, x, scale, bias, dy):
+    """y and every cotangent of a fast path and of the general path, against a float64 ``expected``
+    (y, dx, dscale, dbias) and against each other; tolerances by x's dtype."""
+
+    @jax.jit
+    def both(x, scale, bias, dy):
+        def vjp(f):
+            y, f_vjp = jax.vjp(f, x, scale, bias)
+            return y, *f_vjp(dy)
+        return vjp(fast_fn), vjp(general_fn)
+
+    fast, general = both(x, scale, bias, dy)
+    for got, want, name in zip(fast, general, ("y", "dx", "dscale", "dbias"), strict=True):
+        assert got.dtype == want.dtype and got.shape == want.shape, name
+    tol = 2e-4 if x.dtype == jnp.float32 else 4e-2
+    for result in (fast, general):
+        for got, want in zip(result, expected, strict=True):
+            np.testing.assert_allclose(np.asarray(got, np.float64), want, atol=tol * 4, rtol=tol)
+    chex.assert_trees_all_close(fast, general, atol=tol * 4, rtol=tol)
+
+
 def _group_norm_vjp_float64(x, groups, scale, bias, dy, eps=EPS):
     """(y, dx, dscale, dbias) of group norm in float64 NumPy, the backward in closed form."""
     x, scale, bias, dy = (np.asarray(a, np.float64) for a in (x, scale, bias, dy))
@@ -639,23 +660,10 @@ def test_group_norm_fast_path_matches_general_path_and_float64(shape, groups, dt
     bias = jax.random.normal(keys[2], shape[-1:])
     dy = jax.random.normal(keys[3], shape).astype(dtype)
 
-    @jax.jit
-    def both(x, scale, bias, dy):
-        def vjp(f):
-            y, f_vjp = jax.vjp(f, x, scale, bias)
-            return y, *f_vjp(dy)
-        return (vjp(lambda x, s, b: norm.group_norm(x, groups, s, b, eps=EPS)),
-                vjp(lambda x, s, b: _general_group_norm(x, groups, s, b)))
-
-    fast, general = both(x, scale, bias, dy)
-    expected = _group_norm_vjp_float64(x, groups, scale, bias, dy)
-    for got, want, name in zip(fast, general, ("y", "dx", "dscale", "dbias"), strict=True):
-        assert got.dtype == want.dtype and got.shape == want.shape, name
-    tol = 2e-4 if dtype == jnp.float32 else 4e-2
-    for result in (fast, general):
-        for got, want in zip(result, expected, strict=True):
-            np.testing.assert_allclose(np.asarray(got, np.float64), want, atol=tol * 4, rtol=tol)
-    chex.assert_trees_all_close(fast, general, atol=tol * 4, rtol=tol)
+    _assert_fast_and_general_paths_match(
+        lambda x, s, b: norm.group_norm(x, groups, s, b, eps=EPS),
+        lambda x, s, b: _general_group_norm(x, groups, s, b),
+        _group_norm_vjp_float64(x, groups, scale, bias, dy), x, scale, bias, dy)
 
 
 @pytest.mark.parametrize("with_params", [True, False])
@@ -781,23 +789,10 @@ def test_layer_norm_fast_path_matches_general_path_and_float64(shape, axes, para
     bias = jax.random.normal(keys[2], param_shape)
     dy = jax.random.normal(keys[3], shape).astype(dtype)
 
-    @jax.jit
-    def both(x, scale, bias, dy):
-        def vjp(f):
-            y, f_vjp = jax.vjp(f, x, scale, bias)
-            return y, *f_vjp(dy)
-        return (vjp(lambda x, s, b: norm._normalize(x, s, b, axes, EPS, x.dtype)[0]),
-                vjp(lambda x, s, b: _general_layer_norm(x, s, b, axes)))
-
-    fast, general = both(x, scale, bias, dy)
-    expected = _layer_norm_vjp_float64(x, scale, bias, dy, axes)
-    for got, want, name in zip(fast, general, ("y", "dx", "dscale", "dbias"), strict=True):
-        assert got.dtype == want.dtype and got.shape == want.shape, name
-    tol = 2e-4 if dtype == jnp.float32 else 4e-2
-    for result in (fast, general):
-        for got, want in zip(result, expected, strict=True):
-            np.testing.assert_allclose(np.asarray(got, np.float64), want, atol=tol * 4, rtol=tol)
-    chex.assert_trees_all_close(fast, general, atol=tol * 4, rtol=tol)
+    _assert_fast_and_general_paths_match(
+        lambda x, s, b: norm._normalize(x, s, b, axes, EPS, x.dtype)[0],
+        lambda x, s, b: _general_layer_norm(x, s, b, axes), _layer_norm_vjp_float64(x, scale, bias, dy, axes),
+        x, scale, bias, dy)
 
 
 @pytest.mark.parametrize("with_params", [True, False])
