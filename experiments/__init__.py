@@ -1,4 +1,4 @@
-"""The experiments behind ``jaxopt-lab run`` (installed as ``jaxopt_lab.experiments``).
+"""The experiments behind ``jaxopt-lab run`` (installed as ``jaxopt_lab.lab.experiments``).
 
-One module per experiment, each defining ``EXPERIMENT``; see :mod:`jaxopt_lab.experiment`.
+One module per experiment, each defining ``EXPERIMENT``; see :mod:`jaxopt_lab.lab.experiment`.
 """

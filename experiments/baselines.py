@@ -2,8 +2,8 @@
 
 MNIST-1D (Greydanus & Kobak, "Scaling down deep learning with MNIST-1D", arXiv:2011.14439) is a second
 real benchmark with a published table, generated locally by the ``mnist1d`` package
-(:func:`jaxopt_lab.data.load_mnist1d`). Each model trains for a fixed budget of Adam steps at the
-paper's batch size, its learning rate chosen per model by :func:`jaxopt_lab.training.tune_learning_rate`
+(:func:`jaxopt_lab.lab.data.load_mnist1d`). Each model trains for a fixed budget of Adam steps at the
+paper's batch size, its learning rate chosen per model by :func:`jaxopt_lab.lab.training.tune_learning_rate`
 (all rates x seeds in one vmapped program, chosen on a validation split of the training set, never on the
 test set). The summary sets the test accuracies (mean ± std over seeds) beside the paper's and states the
 endpoint: steps, batch, chosen rate, and whether the training loss had flattened. The same protocol on the
@@ -24,9 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxopt_lab import data, models, training
-from jaxopt_lab.experiment import Experiment, RunContext, main_for
-from jaxopt_lab.plotting import new_figure, plot_loss_curves
+from jaxopt_lab.lab import data, models, training
+from jaxopt_lab.lab.experiment import Experiment, RunContext, main_for
+from jaxopt_lab.lab.plotting import new_figure, plot_loss_curves
 
 NAME = "baselines"
 
@@ -213,7 +213,7 @@ def _pct(stats: dict) -> str:
 
 def _summary(ctx: RunContext, cfg: Config, rows: list[dict], descriptions: dict[str, str],
              figures: list[str]) -> str:
-    # The runner puts the quick/full line under this heading (jaxopt_lab.experiment).
+    # The runner puts the quick/full line under this heading (jaxopt_lab.lab.experiment).
     tag = " (quick: not conclusive)" if ctx.quick else ""
     lines = ["# baselines — MNIST-1D logistic / MLP / CNN / GRU beside the paper; MLP vs CNN on digits", ""]
     rates = ", ".join(f"{r:g}" for r in cfg.learning_rates)

@@ -2,7 +2,7 @@
 
 mission.md part D (d). Same data, model, rate and epochs; per batch size one vmapped sweep over seeds
 (the batch size is a shape, so each size is its own program). Loss per iteration and per epoch, the noise
-of each curve measured (:func:`jaxopt_lab.diagnostics.loss_noise`), wall-clock to a loss target, and the
+of each curve measured (:func:`jaxopt_lab.lab.diagnostics.loss_noise`), wall-clock to a loss target, and the
 seed's two-panel figure (smooth vs noisy).
 """
 
@@ -13,9 +13,10 @@ import dataclasses
 import jax
 import numpy as np
 
-from jaxopt_lab import benchmarking, diagnostics, landscapes, sweep
-from jaxopt_lab.experiment import Experiment, RunContext, main_for
-from jaxopt_lab.plotting import new_figure
+from jaxopt_lab.lab import diagnostics, landscapes, sweep
+from jaxopt_lab.lab.bench import timing as benchmarking
+from jaxopt_lab.lab.experiment import Experiment, RunContext, main_for
+from jaxopt_lab.lab.plotting import new_figure
 
 NAME = "batch-vs-minibatch"
 

@@ -6,7 +6,7 @@ mission.md part A. (a) one batch of 128; (b) ``optax.MultiSteps`` over 4 batches
 the same order (a batch of 128 is four consecutive batches of 32), so (b) and (c) must equal (a) up to
 float rounding, unless the model has batch norm, whose statistics are then those of 32 examples.
 The endpoint is a budget of optimizer updates; (a)'s SGD+momentum rate is chosen by a vmapped sweep on a
-validation split (:func:`jaxopt_lab.training.tune_learning_rate`) and used for (a), (b) and (c) alike (an
+validation split (:func:`jaxopt_lab.lab.training.tune_learning_rate`) and used for (a), (b) and (c) alike (an
 equivalence test needs the same rate); (d) gets its own tuned rate. Reported: parameter max-abs difference
 to (a), loss curves, test accuracy, the chosen rates, and the step time and compiled memory of each variant.
 """
@@ -24,9 +24,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxopt_lab import data, models, training
-from jaxopt_lab.experiment import Experiment, RunContext, check_training_config, main_for
-from jaxopt_lab.plotting import new_figure, plot_loss_curves
+from jaxopt_lab.lab import data, models, training
+from jaxopt_lab.lab.experiment import Experiment, RunContext, check_training_config, main_for
+from jaxopt_lab.lab.plotting import new_figure, plot_loss_curves
 
 NAME = "gradient-accumulation"
 EFFECTIVE_BATCH, STEPS = 128, 4

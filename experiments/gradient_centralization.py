@@ -6,7 +6,7 @@ gradient, then the optimizer) and with ``optax.centralize`` chained first (the a
 every axis but the FIRST, PyTorch's output axis, so on Flax kernels it is a different projection), on a
 CNN with batch norm and on an MLP. Each (model, optimizer, variant) trains for a fixed budget of optimizer
 steps at its OWN best learning rate, chosen by a vmapped sweep on a validation split
-(:func:`jaxopt_lab.training.tune_learning_rate`), so GC and plain are compared each at its best rate.
+(:func:`jaxopt_lab.lab.training.tune_learning_rate`), so GC and plain are compared each at its best rate.
 Reports test accuracy, the chosen rates, steps to a training-loss target, whether the loss flattened, and
 the weight-space constraint: each layer's per-output mean weight at the end vs at initialization.
 ``--data mnist1d`` runs it on MNIST-1D.
@@ -23,10 +23,10 @@ from typing import Any
 import numpy as np
 import optax
 
-from jaxopt_lab import data, models, training
 from jaxopt_lab.centralization import with_gradient_centralization
-from jaxopt_lab.experiment import Experiment, RunContext, check_training_config, main_for
-from jaxopt_lab.plotting import new_figure, plot_loss_curves
+from jaxopt_lab.lab import data, models, training
+from jaxopt_lab.lab.experiment import Experiment, RunContext, check_training_config, main_for
+from jaxopt_lab.lab.plotting import new_figure, plot_loss_curves
 
 NAME = "gradient-centralization"
 VARIANTS = ("plain", "GC (ours)", "optax.centralize")

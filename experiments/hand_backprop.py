@@ -9,9 +9,9 @@ from __future__ import annotations
 import jax
 import numpy as np
 
-from jaxopt_lab import seed_network as net
-from jaxopt_lab.experiment import Experiment, RunContext, main_for
-from jaxopt_lab.plotting import new_figure
+from jaxopt_lab.lab import worked_network as net
+from jaxopt_lab.lab.experiment import Experiment, RunContext, main_for
+from jaxopt_lab.lab.plotting import new_figure
 
 NAME = "hand-backprop"
 LEARNING_RATE = 0.1

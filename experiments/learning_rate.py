@@ -1,7 +1,7 @@
 """learning-rate: too high, too low and a good rate on one problem; `diagnose`; the LR range test.
 
 mission.md part D (a, b). A fine log grid of rates x init seeds for SGD and momentum runs as one
-vmapped sweep; every history is labelled by :func:`jaxopt_lab.diagnostics.diagnose` (the "how can we
+vmapped sweep; every history is labelled by :func:`jaxopt_lab.lab.diagnostics.diagnose` (the "how can we
 detect it" half of the question), and Smith's LR range test — one run per seed with an exponentially
 growing rate, vmapped over seeds — suggests a rate that is set against the grid's best.
 """
@@ -14,9 +14,9 @@ from typing import Any
 
 import numpy as np
 
-from jaxopt_lab import diagnostics, landscapes, sweep
-from jaxopt_lab.experiment import Experiment, RunContext, main_for
-from jaxopt_lab.plotting import new_figure, plot_loss_curves
+from jaxopt_lab.lab import diagnostics, landscapes, sweep
+from jaxopt_lab.lab.experiment import Experiment, RunContext, main_for
+from jaxopt_lab.lab.plotting import new_figure, plot_loss_curves
 
 NAME = "learning-rate"
 OPTIMIZER_NAMES = ("sgd", "momentum")

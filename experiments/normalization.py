@@ -2,7 +2,7 @@
 
 mission.md part B. A small CNN with each norm at batch sizes 2..64, every configuration trained for the
 SAME number of optimizer steps (not epochs) with Adam at a learning rate chosen for that (norm, batch size)
-by a vmapped sweep on a validation split (:func:`jaxopt_lab.training.tune_learning_rate`), set beside the
+by a vmapped sweep on a validation split (:func:`jaxopt_lab.lab.training.tune_learning_rate`), set beside the
 trend of Figure 1 of the Group Norm paper (Wu & He, ECCV 2018); an MLP beside it (so the CNN is seen to be
 at least as good); a row-RNN with batch vs layer norm; every trained CNN on test inputs whose contrast and
 brightness were changed per example; group norm's group count; batch norm evaluated with its running
@@ -22,9 +22,9 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
-from jaxopt_lab import data, models, training
-from jaxopt_lab.experiment import Experiment, RunContext, check_training_config, main_for
-from jaxopt_lab.plotting import new_figure
+from jaxopt_lab.lab import data, models, training
+from jaxopt_lab.lab.experiment import Experiment, RunContext, check_training_config, main_for
+from jaxopt_lab.lab.plotting import new_figure
 
 NAME = "normalization"
 CNN_NORMS = ("none", "batch", "layer", "instance", "group")

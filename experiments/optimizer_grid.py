@@ -1,8 +1,8 @@
 """optimizer-grid: the seed's SGD / momentum / RMSprop / Adam x 4 learning rates notebook, re-run openly.
 
 mission.md part F. Four optimizers x rates 0.001, 0.01, 0.1, 1 x several initialisations, all in ONE
-jitted, vmapped sweep (:mod:`jaxopt_lab.sweep`) on the synthetic regression of
-:func:`jaxopt_lab.landscapes.make_regression`; a run stops when the loss falls below 0.1 or at the step
+jitted, vmapped sweep (:mod:`jaxopt_lab.lab.sweep`) on the synthetic regression of
+:func:`jaxopt_lab.lab.landscapes.make_regression`; a run stops when the loss falls below 0.1 or at the step
 limit. The seed's reported step counts are set beside ours, with checks of its qualitative claims.
 """
 
@@ -13,9 +13,9 @@ import itertools
 
 import numpy as np
 
-from jaxopt_lab import diagnostics, landscapes, sweep
-from jaxopt_lab.experiment import Experiment, RunContext, main_for
-from jaxopt_lab.plotting import new_figure, plot_loss_curves
+from jaxopt_lab.lab import diagnostics, landscapes, sweep
+from jaxopt_lab.lab.experiment import Experiment, RunContext, main_for
+from jaxopt_lab.lab.plotting import new_figure, plot_loss_curves
 
 NAME = "optimizer-grid"
 OPTIMIZER_NAMES = ("sgd", "momentum", "rmsprop", "adam")
@@ -208,7 +208,7 @@ X ~ N(0, I) ({cfg.num_samples} samples x {cfg.num_features} features), w*, b* ~ 
 draw per init seed ({len(seeds)} seeds; median initial loss {metrics['problem']['initial_loss_median']:.3g}).
 Full-batch updates; a run stops when the loss falls below {cfg.target_loss:g}, diverges (NaN/inf or loss
 > {cfg.divergence_bound:g}) or reaches {cfg.steps} steps. All {len(OPTIMIZER_NAMES) * len(cfg.learning_rates) *
-len(seeds)} runs are one jitted `vmap` (`jaxopt_lab.sweep.run_sweep`).
+len(seeds)} runs are one jitted `vmap` (`jaxopt_lab.lab.sweep.run_sweep`).
 Optimizers (optax): {'; '.join(f"**{n}** = {sweep.OPTIMIZERS[n].note}" for n in OPTIMIZER_NAMES)}. The
 momentum value 0.9 is the usual default (Sutskever et al. 2013; Keras/PyTorch examples); the seed does not
 state its value.

@@ -2,7 +2,7 @@
 
 mission.md part D (c). Every (landscape) runs optimizers x starts x noise seeds x {no noise, noise} as
 one vmapped sweep; a run stops when it has *escaped*: its loss fell ``margin`` below the saddle's value
-(:func:`jaxopt_lab.diagnostics.escape_steps`). The seed's two claims are tested on the escape table.
+(:func:`jaxopt_lab.lab.diagnostics.escape_steps`). The seed's two claims are tested on the escape table.
 """
 
 from __future__ import annotations
@@ -12,10 +12,10 @@ import dataclasses
 import jax.numpy as jnp
 import numpy as np
 
-from jaxopt_lab import diagnostics, sweep
-from jaxopt_lab.experiment import Experiment, RunContext, main_for
-from jaxopt_lab.landscapes import SADDLES
-from jaxopt_lab.plotting import new_figure
+from jaxopt_lab.lab import diagnostics, sweep
+from jaxopt_lab.lab.experiment import Experiment, RunContext, main_for
+from jaxopt_lab.lab.landscapes import SADDLES
+from jaxopt_lab.lab.plotting import new_figure
 
 NAME = "saddle-points"
 OPTIMIZER_NAMES = ("sgd", "momentum", "rmsprop", "adam")

@@ -159,7 +159,7 @@ def batch_sharded(train_step: Callable[[Any, Any], Any], mesh: Mesh) -> Callable
 
     :func:`data_parallel_step` compiles one step per call. A training loop that is itself one jitted
     program (a ``lax.scan`` over mini-batches gathered from a device-resident data set, as
-    :func:`jaxopt_lab.training.fit` does) needs the sharding stated inside it instead:
+    :func:`jaxopt_lab.lab.training.fit` does) needs the sharding stated inside it instead:
     ``jax.lax.with_sharding_constraint`` on the batch makes XLA split each step's batch over the devices
     and all-reduce its batch statistics, as above. It composes with ``vmap`` (e.g. over seeds).
     """

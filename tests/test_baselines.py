@@ -3,9 +3,9 @@
 import json
 
 import pytest
-from jaxopt_lab.experiments import baselines
+from jaxopt_lab.lab.experiments import baselines
 
-from jaxopt_lab import experiment, models
+from jaxopt_lab.lab import experiment, models
 
 
 def test_check_configs_builds_every_quick_and_full_model_and_optimizer():

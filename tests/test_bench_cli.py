@@ -6,17 +6,15 @@ consistency of every row, never how fast anything was.
 
 import dataclasses
 import json
-import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
-from jaxopt_lab.experiments import benchmarks
 
-from jaxopt_lab import cli
-from jaxopt_lab.benchmarking import Target
-from jaxopt_lab.experiment import available_experiments
+from jaxopt_lab.lab import bench as benchmarks
+from jaxopt_lab.lab import cli
+from jaxopt_lab.lab.bench.timing import Target
+from jaxopt_lab.lab.experiment import available_experiments
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -103,7 +101,7 @@ def test_bench_covers_the_issue_rows(bench_out):
 
 
 def test_pallas_rows_only_where_the_kernels_compile(monkeypatch):
-    from jaxopt_lab import pallas_norm
+    from jaxopt_lab.normalization import _pallas as pallas_norm
 
     cases = {(c.name, c.shape): c for c in benchmarks._norm_cases(benchmarks.BenchConfig.for_mode(True))}
     layer, group = cases["layer_norm", (64, 1024)], cases["group_norm", (8, 16, 16, 32)]
@@ -173,8 +171,3 @@ def test_usage_errors_are_one_line_with_status_2(argv, capsys):
     err = capsys.readouterr().err.strip()
     assert err.count("\n") == 0 and err.startswith("jaxopt-lab") and ": error: " in err
 
-
-def test_script_form_forwards_to_the_cli():
-    proc = subprocess.run([sys.executable, str(ROOT / "experiments" / "benchmarks.py"), "--help"],
-                          capture_output=True, text=True, check=True)
-    assert "jaxopt-lab bench" in proc.stdout and "--quick" in proc.stdout

@@ -1,4 +1,4 @@
-"""The timing harness (jaxopt_lab.benchmarking): what it calls, in which order, and how it reduces samples.
+"""The timing harness (jaxopt_lab.lab.bench.timing): what it calls, in which order, and how it reduces samples.
 
 No assertion here depends on how fast anything runs: the harness is checked on call counts, call order
 and hand-made samples.
@@ -13,7 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jaxopt_lab import benchmarking as bm
+from jaxopt_lab.lab.bench import timing as bm
 
 
 def _recorder(log, name):
@@ -110,11 +110,11 @@ def test_targets():
 @pytest.mark.parametrize(("kwargs", "error", "match"), [
     ({"fns": {}}, ValueError, "at least one callable"),
     ({"fns": {"a": 3}}, TypeError, r"fns\['a'\] must be callable, got int"),
-    ({"repeats": 0}, ValueError, "repeats must be a positive integer, got 0"),
-    ({"repeats": 2.0}, ValueError, "repeats must be a positive integer"),
+    ({"repeats": 0}, ValueError, "repeats must be a positive int, got 0"),
+    ({"repeats": 2.0}, ValueError, "repeats must be a positive int"),
     ({"warmup": -1}, ValueError, "warmup must be a non-negative integer, got -1"),
     ({"min_sample_s": -1.0}, ValueError, "min_sample_s must be >= 0"),
-    ({"number": 0}, ValueError, "number must be a positive integer, got 0"),
+    ({"number": 0}, ValueError, "number must be a positive int, got 0"),
 ])
 def test_bad_arguments_are_named(kwargs, error, match):
     kwargs = {"fns": {"a": lambda: None}, **kwargs}

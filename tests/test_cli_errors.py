@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxopt_lab import cli, data, experiment
+from jaxopt_lab.lab import cli, data, experiment
 
-CLI = [sys.executable, "-m", "jaxopt_lab.cli"]
+CLI = [sys.executable, "-m", "jaxopt_lab.lab.cli"]
 
 
 def _arrays(**changes):
@@ -107,7 +107,7 @@ def test_real_process_prints_one_line_and_debug_shows_the_traceback(tmp_path):
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=300, env={**env, cli.DEBUG_ENV: "1"})
     assert proc.returncode == 1
     assert "Traceback" in proc.stderr and "ValueError: load_npz: " in proc.stderr
-    assert proc.stderr.rstrip().splitlines()[-1].startswith("jaxopt_lab.cli.UsageError: --data: load_npz: ")
+    assert proc.stderr.rstrip().splitlines()[-1].startswith("jaxopt_lab.lab.cli.UsageError: --data: load_npz: ")
 
 
 @pytest.mark.parametrize("argv", [["--debug", "run", "hand-backprop"], ["run", "hand-backprop", "--debug"]])
@@ -239,7 +239,7 @@ def test_one_line_warnings_show_a_repeated_warning_once_and_restore_the_default(
 ])
 def test_interrupt_line_says_what_finished(tmp_path, monkeypatch, capsys, where, expected):
     """Ctrl-C at each point of `run` (simulated in-process: the real signal is tested below)."""
-    import jaxopt_lab.report
+    import jaxopt_lab.lab.report
 
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
@@ -259,7 +259,7 @@ def test_interrupt_line_says_what_finished(tmp_path, monkeypatch, capsys, where,
     if where == "check":
         monkeypatch.setattr(cli, "_writable_folder", interrupt)
     if where == "report":
-        monkeypatch.setattr(jaxopt_lab.report, "write_report", interrupt)
+        monkeypatch.setattr(jaxopt_lab.lab.report, "write_report", interrupt)
     out = tmp_path / "out"
     assert cli.main(["run", "hand-backprop", "optimizer-grid", "learning-rate", "--out", str(out)]) == 130
     assert _one_line(capsys.readouterr().err) == "jaxopt-lab run: " + expected.format(out=out)

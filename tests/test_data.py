@@ -6,7 +6,7 @@ import jax
 import numpy as np
 import pytest
 
-from jaxopt_lab import data
+from jaxopt_lab.lab import data
 
 
 @pytest.fixture(scope="module")

@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jaxopt_lab import diagnostics, landscapes, sweep
-from jaxopt_lab.diagnostics import diagnose
+from jaxopt_lab.lab import diagnostics, landscapes, sweep
+from jaxopt_lab.lab.diagnostics import diagnose
 
 T = np.arange(200)
 

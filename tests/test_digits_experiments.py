@@ -5,7 +5,7 @@ import json
 import numpy as np
 import pytest
 
-from jaxopt_lab import cli, data
+from jaxopt_lab.lab import cli, data
 
 pytestmark = pytest.mark.slow_e2e
 

@@ -12,7 +12,7 @@ import json
 import optax
 import pytest
 
-from jaxopt_lab import experiment, models
+from jaxopt_lab.lab import experiment, models
 
 EXPERIMENTS = experiment.available_experiments()
 
@@ -89,7 +89,7 @@ def test_a_claim_about_a_model_that_did_not_learn_gets_no_verdict():
 
 
 def _toy(ctx):
-    from jaxopt_lab.plotting import new_figure
+    from jaxopt_lab.lab.plotting import new_figure
 
     fig, _ = new_figure()
     ctx.save_figure(fig, "toy.png")
@@ -100,7 +100,7 @@ def _toy(ctx):
 
 @pytest.mark.parametrize("quick", [True, False])
 def test_quick_and_full_summaries_are_marked_under_their_heading(tmp_path, quick):
-    from jaxopt_lab import report
+    from jaxopt_lab.lab import report
 
     experiment.run_experiment(experiment.Experiment("toy", "a toy", _toy), tmp_path, quick=quick, seed=0,
                               show_progress=False)

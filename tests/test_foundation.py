@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxopt_lab import cli, experiment, report, results
-from jaxopt_lab.experiment import Experiment, RunContext
+from jaxopt_lab.lab import cli, experiment, report, results
+from jaxopt_lab.lab.experiment import Experiment, RunContext
 
 
 def test_atomic_write_json_is_strict_and_converts_arrays(tmp_path):
@@ -39,7 +39,7 @@ def test_staging_dir_keeps_old_results_when_interrupted(tmp_path):
 
 
 def _toy_run(ctx: RunContext) -> None:
-    from jaxopt_lab.plotting import new_figure, plot_loss_curves
+    from jaxopt_lab.lab.plotting import new_figure, plot_loss_curves
 
     fig, axes = new_figure()
     plot_loss_curves(axes[0, 0], [[3.0, 2.0, 1.0], [1.0, 1e3, np.nan]], ["ok", "bad"],

@@ -6,8 +6,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxopt_lab import landscapes
-from jaxopt_lab.landscapes import SADDLES
+from jaxopt_lab.lab import landscapes
+from jaxopt_lab.lab.landscapes import SADDLES
 
 
 @pytest.mark.parametrize("name", list(SADDLES))

@@ -5,8 +5,8 @@ import jax
 import jax.numpy as jnp
 import pytest
 
-from jaxopt_lab import models
 from jaxopt_lab import nn as norms
+from jaxopt_lab.lab import models
 
 X = jax.random.normal(jax.random.key(0), (6, 8, 8, 1))
 

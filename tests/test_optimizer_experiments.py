@@ -4,7 +4,7 @@ import json
 
 import pytest
 
-from jaxopt_lab import cli
+from jaxopt_lab.lab import cli
 
 pytestmark = pytest.mark.slow_e2e
 

@@ -1,4 +1,4 @@
-"""The fused Pallas layer/group norm (jaxopt_lab.pallas_norm), run with interpret=True on any backend.
+"""The fused Pallas layer/group norm (jaxopt_lab.normalization._pallas), run with interpret=True on any backend.
 
 Forward and every gradient are checked against the XLA path of jaxopt_lab.normalization, which has its
 own tests against flax and float64 references.
@@ -13,7 +13,7 @@ from hypothesis import assume, given, settings
 from hypothesis import strategies as st
 
 from jaxopt_lab import normalization as norm
-from jaxopt_lab import pallas_norm
+from jaxopt_lab.normalization import _pallas as pallas_norm
 
 
 def _inputs(shape, dtype=jnp.float32, offset=3.0, seed=0):

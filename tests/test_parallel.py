@@ -216,7 +216,7 @@ def _with_carry(loss_and_stats):
 
 
 def _digits_state_and_batches(tx: optax.GradientTransformation):
-    from jaxopt_lab import models, training
+    from jaxopt_lab.lab import models, training
 
     state = training.create_train_state(models.CNN(widths=(8, 16)), tx, jax.random.key(0), _batch()["x"][:1])
     return state, [training.Batch(b["x"], b["y"]) for b in (_batch(seed=i) for i in range(3))]
@@ -224,8 +224,8 @@ def _digits_state_and_batches(tx: optax.GradientTransformation):
 
 @_check
 def check_digits_train_step_with_gc_and_microbatches_equals_single_device():
-    from jaxopt_lab import training
     from jaxopt_lab.centralization import gradient_centralization
+    from jaxopt_lab.lab import training
 
     tx = optax.chain(gradient_centralization(), optax.sgd(0.05, momentum=0.9))
     mesh = parallel.data_parallel_mesh()

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from jaxopt_lab import cli, results
+from jaxopt_lab.lab import cli, results
 
 UMASKS = [pytest.param(0o022, 0o644, 0o755, id="umask022"), pytest.param(0o027, 0o640, 0o750, id="umask027")]
 
@@ -30,7 +30,7 @@ def _mode(path: Path) -> int:
 
 @pytest.mark.parametrize("mask, file_mode, dir_mode", UMASKS)
 def test_atomic_writes_respect_the_umask(tmp_path, mask, file_mode, dir_mode):
-    from jaxopt_lab.plotting import new_figure
+    from jaxopt_lab.lab.plotting import new_figure
 
     old = tmp_path / "old.txt"
     old.write_text("written by an earlier version, private\n")

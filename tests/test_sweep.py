@@ -8,8 +8,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jaxopt_lab import landscapes, sweep
-from jaxopt_lab.sweep import RunSpec, SweepConfig
+from jaxopt_lab.lab import landscapes, sweep
+from jaxopt_lab.lab.sweep import RunSpec, SweepConfig
 
 PROBLEM = landscapes.make_regression(3, num_samples=24, num_features=3)
 INIT = landscapes.init_linear(3, scale=1.0)

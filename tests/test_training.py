@@ -12,7 +12,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxopt_lab import data, models, training
+from jaxopt_lab.lab import data, models, training
 
 MLP = models.MLP(widths=(32,))
 
@@ -120,7 +120,7 @@ def test_data_parallel_on_a_one_device_mesh_equals_plain_training(digits):
 
 _TWO_DEVICES = """
 import chex, optax
-from jaxopt_lab import data, models, training
+from jaxopt_lab.lab import data, models, training
 ds = data.load_digits()
 def run(data_parallel, norm="batch", batch_size=16, num_microbatches=1):
     # SGD, not Adam: Adam maps a rounding-level gradient (e.g. one batch norm makes ~0) to a full step.

@@ -1,7 +1,7 @@
 """The benchmark suite behind ``jaxopt-lab bench [--quick] [--out DIR]`` (issues 7 and 13).
 
 Each row times one of our code paths against the anchor it must match or beat, in the same process with
-interleaved repetitions (:mod:`jaxopt_lab.benchmarking`), and reports ours/anchor as the median of the
+interleaved repetitions (:mod:`jaxopt_lab.lab.bench.timing`), and reports ours/anchor as the median of the
 per-repetition ratios with their interquartile range; a target counts as met only when the pessimistic
 (upper) quartile of the ratios meets it. The host's load average is recorded at the start and end of
 every group. Rows:
@@ -204,12 +204,13 @@ def _norm_cases(cfg: BenchConfig) -> list[NormCase]:
 
 
 def _pallas_path(case: NormCase) -> Callable[[Any, Any], Any] | None:
-    """:mod:`jaxopt_lab.pallas_norm`'s fused kernel for ``case``, or None where it cannot compile here.
+    """The fused Pallas kernel (:mod:`jaxopt_lab.normalization._pallas`) for ``case``, or None where it
+    cannot compile here.
 
     Only layer norm (over the last axis) and group norm have kernels; they need a GPU backend
     (``pallas_norm.available()``) and a shape the Triton lowering takes (``pallas_norm.supported``).
     """
-    from jaxopt_lab import pallas_norm
+    from jaxopt_lab.normalization import _pallas as pallas_norm
 
     if case.name not in ("layer_norm", "group_norm") or not pallas_norm.available():
         return None
@@ -293,7 +294,7 @@ def norm_rows(cfg: BenchConfig) -> list[Row]:
     import jax.numpy as jnp
     import numpy as np
 
-    from jaxopt_lab import benchmarking as bm
+    from jaxopt_lab.lab.bench import timing as bm
 
     rows = []
     for case in _norm_cases(cfg):
@@ -360,7 +361,7 @@ def _digits_workload(cfg: BenchConfig, model: Any = None) -> tuple[Any, Any, Cal
     import jax.numpy as jnp
     import optax
 
-    from jaxopt_lab import models, training
+    from jaxopt_lab.lab import models, training
 
     ki, kl, kp = jax.random.split(jax.random.key(2), 3)
     images = jax.random.normal(ki, (cfg.effective_batch, 8, 8, 1), jnp.float32)
@@ -380,9 +381,9 @@ def accumulation_rows(cfg: BenchConfig) -> list[Row]:
     import jax
     import optax
 
-    from jaxopt_lab import benchmarking as bm
-    from jaxopt_lab import models, training
     from jaxopt_lab.accumulation import microbatched_value_and_grad
+    from jaxopt_lab.lab import models, training
+    from jaxopt_lab.lab.bench import timing as bm
 
     k, n = cfg.num_microbatches, cfg.effective_batch
     target = bm.Target("max_ratio", 1.15)
@@ -460,9 +461,9 @@ def _gradient_rows(cfg: BenchConfig, label: str, model: Any, target: Any) -> lis
     import jax.numpy as jnp
     import optax
 
-    from jaxopt_lab import benchmarking as bm
-    from jaxopt_lab import training
     from jaxopt_lab.accumulation import microbatched_value_and_grad
+    from jaxopt_lab.lab import training
+    from jaxopt_lab.lab.bench import timing as bm
 
     k, n = cfg.num_microbatches, cfg.effective_batch
     batch, _, state_for = _digits_workload(cfg, model)
@@ -517,9 +518,9 @@ def gradient_centralization_rows(cfg: BenchConfig) -> list[Row]:
     import jax
     import optax
 
-    from jaxopt_lab import benchmarking as bm
-    from jaxopt_lab import training
     from jaxopt_lab.centralization import gradient_centralization
+    from jaxopt_lab.lab import training
+    from jaxopt_lab.lab.bench import timing as bm
 
     batch, tx, state_for = _digits_workload(cfg)
     tx_gc = optax.chain(gradient_centralization(), tx)
@@ -557,8 +558,8 @@ SWEEP_LEARNING_RATES = (0.001, 0.01, 0.1, 1.0)
 def sweep_rows(cfg: BenchConfig) -> list[Row]:
     import jax
 
-    from jaxopt_lab import benchmarking as bm
-    from jaxopt_lab import landscapes, sweep
+    from jaxopt_lab.lab import landscapes, sweep
+    from jaxopt_lab.lab.bench import timing as bm
 
     # The optimizer grid of mission.md part F: 4 optimizers x 4 rates on the synthetic regression.
     problem = landscapes.make_regression(0)
@@ -587,13 +588,13 @@ def sweep_rows(cfg: BenchConfig) -> list[Row]:
 def end_to_end_rows(cfg: BenchConfig) -> list[Row]:
     if not cfg.end_to_end:
         return []
-    from jaxopt_lab.experiment import available_experiments
+    from jaxopt_lab.lab.experiment import available_experiments
 
     names = list(available_experiments())
     with tempfile.TemporaryDirectory(prefix="jaxopt-lab-e2e-") as out:
         start = time.perf_counter()
-        proc = subprocess.run([sys.executable, "-m", "jaxopt_lab.cli", "run", "all", "--quick", "--out", out,
-                               "--no-progress"], capture_output=True, text=True)
+        proc = subprocess.run([sys.executable, "-m", "jaxopt_lab.lab.cli", "run", "all", "--quick",
+                               "--out", out, "--no-progress"], capture_output=True, text=True)
         elapsed = time.perf_counter() - start
     # A failing experiment is reported in its row, not allowed to discard every other measurement.
     ours = "jaxopt-lab run all --quick" + ("" if proc.returncode == 0 else f" (FAILED, exit {proc.returncode})")
@@ -607,11 +608,12 @@ def end_to_end_rows(cfg: BenchConfig) -> list[Row]:
 # (group, the library modules it needs, the function producing its rows)
 GROUPS: tuple[tuple[str, tuple[str, ...], Callable[[BenchConfig], list[Row]]], ...] = (
     ("norms", ("jaxopt_lab.normalization",), norm_rows),
-    ("accumulation", ("jaxopt_lab.accumulation", "jaxopt_lab.models", "jaxopt_lab.training"),
+    ("accumulation", ("jaxopt_lab.accumulation", "jaxopt_lab.lab.models", "jaxopt_lab.lab.training"),
      accumulation_rows),
-    ("gradient-centralization", ("jaxopt_lab.centralization", "jaxopt_lab.models", "jaxopt_lab.training"),
+    ("gradient-centralization",
+     ("jaxopt_lab.centralization", "jaxopt_lab.lab.models", "jaxopt_lab.lab.training"),
      gradient_centralization_rows),
-    ("sweep", ("jaxopt_lab.sweep", "jaxopt_lab.landscapes"), sweep_rows),
+    ("sweep", ("jaxopt_lab.lab.sweep", "jaxopt_lab.lab.landscapes"), sweep_rows),
     ("end-to-end", (), end_to_end_rows),
 )
 GROUP_NAMES = tuple(group for group, _, _ in GROUPS)
@@ -645,7 +647,7 @@ def collect_rows(cfg: BenchConfig, *, groups: Sequence[str] | None = None,
                  log: Callable[[str], None] = print) -> tuple[list[Row], dict[str, str]]:
     """Runs every selected group (default: all) whose modules exist; returns the rows and {group: why it
     was left out}."""
-    from jaxopt_lab.benchmarking import load_average
+    from jaxopt_lab.lab.bench.timing import load_average
 
     selected = _check_groups(groups)
     rows, unavailable = [], {}
@@ -672,7 +674,7 @@ def collect_rows(cfg: BenchConfig, *, groups: Sequence[str] | None = None,
 def _figure(rows: list[Row]) -> Any:
     import numpy as np
 
-    from jaxopt_lab.plotting import new_figure
+    from jaxopt_lab.lab.plotting import new_figure
 
     compared = [r for r in rows if r.ratio is not None]
     norms = [r for r in rows if r.group == "norms" and r.anchor and "default" in r.anchor
@@ -785,8 +787,8 @@ def run_benchmarks(out: str | Path = "results", *, quick: bool = False, groups: 
                    log: Callable[[str], None] = print) -> Path:
     """Runs the suite (or the named ``groups`` of :data:`GROUP_NAMES`) and writes
     ``out/bench/{metrics.json, ratios.png, summary.md}`` atomically."""
-    from jaxopt_lab import results
-    from jaxopt_lab.benchmarking import benchmark_environment, load_average
+    from jaxopt_lab.lab import results
+    from jaxopt_lab.lab.bench.timing import benchmark_environment, load_average
 
     selected = _check_groups(groups)
     cfg = BenchConfig.for_mode(quick)
@@ -806,13 +808,3 @@ def run_benchmarks(out: str | Path = "results", *, quick: bool = False, groups: 
         results.atomic_write_text(staged / "summary.md", _summary(cfg, rows, unavailable, env, elapsed, load))
     return final
 
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """``python experiments/benchmarks.py [--quick] [--out DIR]``: the same as ``jaxopt-lab bench``."""
-    from jaxopt_lab import cli
-
-    return cli.main(["bench", *(sys.argv[1:] if argv is None else argv)])
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

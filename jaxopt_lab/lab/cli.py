@@ -1,6 +1,6 @@
 """The ``jaxopt-lab`` command: ``list``, ``run NAME... | all``, ``report``, ``bench``.
 
-A thin layer over :mod:`jaxopt_lab.experiment`, :mod:`jaxopt_lab.report` and the benchmark suite
+A thin layer over :mod:`jaxopt_lab.lab.experiment`, :mod:`jaxopt_lab.lab.report` and the benchmark suite
 (``experiments/benchmarks.py``). A mistake in the user's input prints one line naming the flag, the
 problem and what was expected, and exits with status 2: a bad flag or value, an unknown experiment,
 a ``--data`` file that is missing or malformed (checked before any experiment runs), an ``--out`` that is
@@ -63,7 +63,9 @@ def _add_debug(parser: argparse.ArgumentParser, default: Any) -> None:
 
 
 def _build_parser() -> _Parser:
-    from jaxopt_lab.experiment import DATA_PARALLEL_MODES  # here, so that a Ctrl-C in numpy's import is caught
+    from jaxopt_lab.lab.experiment import (
+        DATA_PARALLEL_MODES,  # here, so that a Ctrl-C in numpy's import is caught
+    )
 
     parser = _Parser(prog="jaxopt-lab", description=__doc__.splitlines()[0])
     _add_debug(parser, False)
@@ -86,7 +88,7 @@ def _build_parser() -> _Parser:
     run.add_argument("--no-progress", action="store_true", help="hide progress bars")
     report = commands.add_parser("report", help="gather every summary and figure into OUT/REPORT.md")
     report.add_argument("--out", type=Path, default=Path("results"), help="results folder (default: results)")
-    from jaxopt_lab.experiments.benchmarks import GROUP_NAMES as BENCH_GROUPS  # stdlib-only module
+    from jaxopt_lab.lab.bench import GROUP_NAMES as BENCH_GROUPS  # stdlib-only module
 
     bench = commands.add_parser("bench", help="time our paths against their anchors into OUT/bench/")
     bench.add_argument("--quick", action="store_true",
@@ -100,7 +102,7 @@ def _build_parser() -> _Parser:
 
 
 def _cmd_list() -> int:
-    from jaxopt_lab.experiment import available_experiments
+    from jaxopt_lab.lab.experiment import available_experiments
 
     experiments = available_experiments()
     width = max(map(len, experiments), default=0)
@@ -124,7 +126,7 @@ def _writable_folder(out: Path) -> None:
 
 def _check_data(data_arg: str) -> None:
     """Loads ``--data`` once before any experiment runs, so a bad file fails in a second, not an hour in."""
-    from jaxopt_lab.data import BUILTIN_DATASETS, load_dataset
+    from jaxopt_lab.lab.data import BUILTIN_DATASETS, load_dataset
 
     try:
         load_dataset(data_arg)
@@ -158,8 +160,8 @@ def _cmd_run(parser: _Parser, args: argparse.Namespace) -> int:
     current: str | None = None
     names: list[str] = []
     try:
-        from jaxopt_lab.experiment import DATA_PARALLEL_MODES, available_experiments, run_experiment
-        from jaxopt_lab.report import write_report
+        from jaxopt_lab.lab.experiment import DATA_PARALLEL_MODES, available_experiments, run_experiment
+        from jaxopt_lab.lab.report import write_report
 
         experiments = available_experiments()
         unknown = [n for n in args.names if n != "all" and n not in experiments]
@@ -188,7 +190,7 @@ def _cmd_run(parser: _Parser, args: argparse.Namespace) -> int:
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
-    from jaxopt_lab.report import write_report
+    from jaxopt_lab.lab.report import write_report
 
     try:
         report = write_report(args.out)
@@ -199,7 +201,7 @@ def _cmd_report(args: argparse.Namespace) -> int:
 
 
 def _cmd_bench(args: argparse.Namespace) -> int:
-    from jaxopt_lab.experiments.benchmarks import run_benchmarks
+    from jaxopt_lab.lab.bench import run_benchmarks
 
     _writable_folder(args.out)
     folder = run_benchmarks(args.out, quick=args.quick, groups=args.group)
@@ -322,7 +324,7 @@ def main(argv: Sequence[str] | None = None, *, exit_on_interrupt: bool | None = 
             return 130
 
 
-if __name__ == "__main__":  # `python -m jaxopt_lab.cli`: run the imported module, not a second copy of it
-    from jaxopt_lab.cli import main as _main
+if __name__ == "__main__":  # `python -m jaxopt_lab.lab.cli`: run the imported module, not a second copy of it
+    from jaxopt_lab.lab.cli import main as _main
 
     raise SystemExit(_main())

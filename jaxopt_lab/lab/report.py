@@ -6,8 +6,8 @@ import json
 import re
 from pathlib import Path
 
-from jaxopt_lab import results
-from jaxopt_lab.experiment import CANONICAL_ORDER
+from jaxopt_lab.lab import results
+from jaxopt_lab.lab.experiment import CANONICAL_ORDER
 
 __all__ = ["write_report"]
 

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jaxopt_lab import seed_network as net
+from jaxopt_lab.lab import worked_network as net
 
 SEED_FORWARD = {"z1": 2.0, "h1": 2.0, "z2": -0.5, "h2": 0.0, "o1": 0.0, "o2": -1.5}
 

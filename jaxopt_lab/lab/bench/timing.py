@@ -19,10 +19,10 @@ Memory-bound operations (normalizations) are also set against the bandwidth of a
 says how far an op is from the memory-bandwidth floor of *this* machine, not of a datasheet.
 
 >>> import jax, jax.numpy as jnp
->>> from jaxopt_lab import benchmarking
+>>> from jaxopt_lab.lab.bench import timing
 >>> x = jnp.ones((256, 256))
 >>> f, g = jax.jit(lambda x: x @ x), jax.jit(lambda x: jnp.tanh(x) @ x)
->>> cmp = benchmarking.compare(lambda: f(x), lambda: g(x), repeats=3, min_sample_s=1e-3)
+>>> cmp = timing.compare(lambda: f(x), lambda: g(x), repeats=3, min_sample_s=1e-3)
 >>> cmp.ratio > 0
 True
 """
@@ -41,6 +41,8 @@ from typing import Any, Literal
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jaxopt_lab.lab.checks import positive_int
 
 __all__ = [
     "MAX_CALLS_PER_SAMPLE",
@@ -156,11 +158,6 @@ class Target:
         return f"ours/anchor <= {self.value:g}" if self.kind == "max_ratio" else f"speed-up >= {self.value:g}x"
 
 
-def _positive_int(name: str, value: Any) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    return int(value)
-
 
 def _call_blocked(fn: Callable[[], Any]) -> float:
     start = time.perf_counter()
@@ -188,7 +185,7 @@ def time_interleaved(fns: Mapping[str, Callable[[], Any]], *, repeats: int = 7, 
     """
     if not fns:
         raise ValueError("time_interleaved: fns must name at least one callable, got none")
-    repeats = _positive_int("time_interleaved: repeats", repeats)
+    repeats = positive_int(repeats, "time_interleaved", "repeats")
     if isinstance(warmup, bool) or not isinstance(warmup, int) or warmup < 0:
         raise ValueError(f"time_interleaved: warmup must be a non-negative integer, got {warmup!r}")
     if not min_sample_s >= 0:
@@ -198,7 +195,7 @@ def time_interleaved(fns: Mapping[str, Callable[[], Any]], *, repeats: int = 7, 
             raise TypeError(f"time_interleaved: fns[{name!r}] must be callable, got {type(fn).__name__}")
 
     if number is not None:
-        number = _positive_int("time_interleaved: number", number)
+        number = positive_int(number, "time_interleaved", "number")
 
     names = list(fns)
     numbers = {}
@@ -352,8 +349,8 @@ def compiled_memory(fn: Callable[..., Any], args: tuple[Any, ...]) -> dict[str, 
 
 
 def benchmark_environment() -> dict[str, Any]:
-    """:func:`jaxopt_lab.experiment.environment` plus what a timing depends on: versions, cores, devices."""
-    from jaxopt_lab.experiment import environment
+    """:func:`jaxopt_lab.lab.experiment.environment` plus what a timing depends on: versions, cores, devices."""
+    from jaxopt_lab.lab.experiment import environment
 
     env = environment()
     env.update({

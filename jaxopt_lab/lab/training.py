@@ -10,7 +10,7 @@ Layers, from the inside out:
   :func:`jaxopt_lab.parallel.batch_sharded`; on one device it is plain single-device training.
 - :func:`fit`: a budget of optimizer steps (``steps``, or whole ``epochs``) as a ``lax.scan`` over
   evaluation intervals, each a ``lax.scan`` of ``train_step`` over shuffled mini-batches
-  (:func:`jaxopt_lab.data.shuffled_batches`, a fresh order per epoch), then a test evaluation.
+  (:func:`jaxopt_lab.lab.data.shuffled_batches`, a fresh order per epoch), then a test evaluation.
 - :func:`train_seeds`: ``jax.jit(jax.vmap(init + fit))`` over seeds: every seed's run is one lane of one
   compiled program (the batch size is fixed within a call, so the seeds share every shape).
 - :func:`tune_learning_rate`: the same program vmapped over learning rates x seeds (the rate is a traced
@@ -50,7 +50,8 @@ from flax.training import train_state
 
 from jaxopt_lab import parallel
 from jaxopt_lab.accumulation import microbatched_value_and_grad
-from jaxopt_lab.data import Dataset, num_batches, shuffled_batches
+from jaxopt_lab.lab.checks import positive_int
+from jaxopt_lab.lab.data import Dataset, num_batches, shuffled_batches
 
 __all__ = [
     "Batch",
@@ -296,11 +297,6 @@ def mean_std(values: Any) -> dict[str, Any]:
     return {"mean": float(values.mean()), "std": std, "values": values.tolist()}
 
 
-def _positive_int(value: Any, owner: str, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{owner}: {name} must be a positive int, got {value!r}")
-    return int(value)
-
 
 def _step_budget(owner: str, epochs: int | None, steps: int | None, eval_every: int | None,
                  steps_per_epoch: int) -> tuple[int, int]:
@@ -313,12 +309,12 @@ def _step_budget(owner: str, epochs: int | None, steps: int | None, eval_every: 
         raise ValueError(f"{owner}: give exactly one of epochs or steps, got epochs={epochs!r}, "
                          f"steps={steps!r}")
     if epochs is not None:
-        total = _positive_int(epochs, owner, "epochs") * steps_per_epoch
+        total = positive_int(epochs, owner, "epochs") * steps_per_epoch
         default_every = steps_per_epoch
     else:
-        total = _positive_int(steps, owner, "steps")
+        total = positive_int(steps, owner, "steps")
         default_every = math.ceil(total / 20)
-    every = default_every if eval_every is None else _positive_int(eval_every, owner, "eval_every")
+    every = default_every if eval_every is None else positive_int(eval_every, owner, "eval_every")
     if every > total:
         raise ValueError(f"{owner}: eval_every={every} exceeds the budget of {total} steps")
     return total, every
@@ -449,7 +445,7 @@ def train_seeds(model: nn.Module, tx: optax.GradientTransformation, dataset: Dat
     Args:
       model: a Flax module called as ``model(images, train=...)`` returning logits.
       tx: the optax optimizer.
-      dataset: from :mod:`jaxopt_lab.data`.
+      dataset: from :mod:`jaxopt_lab.lab.data`.
       seeds: the runs (at least one).
       batch_size, epochs, steps, eval_every, probe: see :func:`fit` (exactly one of ``epochs``/``steps``).
       num_microbatches: see :func:`make_train_step`.

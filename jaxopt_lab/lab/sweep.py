@@ -187,7 +187,7 @@ class RunTrace(NamedTuple):
     """One run's (or, batched, every run's) outcome, as host NumPy arrays.
 
     ``losses[t]`` is the loss at the parameters after ``t`` updates, for ``t = 0..stop_step``; entries
-    after the stop are NaN (not drawn by :func:`jaxopt_lab.plotting.plot_loss_curves`). ``stop_step`` is
+    after the stop are NaN (not drawn by :func:`jaxopt_lab.lab.plotting.plot_loss_curves`). ``stop_step`` is
     the number of updates made: the step the target was reached or divergence seen, else ``steps``.
     """
 

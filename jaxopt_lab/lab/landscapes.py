@@ -1,6 +1,6 @@
 """Test functions for the optimizer experiments: three saddles and a synthetic regression problem.
 
-Every loss has the engine's signature ``loss(params, batch) -> scalar`` (see :mod:`jaxopt_lab.sweep`);
+Every loss has the engine's signature ``loss(params, batch) -> scalar`` (see :mod:`jaxopt_lab.lab.sweep`);
 the saddles ignore ``batch``. Parameters of the saddles are one vector ``theta``.
 
 Saddles (mission.md part D c):

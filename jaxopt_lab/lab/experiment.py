@@ -1,11 +1,11 @@
 """The contract every experiment follows, its discovery, and the runner behind ``jaxopt-lab run``.
 
 An experiment is a module in the top-level ``experiments/`` folder (installed as the subpackage
-``jaxopt_lab.experiments``) that defines ``EXPERIMENT = Experiment(name, description, run)``.
+``jaxopt_lab.lab.experiments``) that defines ``EXPERIMENT = Experiment(name, description, run)``.
 ``run(ctx)`` builds its config from ``ctx.quick`` and ``ctx.seed``, computes with the library's jitted
 engines, saves figures through ``ctx.save_figure`` and hands its numbers and its summary to
 ``ctx.set_metrics`` / ``ctx.set_summary``. The runner then writes ``metrics.json`` and ``summary.md``
-and swaps the finished folder into ``OUT/NAME`` atomically (see :mod:`jaxopt_lab.results`).
+and swaps the finished folder into ``OUT/NAME`` atomically (see :mod:`jaxopt_lab.lab.results`).
 
 Quick and full runs are told apart in one place: the runner puts :func:`mode_line` on the line right after
 the summary's ``# name — title`` heading (quick: a smoke-size run whose verdicts are not conclusive; full:
@@ -27,7 +27,7 @@ from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from jaxopt_lab import results
+from jaxopt_lab.lab import results
 
 __all__ = [
     "CANONICAL_ORDER",
@@ -111,7 +111,7 @@ def check_training_config(model: Any, tx: Any, input_shape: Sequence[int], *, ba
     """Raises ``ValueError`` (naming ``where``) unless ``model`` and ``tx`` can train on this data.
 
     The check behind every experiment's ``check_configs()``: it initializes ``model`` and runs one
-    training step (:func:`jaxopt_lab.training.make_train_step`) under ``jax.eval_shape`` (cached per model,
+    training step (:func:`jaxopt_lab.lab.training.make_train_step`) under ``jax.eval_shape`` (cached per model,
     input shape and micro-batching), then ``tx``'s ``init`` and ``update`` on the parameters' shapes, so
     shapes, group counts and optimizer states are checked without computing anything (milliseconds to a
     second), and checks every batch size against ``train_size`` examples and ``num_microbatches``.
@@ -136,7 +136,7 @@ def check_training_config(model: Any, tx: Any, input_shape: Sequence[int], *, ba
     """
     import jax
 
-    from jaxopt_lab import data
+    from jaxopt_lab.lab import data
 
     try:
         for batch_size in batch_sizes:
@@ -161,7 +161,7 @@ def _abstract_params(model: Any, input_shape: tuple[int, ...], batch_size: int, 
     import jax.numpy as jnp
     import optax
 
-    from jaxopt_lab import training
+    from jaxopt_lab.lab import training
 
     key = (repr(model), input_shape, batch_size, num_microbatches)
     if key not in _ABSTRACT_PARAMS:
@@ -264,7 +264,7 @@ def environment() -> dict[str, Any]:
 
 def available_experiments() -> dict[str, Experiment]:
     """Every experiment module that exists, keyed by name, in :data:`CANONICAL_ORDER` (then a-z)."""
-    import jaxopt_lab.experiments as package
+    import jaxopt_lab.lab.experiments as package
 
     found: dict[str, Experiment] = {}
     for info in pkgutil.iter_modules(package.__path__):
@@ -332,7 +332,7 @@ def run_experiment(experiment: Experiment, out: str | Path, *, quick: bool, seed
 
 def main_for(name: str, argv: Sequence[str] | None = None) -> int:
     """Entry point of ``python experiments/<name>.py [--quick] [--out DIR] [--seed N] ...`` (run's flags)."""
-    from jaxopt_lab import cli
+    from jaxopt_lab.lab import cli
 
     # Run as a script (argv None) it is the program: Ctrl-C exits at once with 130, like `jaxopt-lab`.
     return cli.main(["run", name, *(sys.argv[1:] if argv is None else argv)], exit_on_interrupt=argv is None)

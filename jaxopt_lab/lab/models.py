@@ -28,7 +28,7 @@ name          statistics per                                               depen
 ============  ===========================================================  =====================
 
 >>> import jax, jax.numpy as jnp
->>> from jaxopt_lab.models import CNN
+>>> from jaxopt_lab.lab.models import CNN
 >>> model = CNN(norm="group", num_groups=4)
 >>> variables = model.init(jax.random.key(0), jnp.zeros((2, 8, 8, 1)))
 >>> model.apply(variables, jnp.zeros((2, 8, 8, 1))).shape

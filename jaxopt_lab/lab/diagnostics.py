@@ -26,7 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxopt_lab import sweep
+from jaxopt_lab.lab import sweep
 
 __all__ = [
     "LABELS",
@@ -105,7 +105,7 @@ def diagnose(history: Any, *, target: float | None = None, blowup_factor: float 
     6. ``ok`` otherwise.
 
     Args:
-      history: losses ``L_0..L_t`` of one run (e.g. :func:`jaxopt_lab.sweep.run_histories`).
+      history: losses ``L_0..L_t`` of one run (e.g. :func:`jaxopt_lab.lab.sweep.run_histories`).
       target: the loss a run should reach, if any.
 
     Returns:
@@ -223,7 +223,7 @@ def suggest_learning_rate(learning_rates: Any, losses: Any, *, smoothing: float 
 def lr_range_test_sweep(init_params: Any, seeds: Sequence[int], *, min_lr: float = 1e-4, max_lr: float = 10.0,
                         steps: int = 200, batch_size: int | None = None
                         ) -> tuple[sweep.RunSpec, sweep.SweepConfig]:
-    """The runs and the sweep config of :func:`lr_range_test` (for :func:`jaxopt_lab.sweep.check_sweep`)."""
+    """The runs and the sweep config of :func:`lr_range_test` (for :func:`jaxopt_lab.lab.sweep.check_sweep`)."""
     if not 0 < min_lr < max_lr:
         raise ValueError(f"lr_range_test: need 0 < min_lr < max_lr, got min_lr={min_lr}, max_lr={max_lr}")
     config = sweep.SweepConfig(steps=steps, batch_size=batch_size, divergence_bound=1e12,
