@@ -25,8 +25,9 @@ import numpy as np
 import optax
 
 from jaxopt_lab.lab import data, models, training
-from jaxopt_lab.lab.experiment import Experiment, RunContext, main_for
+from jaxopt_lab.lab.experiment import Experiment, RunContext, check_modes
 from jaxopt_lab.lab.plotting import new_figure, plot_loss_curves
+from jaxopt_lab.lab.runner import main_for
 
 NAME = "baselines"
 
@@ -70,6 +71,11 @@ class Config:
     validation_fraction: float = 0.2
     smoothing_steps: int = 50
 
+    @classmethod
+    def for_mode(cls, quick: bool, data: str | None = None) -> Config:
+        """:data:`QUICK` or :data:`FULL`; each part names its own dataset, so ``data`` is not used."""
+        return QUICK if quick else FULL
+
 
 QUICK = Config(parts=(Part("mnist1d", tuple(MODELS), steps=600, batch_size=100),
                       Part("digits", ("MLP", "CNN"), steps=300, batch_size=64)),
@@ -84,33 +90,39 @@ def make_tx(learning_rate: Any) -> optax.GradientTransformation:
     return optax.adam(learning_rate)
 
 
-def check_configs() -> None:
-    """Builds every model and optimizer of QUICK and FULL abstractly and checks every budget; no training."""
-    for cfg in (QUICK, FULL):
-        if cfg.seeds < 1 or not cfg.learning_rates or min(cfg.learning_rates) <= 0:
-            raise ValueError(f"baselines: seeds and learning rates must be positive, got {cfg}")
-        for part in cfg.parts:
-            spec = data.BUILTIN_SPECS[part.dataset]
-            train_size = spec.train_size - round(cfg.validation_fraction * spec.train_size)
-            if not 0 < part.batch_size <= train_size:
-                raise ValueError(f"baselines: batch_size={part.batch_size} must lie in [1, {train_size}] (the "
-                                 f"{part.dataset} training set minus its validation split)")
-            if part.steps < 1:
-                raise ValueError(f"baselines: steps must be positive, got {part.steps} for {part.dataset}")
-            sample = jax.ShapeDtypeStruct((part.batch_size, *spec.input_shape), jnp.float32)
-            for name in part.models:
-                model = MODELS[name](spec.num_classes)
-                variables = jax.eval_shape(lambda x, model=model: model.init(jax.random.key(0), x, train=False),
-                                           sample)
-                logits = jax.eval_shape(lambda v, x, model=model: model.apply(v, x), variables, sample)
-                if logits.shape != (part.batch_size, spec.num_classes):
-                    raise ValueError(f"baselines: {name} on {part.dataset} gives logits {logits.shape}")
-                for rate in cfg.learning_rates:
-                    jax.eval_shape(make_tx(rate).init, variables["params"])
+def check_config(cfg: Config, label: str, data_name: str | None = None) -> None:
+    """Builds every model and optimizer of ``cfg`` abstractly and checks every budget; no training.
 
+    Each part names its dataset, so ``data_name`` is not used."""
+    if cfg.seeds < 1 or not cfg.learning_rates or min(cfg.learning_rates) <= 0:
+        raise ValueError(f"{label}: seeds and learning rates must be positive, got {cfg}")
+    for part in cfg.parts:
+        spec = data.BUILTIN_SPECS[part.dataset]
+        train_size = spec.train_size - round(cfg.validation_fraction * spec.train_size)
+        if not 0 < part.batch_size <= train_size:
+            raise ValueError(f"{label}: batch_size={part.batch_size} must lie in [1, {train_size}] (the "
+                             f"{part.dataset} training set minus its validation split)")
+        if part.steps < 1:
+            raise ValueError(f"{label}: steps must be positive, got {part.steps} for {part.dataset}")
+        sample = jax.ShapeDtypeStruct((part.batch_size, *spec.input_shape), jnp.float32)
+        for name in part.models:
+            model = MODELS[name](spec.num_classes)
+            variables = jax.eval_shape(lambda x, model=model: model.init(jax.random.key(0), x, train=False),
+                                       sample)
+            logits = jax.eval_shape(lambda v, x, model=model: model.apply(v, x), variables, sample)
+            if logits.shape != (part.batch_size, spec.num_classes):
+                raise ValueError(f"{label}: {name} on {part.dataset} gives logits {logits.shape}")
+            for rate in cfg.learning_rates:
+                jax.eval_shape(make_tx(rate).init, variables["params"])
+
+
+
+def check_configs() -> None:
+    """The quick and the full config, without training (a few seconds)."""
+    check_modes(Config.for_mode, check_config)
 
 def run(ctx: RunContext) -> None:
-    cfg = QUICK if ctx.quick else FULL
+    cfg = Config.for_mode(ctx.quick)
     seeds = [ctx.seed + i for i in range(cfg.seeds)]
     rows, curves, descriptions = [], {}, {}
     jobs = [(part, name) for part in cfg.parts for name in part.models]
@@ -262,7 +274,8 @@ def _summary(ctx: RunContext, cfg: Config, rows: list[dict], descriptions: dict[
 
 
 EXPERIMENT = Experiment(NAME, "logistic regression, MLP, CNN and GRU on MNIST-1D at tuned rates beside the "
-                        "paper's table, and MLP vs CNN on digits", run)
+                        "paper's table, and MLP vs CNN on digits", run,
+                        check_configs)
 
 if __name__ == "__main__":
-    raise SystemExit(main_for(NAME))
+    raise SystemExit(main_for(EXPERIMENT))

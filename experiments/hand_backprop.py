@@ -1,7 +1,8 @@
-"""hand-backprop: the seed's 2-2-2 ReLU network, hand-derived backprop checked against ``jax.grad``.
+"""hand-backprop: the course notes' 2-2-2 ReLU network, hand-derived backprop checked against ``jax.grad``.
 
-mission.md part E. Compares, for every parameter, the hand chain rule with ``jax.grad`` of the total
-loss and of each loss term, and sets the seed's two worked updates (w21, w12) beside them.
+Tests claims of the course notes (docs/claims.md). Compares, for every parameter, the hand chain rule with
+``jax.grad`` of the total
+loss and of each loss term, and sets the course notes' two worked updates (w21, w12) beside them.
 """
 
 from __future__ import annotations
@@ -10,12 +11,13 @@ import jax
 import numpy as np
 
 from jaxopt_lab.lab import worked_network as net
-from jaxopt_lab.lab.experiment import Experiment, RunContext, main_for
+from jaxopt_lab.lab.experiment import Experiment, RunContext
 from jaxopt_lab.lab.plotting import new_figure
+from jaxopt_lab.lab.runner import main_for
 
 NAME = "hand-backprop"
 LEARNING_RATE = 0.1
-# The seed's hand results (mission.md part E): which loss term it differentiated, its value, new weight.
+# The course notes' hand results (docs/claims.md): which loss term it differentiated, its value, new weight.
 SEED_CLAIMS = {"w21": ("E1", 0.5, 0.45), "w12": ("E2", 0.0, -0.5)}
 SEED_FORWARD = {"z1": 2.0, "h1": 2.0, "z2": -0.5, "h2": 0.0, "o1": 0.0, "o2": -1.5}
 
@@ -25,8 +27,8 @@ def _as_floats(tree: dict) -> dict[str, float]:
 
 
 def check_configs() -> None:
-    """One fixed configuration (the seed's network, no quick/full split): its forward pass and
-    gradients traced abstractly."""
+    """One fixed configuration (the worked example of the course notes, no quick/full split): its forward
+    pass and gradients traced abstractly."""
     jax.eval_shape(net.forward, net.PARAMS, net.INPUTS)
     jax.eval_shape(jax.grad(net.total_loss), net.PARAMS, net.INPUTS, net.TARGETS)
 
@@ -86,9 +88,9 @@ def run(ctx: RunContext) -> None:
         f" | {r['term_gradient']:g} → {r['updated_by_term']:g} | {r['total_gradient']:g} → "
         f"{r['updated_by_total']:g} |" for r in rows)
     w21 = rows[0]
-    ctx.set_summary(f"""# hand-backprop — the seed's 2-2-2 ReLU network
+    ctx.set_summary(f"""# hand-backprop — the course notes' 2-2-2 ReLU network
 
-Forward pass (seed's hand values beside ours):
+Forward pass (the course notes' hand values beside ours):
 
 | value | seed | ours |
 |---|---|---|
@@ -104,7 +106,7 @@ One gradient-descent step at learning rate {LEARNING_RATE} (gradient → new wei
 |---|---|---|---|---|
 {cmp_table}
 
-**Where the seed and the total loss disagree.** The seed's w21 derivation follows only the path
+**Where the course notes and the total loss disagree.** The course notes' w21 derivation follows only the path
 through o1, i.e. it differentiates E1 alone: dE1/dw21 = (o1 - t1)·w31·ReLU'(z1)·i2 = 0.5, and our
 `jax.grad` of E1 agrees. But w21 also reaches o2 through h1 (w32 = -1), adding dE2/dw21 =
 (o2 - t2)·w32·ReLU'(z1)·i2 = {auto_f['e2']['w21']:g}. Training minimizes the total loss, so the
@@ -116,8 +118,8 @@ z2 = -0.5 < 0, so h2 is a dead ReLU, ReLU'(z2) = 0, and no gradient reaches w12,
 """)
 
 
-EXPERIMENT = Experiment(NAME, "the seed's 2-2-2 ReLU net: hand-derived backprop vs jax.grad, one GD step",
-                        run)
+EXPERIMENT = Experiment(NAME, "the course notes' worked 2-2-2 ReLU net: hand-derived backprop vs jax.grad, "
+                        "one GD step", run, check_configs)
 
 if __name__ == "__main__":
-    raise SystemExit(main_for(NAME))
+    raise SystemExit(main_for(EXPERIMENT))

@@ -1,6 +1,7 @@
 """learning-rate: too high, too low and a good rate on one problem; `diagnose`; the LR range test.
 
-mission.md part D (a, b). A fine log grid of rates x init seeds for SGD and momentum runs as one
+Tests claims of the course notes (docs/claims.md). A fine log grid of rates x init seeds for SGD and momentum
+runs as one
 vmapped sweep; every history is labelled by :func:`jaxopt_lab.lab.diagnostics.diagnose` (the "how can we
 detect it" half of the question), and Smith's LR range test — one run per seed with an exponentially
 growing rate, vmapped over seeds — suggests a rate that is set against the grid's best.
@@ -15,8 +16,10 @@ from typing import Any
 import numpy as np
 
 from jaxopt_lab.lab import diagnostics, landscapes, sweep
-from jaxopt_lab.lab.experiment import Experiment, RunContext, main_for
+from jaxopt_lab.lab.experiment import Experiment, RunContext, check_modes
 from jaxopt_lab.lab.plotting import new_figure, plot_loss_curves
+from jaxopt_lab.lab.runner import main_for
+from jaxopt_lab.lab.verdicts import reading
 
 NAME = "learning-rate"
 OPTIMIZER_NAMES = ("sgd", "momentum")
@@ -44,7 +47,8 @@ class Config:
     range_test_max: float = 10.0
 
     @classmethod
-    def for_mode(cls, quick: bool) -> Config:
+    def for_mode(cls, quick: bool, data: str | None = None) -> Config:
+        """The quick or the full config (the problem is generated: ``data`` is not used)."""
         return cls(num_rates=13, init_seeds=2, range_test_seeds=4, range_test_steps=200) if quick else cls()
 
 
@@ -71,16 +75,18 @@ def _setup(cfg: Config, seed: int) -> tuple[landscapes.Regression, np.ndarray, l
     return problem, rates, seeds, init, specs, config
 
 
+def check_config(cfg: Config, label: str, data: str | None = None) -> None:
+    """Builds the rate sweep and the LR range test of ``cfg`` and traces both abstractly (no training)."""
+    problem, _, _, init, specs, config = _setup(cfg, seed=0)
+    sweep.check_sweep(landscapes.mse_loss, OPTIMIZER_NAMES, specs, problem.data, config)
+    range_specs, range_config = diagnostics.lr_range_test_sweep(init, _range_test_seeds(cfg, 0),
+                                                                **_range_test_kwargs(cfg))
+    sweep.check_sweep(landscapes.mse_loss, "sgd", range_specs, problem.data, range_config)
+
+
 def check_configs() -> None:
-    """Builds the rate sweep and the LR range test of the quick and the full config and traces both
-    abstractly (no training)."""
-    for quick in (True, False):
-        cfg = Config.for_mode(quick)
-        problem, _, _, init, specs, config = _setup(cfg, seed=0)
-        sweep.check_sweep(landscapes.mse_loss, OPTIMIZER_NAMES, specs, problem.data, config)
-        range_specs, range_config = diagnostics.lr_range_test_sweep(init, _range_test_seeds(cfg, 0),
-                                                                    **_range_test_kwargs(cfg))
-        sweep.check_sweep(landscapes.mse_loss, "sgd", range_specs, problem.data, range_config)
+    """The quick and the full config, traced abstractly."""
+    check_modes(Config.for_mode, check_config)
 
 
 def run(ctx: RunContext) -> None:
@@ -115,7 +121,7 @@ def run(ctx: RunContext) -> None:
                                                _range_test_seeds(cfg, ctx.seed), **_range_test_kwargs(cfg))
         bar.update(1)
 
-    # The three example curves of the seed's plot: too low, good (the grid's best), too high.
+    # The three example curves of the course notes' plot: too low, good (the grid's best), too high.
     examples = {"too low": cfg.too_low_rate, "good (grid's best)": best["sgd"]["learning_rate"],
                 "too high": cfg.too_high_rate}
     sgd = traces["sgd"]
@@ -179,6 +185,20 @@ def run(ctx: RunContext) -> None:
         return "not reached" if row["median_steps"] is None else f"{row['median_steps']:g} steps"
 
     diag_rows = "\n".join(f"| {k} | {lr:.3g} | {example_diagnoses[k]} |" for k, lr in examples.items())
+    held = (example_diagnoses["too high"].startswith("diverging"),
+            example_diagnoses["too low"].startswith("too slow"))
+    claims_reading = reading(str(held), {
+        "(True, True)": "Both hold here, and `diagnose` names them from the loss history alone:",
+        "(True, False)": "The first holds here; the too-low rate was not labelled `too slow` (see its row):",
+        "(False, True)": "The second holds here; the too-high rate was not labelled `diverging` (see its row):",
+        "(False, False)": "Neither example was labelled as the claims predict (see the rows):"})
+    unused = [label for label in ("oscillating", "stalled")
+              if not any(counts.get(label) for counts in label_counts.values())]
+    unused_reading = reading(str(len(unused)), {
+        "2": "No run here is labelled `oscillating` or `stalled`: full-batch gradient descent on a convex "
+             "quadratic lowers the loss monotonically for every stable rate.",
+        "1": f"No run here is labelled `{unused[0] if unused else ''}`.",
+        "0": "Runs here were labelled `oscillating` and `stalled` (counts above)."})
     ctx.set_summary(f"""# learning-rate — too high, too low, and how to tell
 
 Problem: the synthetic linear regression of `optimizer-grid` (n = {cfg.num_samples}, d = {cfg.num_features}),
@@ -186,8 +206,9 @@ full-batch, target loss {cfg.target_loss:g}, {cfg.steps} steps; {len(rates)} rat
 {rates[-1]:.3g} (log grid) x {len(seeds)} init seeds x {{SGD, momentum 0.9}}, all one vmapped jit.
 Gradient descent on this quadratic is stable iff lr < 2/λ_max = {edge:.3g}.
 
-**The seed's claims (a, b).** Too high a rate overshoots and diverges; too low a rate crawls. Both hold, and
-`diagnose` names them from the loss history alone:
+
+**The course notes' claims (a, b).** Too high a rate overshoots and diverges; too low a rate crawls.
+{claims_reading}
 
 | curve | lr | `diagnose(history, target={cfg.target_loss:g})` |
 |---|---|---|
@@ -198,9 +219,8 @@ The grid's best rate: SGD {best['sgd']['learning_rate']:.3g} ({best['sgd']['medi
 momentum {best['momentum']['learning_rate']:.3g} ({best['momentum']['median_steps']:g} steps).
 For a quadratic, theory puts SGD's fastest rate at 2/(λ_min + λ_max) = {balanced:.3g}, the rate that
 shrinks the slowest and the fastest direction equally; beyond 2/λ_max = {edge:.3g} it diverges.
-No run here is labelled `oscillating` or `stalled`: full-batch gradient descent on a convex quadratic
-lowers the loss monotonically for every stable rate (momentum's bounces stay inside its last quarter's
-decrease). Those two rules are exercised on constructed histories in `tests/test_diagnostics.py`.
+{unused_reading} The `oscillating` and `stalled` rules are also exercised on constructed histories in
+`tests/test_diagnostics.py`.
 
 **How `diagnose` decides** (rules in order; each label comes with the numbers it used): non-finite loss or a
 final loss 10x the first → `diverging`; target reached → `ok` (with the peak/initial ratio, so a spike
@@ -228,7 +248,8 @@ rate, not the fastest one.
 """)
 
 
-EXPERIMENT = Experiment(NAME, "too high / too low learning rates, diagnose() with evidence, LR range test", run)
+EXPERIMENT = Experiment(NAME, "too high / too low learning rates, diagnose() with evidence, LR range test", run,
+                        check_configs)
 
 if __name__ == "__main__":
-    raise SystemExit(main_for(NAME))
+    raise SystemExit(main_for(EXPERIMENT))

@@ -1,9 +1,10 @@
-"""optimizer-grid: the seed's SGD / momentum / RMSprop / Adam x 4 learning rates notebook, re-run openly.
+"""optimizer-grid: the course notes' SGD / momentum / RMSprop / Adam x 4 learning rates notebook, re-run openly.
 
-mission.md part F. Four optimizers x rates 0.001, 0.01, 0.1, 1 x several initialisations, all in ONE
+Tests claims of the course notes (docs/claims.md). Four optimizers x rates 0.001, 0.01, 0.1, 1 x several
+initialisations, all in ONE
 jitted, vmapped sweep (:mod:`jaxopt_lab.lab.sweep`) on the synthetic regression of
 :func:`jaxopt_lab.lab.landscapes.make_regression`; a run stops when the loss falls below 0.1 or at the step
-limit. The seed's reported step counts are set beside ours, with checks of its qualitative claims.
+limit. The course notes' reported step counts are set beside ours, with checks of its qualitative claims.
 """
 
 from __future__ import annotations
@@ -14,13 +15,14 @@ import itertools
 import numpy as np
 
 from jaxopt_lab.lab import diagnostics, landscapes, sweep
-from jaxopt_lab.lab.experiment import Experiment, RunContext, main_for
+from jaxopt_lab.lab.experiment import Experiment, RunContext, check_modes
 from jaxopt_lab.lab.plotting import new_figure, plot_loss_curves
+from jaxopt_lab.lab.runner import main_for
 
 NAME = "optimizer-grid"
 OPTIMIZER_NAMES = ("sgd", "momentum", "rmsprop", "adam")
 TITLES = {"sgd": "SGD", "momentum": f"Momentum (β = {sweep.MOMENTUM})", "rmsprop": "RMSprop", "adam": "Adam"}
-# What the seed's notebook reported (mission.md part F): per optimizer and rate, a step count (None where
+# What the course notes' notebook reported (docs/claims.md): per optimizer and rate, a step count (None where
 # it gave none) and its words.
 SEED_CLAIMS: dict[str, dict[float, tuple[int | None, str]]] = {
     "sgd": {0.001: (1000, "approaches zero by step ~1000"), 0.01: (150, "goal in ~150 steps"),
@@ -48,7 +50,8 @@ class Config:
     init_scale: float = 0.5  # initial weights ~ N(0, 0.5^2), one draw per init seed
 
     @classmethod
-    def for_mode(cls, quick: bool) -> Config:
+    def for_mode(cls, quick: bool, data: str | None = None) -> Config:
+        """The quick or the full config (the problem is generated: ``data`` is not used)."""
         return cls(init_seeds=2) if quick else cls()
 
 
@@ -80,7 +83,7 @@ def _describe(cell: dict, steps: int) -> str:
 
 
 def _claim_checks(cells: dict, cfg: Config) -> list[dict]:
-    """The seed's qualitative claims, each tested on our numbers."""
+    """The course notes' qualitative claims, each tested on our numbers."""
     c = lambda opt, lr: cells[opt][lr]
     med = lambda opt, lr: c(opt, lr)["median_steps"]
     checks = []
@@ -125,11 +128,15 @@ def _setup(cfg: Config, seed: int) -> tuple[landscapes.Regression, list[int], sw
     return problem, seeds, specs, config
 
 
+def check_config(cfg: Config, label: str, data: str | None = None) -> None:
+    """Builds the sweep of ``cfg`` and traces it abstractly (no training)."""
+    problem, _, specs, config = _setup(cfg, seed=0)
+    sweep.check_sweep(landscapes.mse_loss, OPTIMIZER_NAMES, specs, problem.data, config)
+
+
 def check_configs() -> None:
-    """Builds the sweep of the quick and the full config and traces it abstractly (no training)."""
-    for quick in (True, False):
-        problem, _, specs, config = _setup(Config.for_mode(quick), seed=0)
-        sweep.check_sweep(landscapes.mse_loss, OPTIMIZER_NAMES, specs, problem.data, config)
+    """The quick and the full config, traced abstractly."""
+    check_modes(Config.for_mode, check_config)
 
 
 def run(ctx: RunContext) -> None:
@@ -201,7 +208,7 @@ def _summary(cfg: Config, cells: dict, checks: list[dict], curvature: np.ndarray
                       / np.log(1 / sweep.MOMENTUM))
     return f"""# optimizer-grid — SGD, momentum, RMSprop and Adam at four learning rates
 
-**Problem (defined here because the seed's notebook is not available).** `y = X w* + b* + ε` with
+**Problem (defined here because the course notes' notebook is not available).** `y = X w* + b* + ε` with
 X ~ N(0, I) ({cfg.num_samples} samples x {cfg.num_features} features), w*, b* ~ N(0, {cfg.weight_scale:g}²),
 ε ~ N(0, {cfg.noise_std:g}²); model `x @ w + b`; loss: mean squared error (floor at the true parameters:
 {metrics['problem']['loss_floor_at_true_params']:.3g}). Initial weights ~ N(0, {cfg.init_scale:g}²), one
@@ -210,7 +217,7 @@ Full-batch updates; a run stops when the loss falls below {cfg.target_loss:g}, d
 > {cfg.divergence_bound:g}) or reaches {cfg.steps} steps. All {len(OPTIMIZER_NAMES) * len(cfg.learning_rates) *
 len(seeds)} runs are one jitted `vmap` (`jaxopt_lab.lab.sweep.run_sweep`).
 Optimizers (optax): {'; '.join(f"**{n}** = {sweep.OPTIMIZERS[n].note}" for n in OPTIMIZER_NAMES)}. The
-momentum value 0.9 is the usual default (Sutskever et al. 2013; Keras/PyTorch examples); the seed does not
+momentum value 0.9 is the usual default (Sutskever et al. 2013; Keras/PyTorch examples); the course notes do not
 state its value.
 
 **Conditioning.** The loss is quadratic with Hessian eigenvalues {lam_min:.3g}…{lam_max:.3g}, so gradient
@@ -224,7 +231,7 @@ first seed's history.
 |---|---|---|---|---|
 {chr(10).join(rows)}
 
-**The seed's qualitative claims, checked:**
+**The course notes' qualitative claims, checked:**
 
 | claim | ours | holds? |
 |---|---|---|
@@ -234,25 +241,25 @@ first seed's history.
 - SGD: our counts ({', '.join(f'{lr:g}: ' + ('–' if s is None else f'{s:g}') for lr, s in sgd.items())})
   follow the conditioning above: for a linear model the loss is a convex quadratic, and with lr < 2/λ_max
   every eigen-direction's error shrinks monotonically, so a run **cannot** "first blow up and then converge";
-  with lr > 2/λ_max it cannot converge at all. The seed's transient blow-up at 0.1 (and RMSprop's at 1)
+  with lr > 2/λ_max it cannot converge at all. The course notes' transient blow-up at 0.1 (and RMSprop's at 1)
   therefore points to a non-linear model or different data scaling in its notebook.
 - Momentum 0.9 multiplies the effective step by up to 1/(1−β) = 10 and is stable up to
   lr < 2(1+β)/λ_max = {2 * (1 + sweep.MOMENTUM) / lam_max:.3g}. Once a rate is large enough to be
   under-damped, heavy-ball momentum's error shrinks by √β per step, i.e. the loss by β: about
   ln(L0/{cfg.target_loss:g}) / ln(1/β) = {momentum_floor:.0f} steps, which is why the larger rates all land
-  near the same count (and not at the seed's ~17); the "staircase" curves in the figure are that
+  near the same count (and not at the course notes' ~17); the "staircase" curves in the figure are that
   under-damped oscillation.
 - RMSprop and Adam normalise each coordinate's step to about lr, so their step counts scale with
   |w* − w0| / lr rather than with the curvature: large rates move fastest until they start to bounce.
 
-![loss curves, clipped at 30 like the seed's](optimizer_grid.png)
+![loss curves, clipped at 30 like the course notes'](optimizer_grid.png)
 
 ![the same runs on a log scale](optimizer_grid_log.png)
 """
 
 
-EXPERIMENT = Experiment(NAME, "the seed's SGD/momentum/RMSprop/Adam x 4 learning rates grid, one vmapped jit",
-                        run)
+EXPERIMENT = Experiment(NAME, "the course notes' SGD/momentum/RMSprop/Adam x 4 learning rates grid, one "
+                        "vmapped jit", run, check_configs)
 
 if __name__ == "__main__":
-    raise SystemExit(main_for(NAME))
+    raise SystemExit(main_for(EXPERIMENT))

@@ -5,7 +5,7 @@ import json
 import pytest
 from jaxopt_lab.lab.experiments import baselines
 
-from jaxopt_lab.lab import experiment, models
+from jaxopt_lab.lab import models, runner
 
 
 def test_check_configs_builds_every_quick_and_full_model_and_optimizer():
@@ -27,7 +27,7 @@ def test_a_tiny_quick_run_writes_the_table_the_endpoint_and_the_figures(tmp_path
     small = {"CNN": lambda num_classes: models.CNN(norm="none", num_classes=num_classes, widths=(8,)),
              "MLP": lambda num_classes: models.MLP(num_classes=num_classes, widths=(16,))}
     monkeypatch.setattr(baselines, "MODELS", {**baselines.MODELS, **small})
-    experiment.run_experiment(baselines.EXPERIMENT, tmp_path, quick=True, seed=0, show_progress=False)
+    runner.run_experiment(baselines.EXPERIMENT, tmp_path, quick=True, seed=0, show_progress=False)
 
     out = tmp_path / "baselines"
     metrics = json.loads((out / "metrics.json").read_text())

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from jaxopt_lab.lab import cli, data, experiment
+from jaxopt_lab.lab import cli, data, program, runner
 
 CLI = [sys.executable, "-m", "jaxopt_lab.lab.cli"]
 
@@ -107,7 +107,7 @@ def test_real_process_prints_one_line_and_debug_shows_the_traceback(tmp_path):
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=300, env={**env, cli.DEBUG_ENV: "1"})
     assert proc.returncode == 1
     assert "Traceback" in proc.stderr and "ValueError: load_npz: " in proc.stderr
-    assert proc.stderr.rstrip().splitlines()[-1].startswith("jaxopt_lab.lab.cli.UsageError: --data: load_npz: ")
+    assert proc.stderr.rstrip().splitlines()[-1].startswith("jaxopt_lab.lab.program.UsageError: --data: load_npz: ")
 
 
 @pytest.mark.parametrize("argv", [["--debug", "run", "hand-backprop"], ["run", "hand-backprop", "--debug"]])
@@ -131,14 +131,14 @@ def test_a_bug_keeps_its_traceback(tmp_path, monkeypatch, capsys):
     def broken(*args, **kwargs):
         raise ValueError("a bug, not the user's input")
 
-    monkeypatch.setattr(experiment, "run_experiment", broken)
+    monkeypatch.setattr(runner, "run_experiment", broken)
     with pytest.raises(ValueError, match="a bug"):
         cli.main(["run", "hand-backprop", "--out", str(tmp_path)])
 
     def elsewhere(*args, **kwargs):
         raise FileNotFoundError(2, "No such file or directory", str(tmp_path / "not-the-out-folder"))
 
-    monkeypatch.setattr(experiment, "run_experiment", elsewhere)
+    monkeypatch.setattr(runner, "run_experiment", elsewhere)
     with pytest.raises(FileNotFoundError):
         cli.main(["run", "hand-backprop", "--out", str(tmp_path / "out")])
 
@@ -149,7 +149,7 @@ def test_os_error_inside_the_out_folder_during_a_run_is_the_users(tmp_path, monk
     def disk_full(experiment_, out_, **kwargs):
         raise OSError(28, "No space left on device", str(Path(out_) / "hand-backprop" / "metrics.json"))
 
-    monkeypatch.setattr(experiment, "run_experiment", disk_full)
+    monkeypatch.setattr(runner, "run_experiment", disk_full)
     line = _usage_error(["run", "hand-backprop", "--out", str(out)], capsys)
     assert line == (f"jaxopt-lab run: error: --out {out}: No space left on device: "
                     f"{out / 'hand-backprop' / 'metrics.json'}; expected a folder you can write to")
@@ -214,7 +214,7 @@ def test_one_line_warnings_show_a_repeated_warning_once_and_restore_the_default(
     path = tmp_path / "skip.npz"
     np.savez(path, **_arrays(y_train=np.arange(12) % 3 * 2))  # classes 0, 2, 4: 1 and 3 never trained
     previous = warnings.showwarning
-    with cli._one_line_warnings("jaxopt-lab run"):
+    with program._one_line_warnings("jaxopt-lab run"):
         warnings.simplefilter("default")  # what a plain `python` process has for UserWarning
         data.load_dataset(path)  # the CLI's up-front check ...
         data.load_dataset(path)  # ... and the experiment's own load: one warning, not two
@@ -239,8 +239,6 @@ def test_one_line_warnings_show_a_repeated_warning_once_and_restore_the_default(
 ])
 def test_interrupt_line_says_what_finished(tmp_path, monkeypatch, capsys, where, expected):
     """Ctrl-C at each point of `run` (simulated in-process: the real signal is tested below)."""
-    import jaxopt_lab.lab.report
-
     def interrupt(*args, **kwargs):
         raise KeyboardInterrupt
 
@@ -254,12 +252,12 @@ def test_interrupt_line_says_what_finished(tmp_path, monkeypatch, capsys, where,
             interrupt()
         print(*args, **kwargs)
 
-    monkeypatch.setattr(experiment, "run_experiment", fake_run)
-    monkeypatch.setattr(cli, "print", fake_print, raising=False)
+    monkeypatch.setattr(runner, "run_experiment", fake_run)
+    monkeypatch.setattr(runner, "print", fake_print, raising=False)
     if where == "check":
-        monkeypatch.setattr(cli, "_writable_folder", interrupt)
+        monkeypatch.setattr(runner, "writable_folder", interrupt)
     if where == "report":
-        monkeypatch.setattr(jaxopt_lab.lab.report, "write_report", interrupt)
+        monkeypatch.setattr(runner, "write_report", interrupt)
     out = tmp_path / "out"
     assert cli.main(["run", "hand-backprop", "optimizer-grid", "learning-rate", "--out", str(out)]) == 130
     assert _one_line(capsys.readouterr().err) == "jaxopt-lab run: " + expected.format(out=out)

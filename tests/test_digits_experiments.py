@@ -61,7 +61,7 @@ def test_normalization(tmp_path):
     # Instance norm normalizes each image: it loses less to a per-image contrast change than batch norm.
     lost = {n: r["clean"]["mean"] - r["contrast"]["mean"] for n, r in metrics["robustness"].items()}
     assert lost["instance"] < lost["batch"], lost
-    assert "Wu & He" in summary and "| claim (seed) |" in summary
+    assert "Wu & He" in summary and "| claim (course notes) |" in summary
 
 
 def test_gradient_centralization_on_a_device_mesh(tmp_path):

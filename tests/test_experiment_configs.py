@@ -1,8 +1,8 @@
-"""Contract A: every experiment's QUICK and FULL configs can be built, checked in seconds without training.
+"""Every experiment's quick and full configs can be built, checked in seconds without training.
 
-Each module that defines ``EXPERIMENT`` also defines ``check_configs()``, which builds every model,
-optimizer and data shape of both configs abstractly (``jax.eval_shape``) and raises ``ValueError`` on a
-config that cannot run. A FULL config that crashes after 20 minutes of training fails here instead.
+``Experiment.check_configs`` is part of the contract: it builds every model, optimizer and data shape of
+both modes on every dataset abstractly (``jax.eval_shape``) and raises ``ValueError`` on a config that
+cannot run. A full config that would crash after 20 minutes of training fails here instead.
 """
 
 import dataclasses
@@ -12,9 +12,10 @@ import json
 import optax
 import pytest
 
-from jaxopt_lab.lab import experiment, models
+from jaxopt_lab.lab import experiment, models, runner
+from jaxopt_lab.lab.registry import available_experiments
 
-EXPERIMENTS = experiment.available_experiments()
+EXPERIMENTS = available_experiments()
 
 
 def _module(name):
@@ -27,14 +28,36 @@ def test_every_experiment_is_checked():
 
 @pytest.mark.parametrize("name", list(EXPERIMENTS))
 def test_quick_and_full_configs_can_run(name):
-    module = _module(name)
-    assert callable(getattr(module, "check_configs", None)), (
-        f"experiments/{module.__name__.rsplit('.', 1)[-1]}.py defines EXPERIMENT but no check_configs()")
-    module.check_configs()  # raises ValueError on a config that cannot run
+    EXPERIMENTS[name].check_configs()  # raises ValueError on a config that cannot run
+
+
+def test_an_experiment_without_check_configs_is_refused():
+    with pytest.raises(TypeError, match="missing 1 required positional argument: 'check_configs'"):
+        experiment.Experiment("toy", "a toy", _toy)
+    with pytest.raises(TypeError, match="check_configs must be callable"):
+        experiment.Experiment("toy", "a toy", _toy, None)
+
+
+@pytest.mark.parametrize("name", [n for n in EXPERIMENTS if hasattr(_module(n), "Config")])
+def test_every_config_comes_from_for_mode(name):
+    config = _module(name).Config
+    for quick in (True, False):
+        assert isinstance(config.for_mode(quick), config) and isinstance(config.for_mode(quick, None), config)
+    assert config.for_mode(True) != config.for_mode(False)  # quick is smaller than full
+
+
+def test_check_modes_labels_every_mode_and_dataset():
+    seen = []
+    experiment.check_modes(lambda quick, data=None: (quick, data), lambda *args: seen.append(args),
+                           ("digits", "mnist1d"))
+    assert [label for _, label, _ in seen] == ["QUICK (digits)", "QUICK (mnist1d)", "FULL (digits)",
+                                               "FULL (mnist1d)"]
+    assert [cfg for cfg, _, _ in seen] == [(True, "digits"), (True, "mnist1d"), (False, "digits"),
+                                           (False, "mnist1d")]
 
 
 def test_a_group_count_that_does_not_divide_a_width_is_caught():
-    # The crash of issue 11: FULL's group counts reached 32 while the first CNN width was 16.
+    # A full config once crashed this way: group counts up to 32 while the first CNN width was 16.
     model = models.CNN(norm="group", widths=(16, 32, 32), num_groups=32)
     with pytest.raises(ValueError, match=r"FULL: GN G=32.*divisible by num_groups=32"):
         experiment.check_training_config(model, optax.adam(1e-3), (8, 8, 1), batch_sizes=[32],
@@ -43,25 +66,26 @@ def test_a_group_count_that_does_not_divide_a_width_is_caught():
 
 def test_the_normalization_check_rejects_a_group_count_that_no_width_admits():
     normalization = _module("normalization")
-    widths = normalization.FULL.widths or models.CNN().widths
-    too_many = 2 * max(widths)  # divides no width
-    broken = dataclasses.replace(normalization.FULL, group_counts=(*normalization.FULL.group_counts, too_many))
+    full = normalization.Config.for_mode(False)
+    too_many = 2 * max(full.widths or models.CNN().widths)  # divides no width
+    broken = dataclasses.replace(full, group_counts=(*full.group_counts, too_many))
     with pytest.raises(ValueError, match=rf"FULL: groups {too_many} on digits.*num_groups={too_many}"):
-        normalization.check_config(broken, "FULL", ("digits",))
+        normalization.check_config(broken, "FULL", "digits")
 
 
 def test_the_normalization_step_budget_covers_min_epochs_at_every_batch_size():
     normalization = _module("normalization")
-    cfg, train_size = normalization.FULL, 1077  # digits' training split after the validation hold-out
+    # 1077: digits' training split after the validation hold-out
+    cfg, train_size = normalization.Config.for_mode(False, "digits"), 1077
     for batch_size in (1, 2, 3, 4, 8, 16, 32, 64, 128, 1077):
         steps = normalization.steps_for(cfg, batch_size, train_size)
         assert steps % 20 == 0 and steps >= cfg.steps  # evaluation intervals of equal length, never cut short
         assert steps * batch_size >= cfg.min_epochs * train_size  # the small batches see min_epochs epochs
         assert (steps - 20) < max(cfg.steps, cfg.min_epochs * train_size / batch_size)  # and not more
-    quick = normalization.QUICK
+    quick = normalization.Config.for_mode(True)
     assert {normalization.steps_for(quick, b, train_size) for b in quick.batch_sizes} == {quick.steps}
     with pytest.raises(ValueError, match="multiple of 20"):
-        normalization.check_config(dataclasses.replace(cfg, steps=510), "FULL", ())
+        normalization.check_config(dataclasses.replace(cfg, steps=510), "FULL", "digits")
 
 
 def _record(accuracy, loss, seeds=3):
@@ -72,7 +96,7 @@ def _record(accuracy, loss, seeds=3):
 
 def test_a_claim_about_a_model_that_did_not_learn_gets_no_verdict():
     normalization = _module("normalization")
-    cfg = normalization.QUICK
+    cfg = normalization.Config.for_mode(True)
     trained = lambda accuracy: _record(accuracy, loss=0.05)
     cnn = {n: {b: trained(0.9) for b in cfg.batch_sizes} for n in normalization.CNN_NORMS}
     cnn["batch"][min(cfg.batch_sizes)] = trained(0.5)  # BN much worse at the small batch: a clear verdict
@@ -102,8 +126,8 @@ def _toy(ctx):
 def test_quick_and_full_summaries_are_marked_under_their_heading(tmp_path, quick):
     from jaxopt_lab.lab import report
 
-    experiment.run_experiment(experiment.Experiment("toy", "a toy", _toy), tmp_path, quick=quick, seed=0,
-                              show_progress=False)
+    toy = experiment.Experiment("toy", "a toy", _toy, lambda: None)
+    runner.run_experiment(toy, tmp_path, quick=quick, seed=0, show_progress=False)
     lines = (tmp_path / "toy" / "summary.md").read_text().split("\n")
     assert lines[0] == "# toy — a title"
     if quick:

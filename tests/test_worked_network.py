@@ -1,4 +1,4 @@
-"""The seed's 2-2-2 network: forward values, hand backward vs jax.grad, one gradient step."""
+"""The course notes' 2-2-2 network: forward values, hand backward vs jax.grad, one gradient step."""
 
 import chex
 import jax
@@ -43,7 +43,7 @@ def test_hand_gradients_equal_jax_grad_at_seed_point():
 
 def test_seed_worked_derivatives_are_per_term():
     hand = net.hand_gradients(net.PARAMS, net.INPUTS, net.TARGETS)
-    # The seed's dE1/dw21 = (-1)(0.5)(1)(-1) = 0.5 is the E1 term only ...
+    # The course notes' dE1/dw21 = (-1)(0.5)(1)(-1) = 0.5 is the E1 term only ...
     assert float(hand.e1["w21"]) == pytest.approx(0.5)
     # ... while the total loss also reaches w21 through o2: dE2/dw21 = (-2)(-1)(1)(-1) = -2.
     assert float(hand.e2["w21"]) == pytest.approx(-2.0)
@@ -58,7 +58,7 @@ def test_one_gradient_step_at_learning_rate_0_1():
     hand = net.hand_gradients(net.PARAMS, net.INPUTS, net.TARGETS)
     by_e1 = net.gradient_step(net.PARAMS, hand.e1, 0.1)
     by_total = net.gradient_step(net.PARAMS, hand.total, 0.1)
-    assert float(by_e1["w21"]) == pytest.approx(0.45)       # the seed's update
+    assert float(by_e1["w21"]) == pytest.approx(0.45)       # the course notes' update
     assert float(by_total["w21"]) == pytest.approx(0.65)    # the total loss's update
     assert float(by_total["w12"]) == pytest.approx(-0.5)    # dead ReLU: unchanged
     # The step along the total gradient lowers the total loss.

@@ -15,7 +15,7 @@ Three sources give the same :class:`Dataset` (channels-last ``float32`` inputs s
 Batching happens inside the jitted training loop: :func:`shuffled_batches` turns a key into one epoch's
 index matrix, so an epoch is a ``lax.scan`` over its rows and the data never leaves the device.
 
->>> from jaxopt_lab import data
+>>> from jaxopt_lab.lab import data
 >>> ds = data.load_digits()
 >>> ds.x_train.shape, ds.x_test.shape, ds.num_classes
 ((1347, 8, 8, 1), (450, 8, 8, 1), 10)
@@ -31,7 +31,7 @@ import os
 import warnings
 import zipfile
 from pathlib import Path
-from typing import NamedTuple
+from typing import Any, NamedTuple
 
 import jax
 import numpy as np
@@ -49,6 +49,7 @@ __all__ = [
     "num_batches",
     "shuffled_batches",
     "standardize",
+    "stratified_split",
 ]
 
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
@@ -128,6 +129,23 @@ def standardize(x_train: np.ndarray, x_test: np.ndarray) -> tuple[np.ndarray, np
     return scale(x_train), scale(x_test), mean.astype(np.float32), std.astype(np.float32)
 
 
+def stratified_split(labels: Any, fraction: float, *, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Indices ``(kept, held_out)`` of a fixed split that holds out ``fraction`` of every class.
+
+    In scikit-learn's ``train_test_split`` order (shuffled): index arrays with it to split the data.
+
+    >>> kept, held_out = stratified_split(np.repeat(np.arange(4), 10), 0.2)
+    >>> len(kept), len(held_out), sorted(np.bincount(np.repeat(np.arange(4), 10)[held_out]).tolist())
+    (32, 8, [2, 2, 2, 2])
+    """
+    from sklearn.model_selection import train_test_split  # scikit-learn's import costs ~1 s: only when used
+
+    labels = np.asarray(labels)
+    kept, held_out = train_test_split(np.arange(len(labels)), test_size=fraction, stratify=labels,
+                                      random_state=seed)
+    return kept, held_out
+
+
 def load_digits(*, test_fraction: float = 0.25, split_seed: int = 0) -> Dataset:
     """scikit-learn's bundled 8x8 digits, a fixed stratified split, standardized.
 
@@ -139,14 +157,13 @@ def load_digits(*, test_fraction: float = 0.25, split_seed: int = 0) -> Dataset:
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"load_digits: test_fraction must lie in (0, 1), got {test_fraction!r}")
     from sklearn.datasets import load_digits as sklearn_digits
-    from sklearn.model_selection import train_test_split
 
     bunch = sklearn_digits()
     images = bunch.images.astype(np.float32)[..., None]  # (1797, 8, 8, 1), pixel values 0..16
     labels = bunch.target.astype(np.int32)
-    x_train, x_test, y_train, y_test = train_test_split(
-        images, labels, test_size=test_fraction, stratify=labels, random_state=split_seed)
-    x_train, x_test, mean, std = standardize(x_train, x_test)
+    train, test = stratified_split(labels, test_fraction, seed=split_seed)
+    x_train, x_test, mean, std = standardize(images[train], images[test])
+    y_train, y_test = labels[train], labels[test]
     return Dataset("digits", x_train, y_train, x_test, y_test, 10, mean, std)
 
 

@@ -1,6 +1,7 @@
 """Reading loss histories: learning-rate diagnosis, the LR range test, and saddle-escape detection.
 
-The "how can we detect it" half of mission.md part D (a, b): :func:`diagnose` labels one loss history
+The "how can we detect it" half of the learning-rate claims (docs/claims.md): :func:`diagnose` labels one
+loss history
 (``diverging``, ``oscillating``, ``stalled``, ``too slow``, ``ok``) and returns the numbers it used, so a
 label can always be checked. :func:`loss_noise` quantifies how jagged a curve is (one measure, used both
 by ``diagnose`` and to tell full-batch from mini-batch curves). :func:`lr_range_test` runs the exponential
@@ -95,7 +96,7 @@ def diagnose(history: Any, *, target: float | None = None, blowup_factor: float 
 
     1. ``diverging``: a NaN/inf loss, or a final loss ``blowup_factor`` times the first one.
     2. ``ok``: the loss fell below ``target`` (evidence: the step, and the peak/first ratio, so a run that
-       spiked before converging — the seed's SGD at 0.1 — is visible).
+       spiked before converging — the course notes' SGD at 0.1 — is visible).
     3. ``oscillating``: in the window the loss rose on at least ``oscillation_fraction`` of the steps.
     4. ``stalled``: over the window the loss fell by less than ``stall_tolerance`` (relative) — stuck at a
        bad value (a too-high rate bouncing in a valley, or a too-low rate near a plateau or saddle).

@@ -1,33 +1,35 @@
-"""The contract every experiment follows, its discovery, and the runner behind ``jaxopt-lab run``.
+"""The contract every experiment follows: ``Experiment``, ``RunContext`` and how configs are checked.
 
 An experiment is a module in the top-level ``experiments/`` folder (installed as the subpackage
-``jaxopt_lab.lab.experiments``) that defines ``EXPERIMENT = Experiment(name, description, run)``.
-``run(ctx)`` builds its config from ``ctx.quick`` and ``ctx.seed``, computes with the library's jitted
-engines, saves figures through ``ctx.save_figure`` and hands its numbers and its summary to
-``ctx.set_metrics`` / ``ctx.set_summary``. The runner then writes ``metrics.json`` and ``summary.md``
-and swaps the finished folder into ``OUT/NAME`` atomically (see :mod:`jaxopt_lab.lab.results`).
+``jaxopt_lab.lab.experiments``) that defines
+``EXPERIMENT = Experiment(name, description, run, check_configs)``:
 
-Quick and full runs are told apart in one place: the runner puts :func:`mode_line` on the line right after
-the summary's ``# name — title`` heading (quick: a smoke-size run whose verdicts are not conclusive; full:
-"Full mode" and the training endpoint an experiment gave with ``ctx.set_endpoint``), and
-``ctx.verdict(...)`` marks a verdict as not conclusive in quick mode.
+* ``run(ctx)`` gets its config from ``Config.for_mode(ctx.quick, dataset)``, computes with the library's
+  jitted engines, saves figures through ``ctx.save_figure`` and hands its numbers and its summary to
+  ``ctx.set_metrics`` / ``ctx.set_summary``;
+* ``check_configs()`` builds every config of every mode and dataset without training (usually through
+  :func:`check_modes`) and raises ``ValueError`` naming the one that cannot run.
 
-An experiment exists once its module does: nothing is listed before it is implemented.
+The runner (:mod:`jaxopt_lab.lab.runner`) writes ``metrics.json`` and ``summary.md`` and swaps the finished
+folder into ``OUT/NAME`` atomically. Quick and full runs are told apart in one place: the runner puts
+:func:`mode_line` on the line right after the summary's ``# name — title`` heading, and ``ctx.verdict(...)``
+marks a verdict as not conclusive in quick mode.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import importlib
-import pkgutil
 import platform
-import sys
-import time
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol, TypeVar
 
-from jaxopt_lab.lab import results
+import jax
+import jax.numpy as jnp
+import optax
+from tqdm.auto import tqdm
+
+from jaxopt_lab.lab import data, results, training
 
 __all__ = [
     "CANONICAL_ORDER",
@@ -35,16 +37,15 @@ __all__ = [
     "QUICK_VERDICT_MARK",
     "Experiment",
     "RunContext",
-    "available_experiments",
+    "check_modes",
     "check_training_config",
     "environment",
     "mark_verdict",
     "mode_line",
-    "run_experiment",
     "with_mode_line",
 ]
 
-# The order of the report and of `jaxopt-lab list`: from the seed network up to real-data training.
+# The order of the report and of `jaxopt-lab list`: from the worked 2-2-2 network up to real-data training.
 CANONICAL_ORDER = (
     "hand-backprop",
     "optimizer-grid",
@@ -106,87 +107,53 @@ def with_mode_line(summary: str, *, quick: bool, endpoint: str | None = None) ->
     return f"{line}\n\n{summary}"
 
 
-def check_training_config(model: Any, tx: Any, input_shape: Sequence[int], *, batch_sizes: Sequence[int],
-                          train_size: int, num_microbatches: int = 1, where: str) -> None:
-    """Raises ``ValueError`` (naming ``where``) unless ``model`` and ``tx`` can train on this data.
-
-    The check behind every experiment's ``check_configs()``: it initializes ``model`` and runs one
-    training step (:func:`jaxopt_lab.lab.training.make_train_step`) under ``jax.eval_shape`` (cached per model,
-    input shape and micro-batching), then ``tx``'s ``init`` and ``update`` on the parameters' shapes, so
-    shapes, group counts and optimizer states are checked without computing anything (milliseconds to a
-    second), and checks every batch size against ``train_size`` examples and ``num_microbatches``.
-
-    Args:
-      model: a Flax classifier called as ``model(images, train=...)``.
-      tx: an optax ``GradientTransformation``.
-      input_shape: one example's shape, e.g. ``(8, 8, 1)`` or ``(40, 1)``.
-      batch_sizes: every batch size the config trains this model at.
-      train_size: the training examples available (after any validation split).
-      num_microbatches: micro-batches per step; every batch size must be divisible by it.
-      where: names the config entry in the error, e.g. ``"FULL: CNN(norm='group') on digits"``.
-
-    >>> import optax
-    >>> from jaxopt_lab import models
-    >>> check_training_config(models.MLP(), optax.adam(1e-3), (8, 8, 1), batch_sizes=[32], train_size=1000,
-    ...                       where="demo")
-    >>> check_training_config(models.MLP(), optax.adam(1e-3), (8, 8, 1), batch_sizes=[2048], train_size=1000,
-    ...                       where="demo")
-    Traceback (most recent call last):
-    ValueError: demo: num_batches: batch_size=2048 exceeds the 1000 examples
-    """
-    import jax
-
-    from jaxopt_lab.lab import data
-
-    try:
-        for batch_size in batch_sizes:
-            data.num_batches(train_size, batch_size)
-            if batch_size % num_microbatches:
-                raise ValueError(f"batch_size={batch_size} is not divisible by num_microbatches="
-                                 f"{num_microbatches}")
-        # The shapes are the same at every batch size: trace the model once (cached across configs that
-        # share it), then the optimizer on the parameters' shapes.
-        params = _abstract_params(model, tuple(input_shape), min(batch_sizes), num_microbatches)
-        jax.eval_shape(lambda p: tx.update(p, tx.init(p), p), params)
-    except Exception as error:  # any failure to build or step: the config cannot run
-        raise ValueError(f"{where}: {error}") from error
-
-
-_ABSTRACT_PARAMS: dict[tuple[Any, ...], Any] = {}
-
-
-def _abstract_params(model: Any, input_shape: tuple[int, ...], batch_size: int, num_microbatches: int) -> Any:
-    """The parameter shapes of ``model`` after one abstract training step (``jax.eval_shape``), cached."""
-    import jax
-    import jax.numpy as jnp
-    import optax
-
-    from jaxopt_lab.lab import training
-
-    key = (repr(model), input_shape, batch_size, num_microbatches)
-    if key not in _ABSTRACT_PARAMS:
-        def one_step(images: jax.Array, labels: jax.Array) -> Any:
-            state = training.create_train_state(model, optax.sgd(0.1), jax.random.key(0), images[:1])
-            step = training.make_train_step(num_microbatches=num_microbatches)
-            return step(state, training.Batch(images, labels))[0].params
-
-        _ABSTRACT_PARAMS[key] = jax.eval_shape(one_step, jax.ShapeDtypeStruct((batch_size, *input_shape),
-                                                                              jnp.float32),
-                                               jax.ShapeDtypeStruct((batch_size,), jnp.int32))
-    return _ABSTRACT_PARAMS[key]
-
-
-def _data_parallel_mode(data_parallel: bool | None) -> str:
-    return next(mode for mode, value in DATA_PARALLEL_MODES.items() if value is data_parallel)
-
-
 @dataclasses.dataclass(frozen=True)
 class Experiment:
-    """One experiment: a name for the CLI, a one-line description and its ``run(ctx)`` function."""
+    """One experiment: a name for the CLI, a one-line description, ``run(ctx)`` and ``check_configs()``.
+
+    ``check_configs`` is part of the contract: the suite calls it for every experiment, so a config that
+    cannot run (a batch larger than the data, a group count that does not divide the channels) fails in
+    seconds instead of an hour into a full run.
+    """
 
     name: str
     description: str
     run: Callable[[RunContext], None]
+    check_configs: Callable[[], None]
+
+    def __post_init__(self) -> None:
+        for field in ("run", "check_configs"):
+            if not callable(getattr(self, field)):
+                raise TypeError(f"Experiment {self.name!r}: {field} must be callable, got "
+                                f"{getattr(self, field)!r}")
+
+
+ConfigT = TypeVar("ConfigT")
+
+
+class ForMode(Protocol[ConfigT]):
+    """``Config.for_mode``: the config of a quick or full run on a dataset (``None``: the default one)."""
+
+    def __call__(self, quick: bool, data: str | None = None, /) -> ConfigT: ...
+
+
+def check_modes(for_mode: ForMode[ConfigT], check: Callable[[ConfigT, str, str | None], None],
+                datasets: Sequence[str] = ()) -> None:
+    """Runs ``check(config, label, dataset)`` on the quick and the full config of every dataset.
+
+    The one loop behind every experiment's ``check_configs()``. ``datasets`` empty (a generated problem):
+    each mode once, with ``dataset`` None. ``label`` names the config in errors, e.g. ``"FULL (mnist1d)"``.
+
+    >>> seen = []
+    >>> check_modes(lambda quick, data=None: ("small" if quick else "big", data),
+    ...             lambda cfg, label, data: seen.append((label, cfg)), ("digits",))
+    >>> seen
+    [('QUICK (digits)', ('small', 'digits')), ('FULL (digits)', ('big', 'digits'))]
+    """
+    for quick in (True, False):
+        for name in tuple(datasets) or (None,):
+            label = ("QUICK" if quick else "FULL") + ("" if name is None else f" ({name})")
+            check(for_mode(quick, name), label, name)
 
 
 @dataclasses.dataclass
@@ -211,8 +178,6 @@ class RunContext:
     def progress(self, iterable: Iterable[Any] | None = None, *, total: int | None = None,
                  desc: str | None = None) -> Any:
         """A tqdm progress bar (on stderr) labelled with the experiment's name."""
-        from tqdm.auto import tqdm
-
         label = f"{self.name}: {desc}" if desc else self.name
         return tqdm(iterable, total=total, desc=label, disable=not self.show_progress,
                     leave=False, dynamic_ncols=True)
@@ -249,8 +214,6 @@ class RunContext:
 
 def environment() -> dict[str, Any]:
     """The software and hardware a result was measured on."""
-    import jax
-
     devices = jax.devices()
     return {
         "python": platform.python_version(),
@@ -262,77 +225,62 @@ def environment() -> dict[str, Any]:
     }
 
 
-def available_experiments() -> dict[str, Experiment]:
-    """Every experiment module that exists, keyed by name, in :data:`CANONICAL_ORDER` (then a-z)."""
-    import jaxopt_lab.lab.experiments as package
 
-    found: dict[str, Experiment] = {}
-    for info in pkgutil.iter_modules(package.__path__):
-        if info.name.startswith("_"):
-            continue
-        module = importlib.import_module(f"{package.__name__}.{info.name}")
-        experiment = getattr(module, "EXPERIMENT", None)
-        if isinstance(experiment, Experiment):
-            if experiment.name in found:
-                raise RuntimeError(f"two experiment modules are named {experiment.name!r}")
-            found[experiment.name] = experiment
-    rank = {name: i for i, name in enumerate(CANONICAL_ORDER)}
-    ordered = sorted(found, key=lambda n: (rank.get(n, len(rank)), n))
-    return {name: found[name] for name in ordered}
+def check_training_config(model: Any, tx: Any, input_shape: Sequence[int], *, batch_sizes: Sequence[int],
+                          train_size: int, num_microbatches: int = 1, where: str) -> None:
+    """Raises ``ValueError`` (naming ``where``) unless ``model`` and ``tx`` can train on this data.
 
+    The check behind every experiment's ``check_configs()``: it initializes ``model`` and runs one
+    training step (:func:`make_train_step`) under ``jax.eval_shape`` (cached per model,
+    input shape and micro-batching), then ``tx``'s ``init`` and ``update`` on the parameters' shapes, so
+    shapes, group counts and optimizer states are checked without computing anything (milliseconds to a
+    second), and checks every batch size against ``train_size`` examples and ``num_microbatches``.
 
-def _footer(ctx: RunContext, elapsed: float, env: dict[str, Any]) -> str:
-    flags = " --quick" if ctx.quick else ""
-    flags += f" --seed {ctx.seed}"
-    if ctx.data_path is not None:
-        flags += f" --data {ctx.data_path}"
-    if ctx.data_parallel is not None:
-        flags += f" --data-parallel {_data_parallel_mode(ctx.data_parallel)}"
-    return (
-        f"\n\n---\n*Measured by `jaxopt-lab run {ctx.name}{flags}` in "
-        f"{elapsed:.1f} s on {env['device_count']}x {env['device_kind']} ({env['backend']}), "
-        f"JAX {env['jax']}.*\n"
-    )
+    Args:
+      model: a Flax classifier called as ``model(images, train=...)``.
+      tx: an optax ``GradientTransformation``.
+      input_shape: one example's shape, e.g. ``(8, 8, 1)`` or ``(40, 1)``.
+      batch_sizes: every batch size the config trains this model at.
+      train_size: the training examples available (after any validation split).
+      num_microbatches: micro-batches per step; every batch size must be divisible by it.
+      where: names the config entry in the error, e.g. ``"FULL: CNN(norm='group') on digits"``.
 
-
-def run_experiment(experiment: Experiment, out: str | Path, *, quick: bool, seed: int,
-                   show_progress: bool = True, data_path: Path | None = None,
-                   data_parallel: bool | None = None) -> float:
-    """Runs one experiment into ``out/NAME`` atomically and returns its wall-clock seconds."""
-    env = environment()
-    with results.staging_dir(Path(out) / experiment.name) as staged:
-        ctx = RunContext(experiment.name, quick, seed, staged, show_progress, data_path, data_parallel)
-        start = time.perf_counter()
-        experiment.run(ctx)
-        elapsed = time.perf_counter() - start
-        missing = [what for what, ok in (("metrics", ctx.metrics is not None),
-                                         ("summary", ctx.summary is not None),
-                                         ("a figure", bool(ctx.figures))) if not ok]
-        if missing:
-            raise RuntimeError(f"experiment {experiment.name!r} finished without {', '.join(missing)}")
-        results.atomic_write_json(staged / "metrics.json", {
-            "experiment": experiment.name,
-            "quick": quick,
-            "mode": "quick" if quick else "full",
-            "endpoint": ctx.endpoint,
-            "seed": seed,
-            "data_path": data_path,
-            "data_parallel": _data_parallel_mode(data_parallel),
-            "elapsed_s": elapsed,
-            "environment": env,
-            "figures": ctx.figures,
-            "config": ctx.config,
-            "metrics": ctx.metrics,
-        })
-        summary = with_mode_line((ctx.summary or "").rstrip(), quick=quick, endpoint=ctx.endpoint)
-        summary += _footer(ctx, elapsed, env)
-        results.atomic_write_text(staged / "summary.md", summary)
-    return elapsed
+    >>> import optax
+    >>> from jaxopt_lab.lab import models
+    >>> check_training_config(models.MLP(), optax.adam(1e-3), (8, 8, 1), batch_sizes=[32], train_size=1000,
+    ...                       where="demo")
+    >>> check_training_config(models.MLP(), optax.adam(1e-3), (8, 8, 1), batch_sizes=[2048], train_size=1000,
+    ...                       where="demo")
+    Traceback (most recent call last):
+    ValueError: demo: num_batches: batch_size=2048 exceeds the 1000 examples
+    """
+    try:
+        for batch_size in batch_sizes:
+            data.num_batches(train_size, batch_size)
+            if batch_size % num_microbatches:
+                raise ValueError(f"batch_size={batch_size} is not divisible by num_microbatches="
+                                 f"{num_microbatches}")
+        # The shapes are the same at every batch size: trace the model once (cached across configs that
+        # share it), then the optimizer on the parameters' shapes.
+        params = _abstract_params(model, tuple(input_shape), min(batch_sizes), num_microbatches)
+        jax.eval_shape(lambda p: tx.update(p, tx.init(p), p), params)
+    except Exception as error:  # any failure to build or step: the config cannot run
+        raise ValueError(f"{where}: {error}") from error
 
 
-def main_for(name: str, argv: Sequence[str] | None = None) -> int:
-    """Entry point of ``python experiments/<name>.py [--quick] [--out DIR] [--seed N] ...`` (run's flags)."""
-    from jaxopt_lab.lab import cli
+_ABSTRACT_PARAMS: dict[tuple[Any, ...], Any] = {}
 
-    # Run as a script (argv None) it is the program: Ctrl-C exits at once with 130, like `jaxopt-lab`.
-    return cli.main(["run", name, *(sys.argv[1:] if argv is None else argv)], exit_on_interrupt=argv is None)
+
+def _abstract_params(model: Any, input_shape: tuple[int, ...], batch_size: int, num_microbatches: int) -> Any:
+    """The parameter shapes of ``model`` after one abstract training step (``jax.eval_shape``), cached."""
+    key = (repr(model), input_shape, batch_size, num_microbatches)
+    if key not in _ABSTRACT_PARAMS:
+        def one_step(images: jax.Array, labels: jax.Array) -> Any:
+            state = training.create_train_state(model, optax.sgd(0.1), jax.random.key(0), images[:1])
+            step = training.make_train_step(num_microbatches=num_microbatches)
+            return step(state, training.Batch(images, labels))[0].params
+
+        _ABSTRACT_PARAMS[key] = jax.eval_shape(one_step, jax.ShapeDtypeStruct((batch_size, *input_shape),
+                                                                              jnp.float32),
+                                               jax.ShapeDtypeStruct((batch_size,), jnp.int32))
+    return _ABSTRACT_PARAMS[key]

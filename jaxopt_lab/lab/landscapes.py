@@ -3,7 +3,7 @@
 Every loss has the engine's signature ``loss(params, batch) -> scalar`` (see :mod:`jaxopt_lab.lab.sweep`);
 the saddles ignore ``batch``. Parameters of the saddles are one vector ``theta``.
 
-Saddles (mission.md part D c):
+Saddles (the course notes (docs/claims.md) c):
 
 * ``cubic``: f(x) = x^3 at x = 0 — first and second derivatives vanish; from x > 0 gradient descent creeps
   towards 0 like x_t ~ 1 / (3 lr t) and never passes it, while the function decreases without bound for x < 0.
@@ -13,7 +13,8 @@ Saddles (mission.md part D c):
   fitted to (x, y) = (1, 1) — a saddle of a real model at a = b = 0 with Hessian [[0, -2], [-2, 0]]:
   stable manifold a = -b, escape along a = b towards the minima a b = 1.
 
-Synthetic regression (mission.md part F, defined openly because the seed's notebook is not available):
+Synthetic regression (the course notes (docs/claims.md), defined openly because the course notes' notebook is
+not available):
 ``y = X w* + b* + noise`` with ``X ~ N(0, I)``, ``w* ~ N(0, weight_scale^2 I)``, ``b* ~ N(0, weight_scale^2)``,
 ``noise ~ N(0, noise_std^2)``; model ``x @ w + b``; loss: mean squared error (not halved), so its
 Hessian is ``2/n [X 1]^T [X 1]`` and gradient descent is stable exactly for ``lr < 2 / lambda_max``.
@@ -96,7 +97,7 @@ def make_regression(seed: int, num_samples: int = 200, num_features: int = 5, *,
                     weight_scale: float = 2.0) -> Regression:
     """Draws ``y = X w* + b* + noise`` (see the module docstring) from ``jax.random.PRNGKey(seed)``.
 
-    The loss floor is about ``noise_std^2`` (0.01 by default), below the seed's target of 0.1.
+    The loss floor is about ``noise_std^2`` (0.01 by default), below the course notes' target of 0.1.
 
     >>> problem = make_regression(0, num_samples=8, num_features=3)
     >>> problem.data["x"].shape, problem.data["y"].shape

@@ -48,7 +48,7 @@ def plot_loss_curves(ax: Any, curves: Any, labels: Sequence[str], *, steps: Any 
       steps: x values, default ``0..T-1``.
       diverged_at: per run, the step at which it diverged or ``None``. A diverged run is drawn up to its
         last finite value, marked with an ``x`` there and labelled "diverged at step k".
-      clip: upper y limit (the seed clips its optimizer plots at 30); values above are drawn at the edge.
+      clip: upper y limit (the course notes clip its optimizer plots at 30); values above are drawn at the edge.
       logy: log-scaled y axis.
     """
     curves = np.asarray(curves, dtype=np.float64)

@@ -24,7 +24,7 @@ Long sweeps run the scan in chunks so a progress bar can advance between them; t
 to one chunk, and chunks stop early once every run has stopped.
 
 >>> import jax.numpy as jnp
->>> from jaxopt_lab import sweep
+>>> from jaxopt_lab.lab import sweep
 >>> loss = lambda w, batch: jnp.sum(w ** 2)          # no data: batch is None
 >>> runs = sweep.grid(learning_rates=[0.1, 0.4, 1.1], seeds=[0], init_params=jnp.ones(2))
 >>> cfg = sweep.SweepConfig(steps=100, target_loss=1e-3)
@@ -49,6 +49,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from jaxopt_lab import centralization
+
 __all__ = [
     "MOMENTUM",
     "OPTIMIZERS",
@@ -70,7 +72,7 @@ __all__ = [
 LossFn = Callable[[Any, Any], jax.Array]  # loss_fn(params, batch) -> scalar; batch is None without data
 
 # Momentum coefficient of the "momentum" optimizer: 0.9 is the value of Sutskever et al. (2013)'s
-# experiments, of Keras/PyTorch tutorials and of the GC paper's SGDM; the seed does not say its value.
+# experiments, of Keras/PyTorch tutorials and of the GC paper's SGDM; the course notes do not say its value.
 MOMENTUM = 0.9
 
 
@@ -92,25 +94,16 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
 }
 
 
-def _register_gradient_centralization() -> None:
-    """Adds the GC variants once ``jaxopt_lab.centralization`` exists (it is another module's work)."""
-    try:
-        from jaxopt_lab import centralization
-    except ImportError:  # pragma: no cover - only before the GC module lands
-        return
-    # feature_axis and weight_decay steer Python control flow in the GC factories: keep them static.
-    static = ("feature_axis", "weight_decay")
-    OPTIMIZERS.update({
-        "sgd_gc": OptimizerSpec(centralization.sgd_gc, {}, "SGD with gradient centralization", static),
-        "momentum_gc": OptimizerSpec(centralization.sgd_gc, {"momentum": MOMENTUM},
-                                     f"SGD(momentum={MOMENTUM}) with gradient centralization", static),
-        "adam_gc": OptimizerSpec(centralization.adam_gc, {}, "Adam with gradient centralization", static),
-        "adamw_gc": OptimizerSpec(centralization.adamw_gc, {}, "AdamW with gradient centralization",
-                                  ("feature_axis",)),
-    })
-
-
-_register_gradient_centralization()
+# The GC variants. feature_axis and weight_decay steer Python control flow in the GC factories: static.
+_GC_STATIC = ("feature_axis", "weight_decay")
+OPTIMIZERS.update({
+    "sgd_gc": OptimizerSpec(centralization.sgd_gc, {}, "SGD with gradient centralization", _GC_STATIC),
+    "momentum_gc": OptimizerSpec(centralization.sgd_gc, {"momentum": MOMENTUM},
+                                 f"SGD(momentum={MOMENTUM}) with gradient centralization", _GC_STATIC),
+    "adam_gc": OptimizerSpec(centralization.adam_gc, {}, "Adam with gradient centralization", _GC_STATIC),
+    "adamw_gc": OptimizerSpec(centralization.adamw_gc, {}, "AdamW with gradient centralization",
+                              ("feature_axis",)),
+})
 
 
 def available_optimizers() -> tuple[str, ...]:
@@ -479,7 +472,7 @@ def check_sweep(loss_fn: LossFn, optimizers: str | Sequence[str], specs: RunSpec
     checks (``check_configs``) are built on it.
 
     >>> import jax.numpy as jnp
-    >>> from jaxopt_lab import sweep
+    >>> from jaxopt_lab.lab import sweep
     >>> runs = sweep.grid([0.1], seeds=[0], init_params=jnp.ones(3))
     >>> data = (jnp.ones((8, 3)), jnp.ones(8))
     >>> loss = lambda w, batch: jnp.mean((batch[0] @ w - batch[1]) ** 2)

@@ -22,7 +22,7 @@ A run whose loss becomes NaN/inf is not an error: its history carries the non-fi
 :func:`diverged_at` finds the step at which it happened.
 
 >>> import optax
->>> from jaxopt_lab import data, models, training
+>>> from jaxopt_lab.lab import data, models, training
 >>> ds = data.load_digits()
 >>> result = training.train_seeds(models.MLP(), optax.adam(1e-3), ds, seeds=[0, 1], epochs=1, batch_size=64)
 >>> result.history.test_accuracy.shape      # (seeds, epochs)
@@ -51,7 +51,7 @@ from flax.training import train_state
 from jaxopt_lab import parallel
 from jaxopt_lab.accumulation import microbatched_value_and_grad
 from jaxopt_lab.lab.checks import positive_int
-from jaxopt_lab.lab.data import Dataset, num_batches, shuffled_batches
+from jaxopt_lab.lab.data import Dataset, num_batches, shuffled_batches, stratified_split
 
 __all__ = [
     "Batch",
@@ -173,7 +173,7 @@ def initial_variables(model: nn.Module, seeds: Sequence[int], sample_images: jax
     ``model.init`` from ``fold_in(key(seed), 0)``, leaves with a leading seeds axis (compiled once per
     model and input shape, shared with training).
 
-    >>> from jaxopt_lab import models
+    >>> from jaxopt_lab.lab import models
     >>> variables = initial_variables(models.MLP(widths=(8,)), [0, 1], np.zeros((1, 8, 8, 1), np.float32))
     >>> variables["params"]["dense0"]["kernel"].shape
     (2, 64, 8)
@@ -513,11 +513,8 @@ def validation_split(labels: Any, fraction: float, *, seed: int = 0) -> tuple[np
     labels = np.asarray(labels)
     if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0.0 < fraction < 1.0:
         raise ValueError(f"validation_split: validation_fraction must lie in (0, 1), got {fraction!r}")
-    from sklearn.model_selection import train_test_split
-
-    indices = np.arange(len(labels))
     try:
-        train, valid = train_test_split(indices, test_size=fraction, stratify=labels, random_state=seed)
+        train, valid = stratified_split(labels, fraction, seed=seed)
     except ValueError as err:  # too few examples of a class to stratify, or a split that would be empty
         raise ValueError(f"validation_split: cannot hold out {fraction!r} of {len(labels)} examples with "
                          f"every class in both parts ({err})") from None
@@ -550,7 +547,7 @@ def tune_learning_rate(model: nn.Module, make_tx: Callable[[Any], optax.Gradient
       split_seed: the seed of the validation split.
 
     >>> import optax
-    >>> from jaxopt_lab import data, models
+    >>> from jaxopt_lab.lab import data, models
     >>> search = tune_learning_rate(models.Logistic(), optax.sgd, data.load_digits(), [0, 1],
     ...                             learning_rates=[1e-3, 0.1], batch_size=64, steps=100)
     >>> search.learning_rate, [row["diverged"] for row in search.table]

@@ -1,11 +1,11 @@
-"""The seed's 2-2-2 ReLU network (mission.md part E): forward, hand-derived backward, loss terms.
+"""The course notes' 2-2-2 ReLU network (docs/claims.md): forward, hand-derived backward, loss terms.
 
     z1 = i1*w11 + i2*w21 + b1,  h1 = ReLU(z1)        o1 = h1*w31 + h2*w41 + b3
     z2 = i1*w12 + i2*w22 + b2,  h2 = ReLU(z2)        o2 = h1*w32 + h2*w42 + b4
-    E1 = 1/2 (t1 - o1)^2,  E2 = 1/2 (t2 - o2)^2,  E = E1 + E2 (equal to the seed's MSE here)
+    E1 = 1/2 (t1 - o1)^2,  E2 = 1/2 (t2 - o2)^2,  E = E1 + E2 (equal to the course notes' MSE here)
 
 ``hand_gradients`` writes the chain rule out as plain arithmetic (no autodiff), for the total loss and
-for each term, so the tests can hold it against ``jax.grad``. The seed's worked example differentiates
+for each term, so the tests can hold it against ``jax.grad``. The course notes' worked example differentiates
 only the term on the path it follows (E1 for w21, E2 for w12); the total-loss gradient of w21 differs.
 
 >>> import jax
@@ -42,7 +42,7 @@ __all__ = [
 
 PARAM_NAMES = ("w11", "w12", "w21", "w22", "w31", "w32", "w41", "w42", "b1", "b2", "b3", "b4")
 
-# The seed's table (mission.md part E).
+# The course notes' table (docs/claims.md).
 PARAMS: dict[str, float] = {
     "w11": 1.0, "w12": -0.5, "w21": 0.5, "w22": -1.0,
     "w31": 0.5, "w32": -1.0, "w41": -0.5, "w42": 1.0,
@@ -92,7 +92,7 @@ def total_loss(params: Params, inputs: Pair,
 
 def mse(params: Params, inputs: Pair,
         targets: Pair) -> jax.Array:
-    """The seed's MSE, ``((t1-o1)^2 + (t2-o2)^2) / 2``; with two outputs it equals ``E1 + E2``."""
+    """The course notes' MSE, ``((t1-o1)^2 + (t2-o2)^2) / 2``; with two outputs it equals ``E1 + E2``."""
     out = forward(params, inputs)
     return ((jnp.asarray(targets[0]) - out["o1"]) ** 2 + (jnp.asarray(targets[1]) - out["o2"]) ** 2) / 2
 
