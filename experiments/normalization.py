@@ -24,10 +24,9 @@ import numpy as np
 import optax
 
 from jaxopt_lab.lab import data, models, training
-from jaxopt_lab.lab.experiment import Experiment, RunContext, check_modes
+from jaxopt_lab.lab.experiment import Experiment, RunContext, check_modes, check_training_config
 from jaxopt_lab.lab.plotting import new_figure
 from jaxopt_lab.lab.runner import main_for
-from jaxopt_lab.lab.training import check_training_config
 from jaxopt_lab.lab.verdicts import SUPPORTED, difference, reading, verdict
 
 NAME = "normalization"

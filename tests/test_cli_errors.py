@@ -107,7 +107,8 @@ def test_real_process_prints_one_line_and_debug_shows_the_traceback(tmp_path):
     proc = subprocess.run(argv, capture_output=True, text=True, timeout=300, env={**env, cli.DEBUG_ENV: "1"})
     assert proc.returncode == 1
     assert "Traceback" in proc.stderr and "ValueError: load_npz: " in proc.stderr
-    assert proc.stderr.rstrip().splitlines()[-1].startswith("jaxopt_lab.lab.program.UsageError: --data: load_npz: ")
+    last = proc.stderr.rstrip().splitlines()[-1]
+    assert last.startswith("jaxopt_lab.lab.program.UsageError: --data: load_npz: ")
 
 
 @pytest.mark.parametrize("argv", [["--debug", "run", "hand-backprop"], ["run", "hand-backprop", "--debug"]])
