@@ -18,6 +18,7 @@ from jaxopt_lab.lab import diagnostics, landscapes, sweep
 from jaxopt_lab.lab.experiment import Experiment, RunContext, check_modes
 from jaxopt_lab.lab.plotting import new_figure, plot_loss_curves
 from jaxopt_lab.lab.runner import main_for
+from jaxopt_lab.lab.verdicts import reading
 
 NAME = "optimizer-grid"
 OPTIMIZER_NAMES = ("sgd", "momentum", "rmsprop", "adam")
@@ -204,6 +205,12 @@ def _summary(cfg: Config, cells: dict, checks: list[dict], curvature: np.ndarray
                            for c in checks)
     lam_min, lam_max = curvature.min(), curvature.max()
     sgd = {lr: cells["sgd"][lr]["median_steps"] for lr in cfg.learning_rates}
+    insensitive = next(c["holds"] for c in checks if c["claim"] == "Momentum is nearly insensitive to the rate")
+    momentum_reading = reading(str(insensitive), {
+        "True": ", which is why the larger rates all land near the same count (and not at the course notes' "
+                "~17); the \"staircase\" curves in the figure are that under-damped oscillation.",
+        "False": "; here the rates' step counts differ by 2x or more (the check above), so not every rate "
+                 "reached that under-damped regime."})
     momentum_floor = (np.log(metrics["problem"]["initial_loss_median"] / cfg.target_loss)
                       / np.log(1 / sweep.MOMENTUM))
     return f"""# optimizer-grid — SGD, momentum, RMSprop and Adam at four learning rates
@@ -246,9 +253,7 @@ first seed's history.
 - Momentum 0.9 multiplies the effective step by up to 1/(1−β) = 10 and is stable up to
   lr < 2(1+β)/λ_max = {2 * (1 + sweep.MOMENTUM) / lam_max:.3g}. Once a rate is large enough to be
   under-damped, heavy-ball momentum's error shrinks by √β per step, i.e. the loss by β: about
-  ln(L0/{cfg.target_loss:g}) / ln(1/β) = {momentum_floor:.0f} steps, which is why the larger rates all land
-  near the same count (and not at the course notes' ~17); the "staircase" curves in the figure are that
-  under-damped oscillation.
+  ln(L0/{cfg.target_loss:g}) / ln(1/β) = {momentum_floor:.0f} steps{momentum_reading}
 - RMSprop and Adam normalise each coordinate's step to about lr, so their step counts scale with
   |w* − w0| / lr rather than with the curvature: large rates move fastest until they start to bounce.
 

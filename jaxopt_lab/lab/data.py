@@ -28,6 +28,7 @@ import functools
 import itertools
 import math
 import os
+import random
 import warnings
 import zipfile
 from pathlib import Path
@@ -156,7 +157,7 @@ def load_digits(*, test_fraction: float = 0.25, split_seed: int = 0) -> Dataset:
     """
     if not 0.0 < test_fraction < 1.0:
         raise ValueError(f"load_digits: test_fraction must lie in (0, 1), got {test_fraction!r}")
-    from sklearn.datasets import load_digits as sklearn_digits
+    from sklearn.datasets import load_digits as sklearn_digits  # seconds to import: only when digits load
 
     bunch = sklearn_digits()
     images = bunch.images.astype(np.float32)[..., None]  # (1797, 8, 8, 1), pixel values 0..16
@@ -313,9 +314,7 @@ def load_mnist1d() -> Dataset:
 
 @functools.cache
 def _mnist1d_arrays() -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    import random
-
-    try:
+    try:  # mnist1d imports in seconds: only when MNIST-1D is generated
         from mnist1d.data import get_dataset_args, make_dataset
     except ImportError as err:  # pragma: no cover - a dependency of jaxopt-lab
         raise ImportError("load_mnist1d needs the `mnist1d` package: pip install mnist1d") from err

@@ -112,7 +112,7 @@ def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> Path:
 
 def save_figure(fig: Any, path: str | os.PathLike[str], *, dpi: int = 120) -> Path:
     """Saves a matplotlib figure atomically and closes it."""
-    import matplotlib.pyplot as plt
+    import matplotlib.pyplot as plt  # seconds to import: results are also written without figures
 
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
