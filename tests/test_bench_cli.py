@@ -1,11 +1,13 @@
-"""``jaxopt-lab bench``: the suite end to end in --quick mode, its files, and its usage errors.
+"""``jaxopt-lab bench``: the suite end to end in --quick mode, its files, its groups and its usage errors.
 
-The end-to-end run measures only the groups whose library modules exist; it checks the files and the
-consistency of every row, never how fast anything was.
+The end-to-end run checks the files and the consistency of every row, never how fast anything was.
 """
 
+import ast
 import dataclasses
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -13,8 +15,10 @@ import pytest
 
 from jaxopt_lab.lab import bench as benchmarks
 from jaxopt_lab.lab import cli
+from jaxopt_lab.lab.bench import groups, norms, suite
 from jaxopt_lab.lab.bench.timing import Target
 from jaxopt_lab.lab.experiment import available_experiments
+from jaxopt_lab.normalization import _pallas as pallas_norm
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -33,10 +37,9 @@ def test_bench_writes_metrics_figure_and_summary(bench_out):
     env = meta["environment"]
     assert env["jax"] and env["device_kind"] and env["backend"] and env["device_count"] >= 1
     groups_run = {row["group"] for row in meta["rows"]}
-    every_group = {group for group, _, _ in benchmarks.GROUPS}
-    # Every group either ran or says why not; end-to-end runs only in full mode (0 rows in quick).
-    assert groups_run | set(meta["unavailable"]) | {"end-to-end"} == every_group
-    assert not groups_run & set(meta["unavailable"])
+    # Every group ran; end-to-end runs only in full mode (0 rows in quick).
+    assert meta["groups"] == list(benchmarks.GROUP_NAMES) and meta["not_selected"] == []
+    assert groups_run | {"end-to-end"} == set(benchmarks.GROUP_NAMES)
 
 
 def test_every_row_is_consistent(bench_out):
@@ -74,11 +77,10 @@ def test_every_row_is_consistent(bench_out):
                     assert row["cause"] in summary
         assert f"| {row['group']} | {row['ours']} | {row['anchor'] or '-'} | {row['shape']} |" in summary
     assert "`jaxopt-lab bench --quick`" in summary and "![ratios and bandwidth](ratios.png)" in summary
-    for group, why in meta["unavailable"].items():
-        assert f"{group} ({why})" in summary
+    assert "Not measured" not in summary
 
 
-def test_bench_covers_the_issue_rows(bench_out):
+def test_bench_covers_the_documented_rows(bench_out):
     meta = json.loads((bench_out / "metrics.json").read_text())
     rows = meta["rows"]
     norms = {(r["ours"].split()[0], r["shape"]) for r in rows if r["group"] == "norms"}
@@ -101,32 +103,80 @@ def test_bench_covers_the_issue_rows(bench_out):
 
 
 def test_pallas_rows_only_where_the_kernels_compile(monkeypatch):
-    from jaxopt_lab.normalization import _pallas as pallas_norm
-
-    cases = {(c.name, c.shape): c for c in benchmarks._norm_cases(benchmarks.BenchConfig.for_mode(True))}
+    cases = {(c.name, c.shape): c for c in norms.norm_cases(benchmarks.BenchConfig.for_mode(True))}
     layer, group = cases["layer_norm", (64, 1024)], cases["group_norm", (8, 16, 16, 32)]
     monkeypatch.setattr(pallas_norm, "available", lambda backend=None: False)
-    assert benchmarks._pallas_path(layer) is None and benchmarks._pallas_path(group) is None
+    assert norms.pallas_path(layer) is None and norms.pallas_path(group) is None
     monkeypatch.setattr(pallas_norm, "available", lambda backend=None: True)  # as on a GPU
-    assert callable(benchmarks._pallas_path(layer)) and callable(benchmarks._pallas_path(group))
-    assert benchmarks._pallas_path(cases["batch_norm", (8, 16, 16, 32)]) is None  # no kernel for it
+    assert callable(norms.pallas_path(layer)) and callable(norms.pallas_path(group))
+    assert norms.pallas_path(cases["batch_norm", (8, 16, 16, 32)]) is None  # no kernel for it
     odd = dataclasses.replace(group, shape=(8, 7, 7, 32))  # H*W = 49: not a Triton block size
-    assert benchmarks._pallas_path(odd) is None
+    assert norms.pallas_path(odd) is None
 
 
-def test_missing_modules_are_reported_and_broken_ones_raise(monkeypatch, tmp_path):
-    def never_called(cfg):
-        raise AssertionError("a group with a missing module must not run")
+def test_every_group_name_has_its_rows_function_and_a_cli_choice():
+    # groups.py (stdlib only, read by the CLI's parser) and the suite's table name the same groups.
+    assert tuple(suite.GROUPS) == groups.GROUP_NAMES == benchmarks.GROUP_NAMES
+    assert all(callable(make_rows) for make_rows in suite.GROUPS.values())
+    bench_parser = cli._build_parser()._subparsers._group_actions[0].choices["bench"]
+    (group_flag,) = [a for a in bench_parser._actions if "--group" in a.option_strings]
+    assert tuple(group_flag.choices) == groups.GROUP_NAMES
 
-    monkeypatch.setattr(benchmarks, "GROUPS", (("later", ("jaxopt_lab.not_written_yet",), never_called),))
-    rows, unavailable = benchmarks.collect_rows(benchmarks.BenchConfig.for_mode(True), log=lambda _: None)
-    assert rows == [] and unavailable == {"later": "not yet implemented: jaxopt_lab.not_written_yet"}
-    # A module that exists but fails to import is a bug: it must surface, not be hidden as "missing".
-    (tmp_path / "broken_bench_module.py").write_text("import jaxopt_lab.no_such_dependency\n")
-    monkeypatch.syspath_prepend(str(tmp_path))
-    monkeypatch.setattr(benchmarks, "GROUPS", (("broken", ("broken_bench_module",), never_called),))
-    with pytest.raises(ModuleNotFoundError, match="no_such_dependency"):
-        benchmarks.collect_rows(benchmarks.BenchConfig.for_mode(True), log=lambda _: None)
+
+def test_the_package_is_light_to_import_and_its_names_load_on_use():
+    # The CLI's parser imports jaxopt_lab.lab.bench for GROUP_NAMES: that must not import JAX.
+    code = ("import sys, jaxopt_lab.lab.bench as b; assert 'jax' not in sys.modules, 'jax'; "
+            "b.run_benchmarks; assert 'jax' in sys.modules; print(sorted(b.__all__))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == str(sorted(benchmarks.__all__))
+    with pytest.raises(AttributeError, match="no attribute 'GROUPS'"):
+        _ = benchmarks.GROUPS
+
+
+def _imported_modules(path: Path) -> set[str]:
+    """Every module ``path`` imports, at its top and inside functions (not under ``TYPE_CHECKING``)."""
+    names: set[str] = set()
+
+    def visit(node: ast.AST) -> None:
+        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
+            return
+        if isinstance(node, ast.Import):
+            names.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module:
+            names.add(node.module)
+            names.update(f"{node.module}.{alias.name}" for alias in node.names)
+        for child in ast.iter_child_nodes(node):
+            visit(child)
+
+    visit(ast.parse(path.read_text()))
+    return names
+
+
+def test_nothing_the_suite_imports_imports_the_suite_or_the_cli_back():
+    # Modules of this checkout; the bench package counts as one node (its modules import each other).
+    files = {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
+             for p in (ROOT / "jaxopt_lab").rglob("*.py")}
+
+    def node(name: str) -> str | None:
+        while name and name not in files:
+            name = name.rpartition(".")[0]
+        return benchmarks.__name__ if name.startswith(benchmarks.__name__) else (name or None)
+
+    graph: dict[str | None, set[str | None]] = {}
+    for module, path in files.items():
+        deps = {node(name) for name in _imported_modules(path)} - {node(module)}
+        graph.setdefault(node(module), set()).update(deps)
+    # experiment.available_experiments imports every experiment module by name, which imports bench.timing.
+    graph["jaxopt_lab.lab.experiment"].add(benchmarks.__name__)
+    reached, todo = set(), [benchmarks.__name__]
+    while todo:
+        for dep in graph.get(todo.pop(), set()) - reached - {None}:
+            reached.add(dep)
+            todo.append(dep)
+    assert "jaxopt_lab.lab.normalization" not in reached  # the node names are real module names
+    assert {"jaxopt_lab.normalization", "jaxopt_lab.lab.sweep", "jaxopt_lab.lab.results"} <= reached
+    assert benchmarks.__name__ not in reached and "jaxopt_lab.lab.cli" not in reached
+    assert "jaxopt_lab.lab.experiment" not in reached
 
 
 def test_group_selects_what_is_measured(tmp_path):
@@ -135,7 +185,10 @@ def test_group_selects_what_is_measured(tmp_path):
     meta = json.loads((tmp_path / "bench" / "metrics.json").read_text())
     assert meta["groups"] == ["end-to-end"] and meta["rows"] == []
     others = [g for g in benchmarks.GROUP_NAMES if g != "end-to-end"]
-    assert meta["unavailable"] == dict.fromkeys(others, "not selected (--group)")
+    assert meta["not_selected"] == others
+    summary = (tmp_path / "bench" / "summary.md").read_text()
+    assert f"Not measured (not selected with --group): {', '.join(others)}." in summary
+    assert "*Measured by `jaxopt-lab bench --quick --group end-to-end` in " in summary
     with pytest.raises(ValueError, match="groups must be one or more of norms, accumulation"):
         benchmarks.run_benchmarks(tmp_path, quick=True, groups=["norm"])
     with pytest.raises(TypeError, match="sequence of group names"):
@@ -146,20 +199,21 @@ def test_a_missed_norm_row_states_its_hlo_level_cause_from_the_numbers():
     side = lambda passes, arrays, kernels, reductions: {"passes": passes, "full_size_buffers": arrays,
                                                         "kernels": kernels, "reductions": reductions}
     # Equal traffic, one more reduction: compute, and what the extra reduction is.
-    cause = benchmarks._norm_cause("instance_norm", (1.03, 1.6), {"ours": side(14.2, 4, 14, 7),
+    cause = norms.norm_cause("instance_norm", (1.03, 1.6), {"ours": side(14.2, 4, 14, 7),
                                                                    "flax": side(15.0, 4, 13, 6)})
     assert cause.startswith("+60% by upper quartile; HLO: ours 14.2 passes")
     assert "(its IQR spans 1)" not in cause
     assert "no more memory than flax" in cause and "1 more reduction, the accuracy shift" in cause
     # More traffic than flax: the norm's known mechanism; an IQR reaching below 1 is said.
-    cause = benchmarks._norm_cause("layer_norm", (0.97, 1.13), {"ours": side(21.7, 7, 13, 7),
+    cause = norms.norm_cause("layer_norm", (0.97, 1.13), {"ours": side(21.7, 7, 13, 7),
                                                                  "flax": side(20.8, 6, 16, 6)})
-    assert "(its IQR spans 1)" in cause and cause.endswith(benchmarks.NORM_MECHANISMS["layer_norm"])
+    assert "(its IQR spans 1)" in cause and cause.endswith(norms.NORM_MECHANISMS["layer_norm"])
 
 
 def test_bench_is_not_an_experiment():
     assert not hasattr(benchmarks, "EXPERIMENT")
-    assert all(exp.run.__module__ != benchmarks.__name__ for exp in available_experiments().values())
+    modules = {exp.run.__module__ for exp in available_experiments().values()}
+    assert not any(module.startswith(benchmarks.__name__) for module in modules)
 
 
 @pytest.mark.parametrize("argv", [["bench", "--repeats", "3"], ["bench", "extra"], ["bench", "--out"],

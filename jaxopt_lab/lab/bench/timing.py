@@ -33,6 +33,7 @@ import dataclasses
 import importlib.metadata
 import math
 import os
+import platform
 import re
 import time
 from collections.abc import Callable, Mapping
@@ -156,7 +157,6 @@ class Target:
 
     def describe(self) -> str:
         return f"ours/anchor <= {self.value:g}" if self.kind == "max_ratio" else f"speed-up >= {self.value:g}x"
-
 
 
 def _call_blocked(fn: Callable[[], Any]) -> float:
@@ -349,18 +349,26 @@ def compiled_memory(fn: Callable[..., Any], args: tuple[Any, ...]) -> dict[str, 
 
 
 def benchmark_environment() -> dict[str, Any]:
-    """:func:`jaxopt_lab.lab.experiment.environment` plus what a timing depends on: versions, cores, devices."""
-    from jaxopt_lab.lab.experiment import environment
+    """The software and hardware a timing was measured on: the keys of an experiment's record
+    (:func:`jaxopt_lab.lab.experiment.environment`) plus versions, cores, devices, ``XLA_FLAGS`` and load.
 
-    env = environment()
-    env.update({
+    Built here rather than taken from the experiment runner, which imports the CLI, which imports this
+    package: the suite stays a leaf of the import graph.
+    """
+    devices = jax.devices()
+    return {
+        "python": platform.python_version(),
+        "platform": platform.platform(),
+        "jax": jax.__version__,
+        "backend": jax.default_backend(),
+        "device_kind": devices[0].device_kind,
+        "device_count": len(devices),
         "jaxlib": _version("jaxlib"),
         "flax": _version("flax"),
         "optax": _version("optax"),
         "cpu_count": os.cpu_count(),
         "process_count": jax.process_count(),
-        "devices": [str(d) for d in jax.devices()],
+        "devices": [str(d) for d in devices],
         "xla_flags": os.environ.get("XLA_FLAGS", ""),
         "load_average": load_average(),
-    })
-    return env
+    }

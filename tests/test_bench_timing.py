@@ -13,6 +13,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from jaxopt_lab.lab import experiment
 from jaxopt_lab.lab.bench import timing as bm
 
 
@@ -175,5 +176,7 @@ def test_load_average_is_recorded():
 
 def test_environment_names_the_device_and_versions():
     env = bm.benchmark_environment()
+    # An experiment's record, extended (built apart from the runner, which imports the CLI).
+    assert env.items() >= experiment.environment().items()
     assert env["jax"] == jax.__version__ and env["device_count"] == jax.device_count()
     assert env["backend"] == jax.default_backend() and env["flax"] and env["optax"] and env["cpu_count"] >= 1

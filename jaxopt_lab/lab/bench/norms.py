@@ -1,0 +1,235 @@
+"""The ``norms`` group: forward + backward of our norms against ``flax.linen``'s.
+
+Each case runs a jitted ``jax.vjp`` (returning y and every cotangent) of layer, instance, group and batch
+norm against ``flax.linen`` with its default one-pass variance (the target: ours <= 1.0x) and with
+``use_fast_variance=False``, on the shapes of :class:`~jaxopt_lab.lab.bench.rows.BenchConfig`. Beside the
+time, a row records the achieved GB/s (4 bytes per element moved at least: read x and dy, write y and dx)
+against a streaming copy of the same array timed alongside, the passes over memory and full-size arrays
+of the compiled HLO (ours and flax's), and the forward's max error at a large common offset against
+float64. A missed row states its gap and its HLO-level cause. Where the fused Pallas kernels compile (a
+GPU), their rows are added.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from collections.abc import Callable
+from typing import Any
+
+import flax.linen as nn
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxopt_lab import normalization as norm
+from jaxopt_lab.lab.bench import timing as bm
+from jaxopt_lab.lab.bench.rows import BenchConfig, Row, compared_row
+from jaxopt_lab.normalization import _pallas as pallas_norm
+
+__all__ = ["LARGE_OFFSET", "NORM_MECHANISMS", "NormCase", "group_norm_groups", "norm_cases", "norm_cause",
+           "norm_rows", "pallas_path"]
+
+LARGE_OFFSET = 1e3  # the accuracy check's common offset (unit spread): one-pass variance fails here
+ANCHOR = "flax.linen default (fast variance)"
+
+# What the compiled HLO and side-by-side prototypes showed about each norm on XLA:CPU (YNNPACK reduction
+# fusions); docs/benchmarks.md has the measurements.
+NORM_MECHANISMS = {
+    "layer_norm": "the common case (statistics over trailing axes) has a backward that reads the saved "
+                  "x - shift and writes dy * x_hat once, its per-row sums with scale matrix-vector products, "
+                  "so no full-size broadcast is written; the general path (mask, other axes) writes x - "
+                  "shift, the broadcasts of scale and 1/sigma, x_hat and dy * x_hat",
+    "group_norm": "the common case reduces per (n, channel) first, then over each group, and its backward "
+                  "reads the saved x - shift, so no reduction takes a broadcast operand; the remaining "
+                  "full-size arrays are y, dx, x - shift (and bf16 dy in float32) (docs/normalization.md)",
+    "instance_norm": "its statistics and backward have the shape of flax's; see docs/benchmarks.md",
+    "batch_norm": "its statistics and backward have the shape of flax's; see docs/benchmarks.md",
+}
+# What our extra reductions compute (ours against flax's default one-pass variance).
+EXTRA_REDUCTIONS = ("the accuracy shift (per statistic the mean of up to 64 spread samples, which keeps the "
+                    "one-pass variance exact at large offsets, where flax's default loses every digit: see the "
+                    "max-error column)")
+
+Apply = Callable[[Any, Any], Any]  # (x, params) -> (y, aux)
+
+
+def group_norm_groups(channels: int) -> int:
+    """The groups of the group-norm rows: 32 (Wu & He's default) where C allows 2+ channels a group."""
+    return max(1, min(32, channels // 2))
+
+
+@dataclasses.dataclass(frozen=True)
+class NormCase:
+    """One norm row: ours ``(x, params) -> (y, aux)`` and flax's module ``make_flax(use_fast_variance)``."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    ours: Apply
+    make_flax: Callable[[bool], Any]
+    groups: int = 0
+
+    @property
+    def label(self) -> str:
+        dtype = "" if self.dtype == "float32" else f" {self.dtype}"
+        return "x".join(map(str, self.shape)) + dtype
+
+
+def _cases_for_shape(shape: tuple[int, ...], dtype: Any, names: tuple[str, ...]) -> list[NormCase]:
+    channels, groups = shape[-1], group_norm_groups(shape[-1])
+    stats = norm.batch_norm_init(channels)
+    dtype_name = jnp.dtype(dtype).name
+    ours: dict[str, Apply] = {
+        "layer_norm": lambda x, p: (norm.layer_norm(x, p["scale"], p["bias"], eps=1e-6), ()),
+        "instance_norm": lambda x, p: (norm.instance_norm(x, p["scale"], p["bias"], eps=1e-6), ()),
+        "group_norm": lambda x, p: (norm.group_norm(x, groups, p["scale"], p["bias"], eps=1e-6), ()),
+        "batch_norm": lambda x, p: norm.batch_norm(x, stats, p["scale"], p["bias"], training=True, eps=1e-5),
+    }
+    flax: dict[str, Callable[[bool], Any]] = {
+        "layer_norm": lambda fast: nn.LayerNorm(use_fast_variance=fast, dtype=dtype),
+        "instance_norm": lambda fast: nn.InstanceNorm(use_fast_variance=fast, dtype=dtype),
+        "group_norm": lambda fast: nn.GroupNorm(num_groups=groups, use_fast_variance=fast, dtype=dtype),
+        "batch_norm": lambda fast: nn.BatchNorm(use_running_average=False, epsilon=1e-5,
+                                                use_fast_variance=fast, dtype=dtype),
+    }
+    return [NormCase(name, shape, dtype_name, ours[name], flax[name], groups if name == "group_norm" else 0)
+            for name in names]
+
+
+def norm_cases(cfg: BenchConfig) -> list[NormCase]:
+    """Layer norm on the tokens shapes, then all four norms on every NHWC shape (float32, then bfloat16)."""
+    every_norm = ("layer_norm", "instance_norm", "group_norm", "batch_norm")
+    plan: list[tuple[tuple[int, ...], Any, tuple[str, ...]]]
+    plan = [(shape, jnp.float32, ("layer_norm",)) for shape in cfg.tokens_shapes]
+    plan += [(shape, jnp.float32, every_norm) for shape in cfg.nhwc_shapes]
+    plan += [(shape, jnp.bfloat16, every_norm) for shape in cfg.bf16_shapes]
+    return [case for shape, dtype, names in plan for case in _cases_for_shape(shape, dtype, names)]
+
+
+def pallas_path(case: NormCase) -> Apply | None:
+    """The fused Pallas kernel (:mod:`jaxopt_lab.normalization._pallas`) for ``case``, or None where it
+    cannot compile here.
+
+    Only layer norm (over the last axis) and group norm have kernels; they need a GPU backend
+    (``pallas_norm.available()``) and a shape the Triton lowering takes (``pallas_norm.supported``).
+    """
+    if case.name not in ("layer_norm", "group_norm") or not pallas_norm.available():
+        return None
+    if not pallas_norm.supported(case.shape, case.groups or None):
+        return None
+    if case.name == "layer_norm":
+        return lambda x, p: (pallas_norm.layer_norm(x, p["scale"], p["bias"], eps=1e-6), ())
+    return lambda x, p: (pallas_norm.group_norm(x, case.groups, p["scale"], p["bias"], eps=1e-6), ())
+
+
+def _vjp_fn(apply: Apply) -> Any:
+    """Jitted forward + backward of ``apply(x, params) -> (y, aux)``: returns y, aux and (dx, dparams)."""
+
+    @jax.jit
+    def fwd_bwd(x, params, dy):
+        y, vjp, aux = jax.vjp(apply, x, params, has_aux=True)
+        return y, aux, vjp(dy)
+
+    return fwd_bwd
+
+
+def _flax_apply(module: nn.Module, x: jax.Array) -> tuple[Apply, Any]:
+    """``module`` as ``(x, params) -> (y, updated state)`` and its initial params."""
+    variables = module.init(jax.random.key(0), x)
+    params, state = variables["params"], {k: v for k, v in variables.items() if k != "params"}
+
+    def apply(x, p):
+        if not state:
+            return module.apply({"params": p}, x), ()
+        return module.apply({"params": p, **state}, x, mutable=list(state))
+
+    return apply, params
+
+
+def _reference_norm(x: Any, name: str, groups: int, eps: float) -> np.ndarray:
+    """The norm in float64 NumPy (scale 1, bias 0, as initialized): the accuracy yardstick."""
+    x = np.asarray(x, np.float64)
+    spatial = tuple(range(1, x.ndim - 1))
+    if name == "group_norm":
+        grouped = x.reshape(*x.shape[:-1], groups, x.shape[-1] // groups)
+        axes = (*spatial, grouped.ndim - 1)
+        y = (grouped - grouped.mean(axes, keepdims=True)) / np.sqrt(grouped.var(axes, keepdims=True) + eps)
+        return y.reshape(x.shape)
+    axes = {"layer_norm": (-1,), "instance_norm": spatial, "batch_norm": tuple(range(x.ndim - 1))}[name]
+    return (x - x.mean(axes, keepdims=True)) / np.sqrt(x.var(axes, keepdims=True) + eps)
+
+
+def norm_cause(name: str, quartiles: tuple[float, float], traffic: dict[str, Any]) -> str:
+    """The gap of a missed norm row and its HLO-level cause: the compiled fwd+bwd of both sides compared
+    (memory passes, full-size arrays, kernels, reductions), then what explains the difference."""
+    (q1, q3), ours, flax = quartiles, traffic["ours"], traffic["flax"]
+    text = f"{q3 - 1:+.0%} by upper quartile" + (" (its IQR spans 1)" if q1 <= 1 else "")
+    text += (f"; HLO: ours {ours['passes']:.1f} passes over x's bytes, {ours['full_size_buffers']} full-size "
+             f"arrays, {ours['kernels']} kernels, {ours['reductions']} reductions; flax {flax['passes']:.1f}, "
+             f"{flax['full_size_buffers']}, {flax['kernels']}, {flax['reductions']}. ")
+    if ours["passes"] <= 1.02 * flax["passes"] and ours["full_size_buffers"] <= flax["full_size_buffers"]:
+        extra = ours["reductions"] - flax["reductions"]
+        return text + ("Ours moves no more memory than flax, so the gap is compute, not traffic: " + (
+            f"{extra} more reduction{'s' if extra > 1 else ''}, {EXTRA_REDUCTIONS}" if extra > 0 else
+            "the same reductions; XLA:CPU's code for equal work"))
+    return text + NORM_MECHANISMS[name]
+
+
+def _max_errors(case: NormCase, paths: dict[str, Apply], params: Any, key: jax.Array) -> dict[str, float]:
+    """max |y - y_float64| of each path's forward at :data:`LARGE_OFFSET` (speed must not cost accuracy)."""
+    x = (jax.random.normal(key, case.shape, jnp.float32) + LARGE_OFFSET).astype(case.dtype)
+    eps = 1e-5 if case.name == "batch_norm" else 1e-6
+    reference = _reference_norm(x, case.name, case.groups, eps)
+    return {k: float(np.max(np.abs(np.asarray(jax.jit(apply)(x, params)[0], np.float64) - reference)))
+            for k, apply in paths.items()}
+
+
+def _case_rows(cfg: BenchConfig, case: NormCase) -> list[Row]:
+    kx, kd = jax.random.split(jax.random.key(1))
+    x = (jax.random.normal(kx, case.shape, jnp.float32) * 2.0 + 5.0).astype(case.dtype)
+    dy = jax.random.normal(kd, case.shape, jnp.float32).astype(case.dtype)
+    flax_fast, params = _flax_apply(case.make_flax(True), x)
+    flax_two_pass, _ = _flax_apply(case.make_flax(False), x)
+    paths = {"ours": case.ours, "flax": flax_fast, "flax_two_pass": flax_two_pass}
+    pallas = pallas_path(case)
+    if pallas is not None:  # the fused kernels, where this process can compile them (a GPU)
+        paths["pallas"] = pallas
+    # Compiled once, then timed and read (HLO) from the same program.
+    compiled = {label: _vjp_fn(apply).lower(x, params, dy).compile() for label, apply in paths.items()}
+    fns = {label: functools.partial(fn, x, params, dy) for label, fn in compiled.items()}
+    fns["copy"] = functools.partial(bm.streaming_copy, x)  # the bandwidth floor, in the same run
+    t = bm.time_interleaved(fns, **cfg.timing())
+    moved = 4 * bm.nbytes(x)
+    copy_gbps = bm.achieved_gbps(2 * bm.nbytes(x), t["copy"].median)
+    gbps = {k: bm.achieved_gbps(moved, t[k].median) for k in ("ours", "flax", "flax_two_pass")}
+    # What the compiled fwd+bwd does to memory (not timed): passes over x's bytes, full-size arrays.
+    traffic = {k: bm.memory_traffic(compiled[k], (x, params, dy), x).as_dict() for k in ("ours", "flax")}
+    errors = _max_errors(case, paths, params, kx)
+    pallas_error = errors.pop("pallas", None)
+    extra: dict[str, Any] = {"dtype": case.dtype, "gbps": gbps, "copy_gbps": copy_gbps,
+                             "fraction_of_copy_bandwidth": {k: v / copy_gbps for k, v in gbps.items()},
+                             "memory_traffic": traffic, "max_abs_error_at_large_offset": errors}
+    if case.groups:
+        extra["groups"] = case.groups
+
+    target = bm.Target("max_ratio", 1.0)
+    default = bm.Comparison(t["ours"], t["flax"])
+    cause = None if default.meets(target) else norm_cause(case.name, default.ratio_quartiles, traffic)
+    rows = [compared_row("norms", f"{case.name} fwd+bwd", ANCHOR, case.label, default, target, cause, **extra)]
+    if pallas is not None:
+        fused = bm.Comparison(t["pallas"], t["flax"])
+        gap = (None if fused.meets(target) else f"{fused.ratio_quartiles[1] - 1:+.0%} by upper quartile "
+               "(a fused kernel: the HLO pass counts do not apply to its custom call)")
+        rows.append(compared_row("norms", f"pallas_norm.{case.name} fwd+bwd", ANCHOR, case.label, fused, target,
+                                 gap, **extra, pallas_gbps=bm.achieved_gbps(moved, t["pallas"].median),
+                                 pallas_max_abs_error_at_large_offset=pallas_error))
+    rows.append(compared_row("norms", f"{case.name} fwd+bwd", "flax.linen use_fast_variance=False", case.label,
+                             bm.Comparison(t["ours"], t["flax_two_pass"]), **extra))
+    return rows
+
+
+def norm_rows(cfg: BenchConfig) -> list[Row]:
+    """The ``norms`` group: per case, ours against flax's default (and the Pallas kernels where they
+    compile), then against flax's two-pass variance."""
+    return [row for case in norm_cases(cfg) for row in _case_rows(cfg, case)]
