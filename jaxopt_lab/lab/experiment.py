@@ -33,7 +33,6 @@ from jaxopt_lab.lab import data, results, training
 
 __all__ = [
     "CANONICAL_ORDER",
-    "DATA_PARALLEL_MODES",
     "QUICK_VERDICT_MARK",
     "Experiment",
     "RunContext",
@@ -58,8 +57,6 @@ CANONICAL_ORDER = (
     "baselines",
 )
 
-# `--data-parallel MODE` -> the `data_parallel` argument of `training.train_seeds`.
-DATA_PARALLEL_MODES: dict[str, bool | None] = {"auto": None, "on": True, "off": False}
 
 
 # Appended to every verdict of a quick run (see `mark_verdict`).
@@ -129,12 +126,13 @@ class Experiment:
 
 
 ConfigT = TypeVar("ConfigT")
+ConfigT_co = TypeVar("ConfigT_co", covariant=True)
 
 
-class ForMode(Protocol[ConfigT]):
+class ForMode(Protocol[ConfigT_co]):
     """``Config.for_mode``: the config of a quick or full run on a dataset (``None``: the default one)."""
 
-    def __call__(self, quick: bool, data: str | None = None, /) -> ConfigT: ...
+    def __call__(self, quick: bool, data: str | None = None, /) -> ConfigT_co: ...
 
 
 def check_modes(for_mode: ForMode[ConfigT], check: Callable[[ConfigT, str, str | None], None],

@@ -17,11 +17,12 @@ from typing import Any
 
 from jaxopt_lab.lab import results
 from jaxopt_lab.lab.data import BUILTIN_DATASETS, load_dataset
-from jaxopt_lab.lab.experiment import DATA_PARALLEL_MODES, Experiment, RunContext, environment, with_mode_line
+from jaxopt_lab.lab.experiment import Experiment, RunContext, environment, with_mode_line
+from jaxopt_lab.lab.flags import DATA_PARALLEL_MODES, add_run_arguments
 from jaxopt_lab.lab.program import Interrupted, Parser, UsageError, add_debug, run_program
 from jaxopt_lab.lab.report import write_report
 
-__all__ = ["add_run_arguments", "main_for", "run_experiment", "run_experiments"]
+__all__ = ["main_for", "run_experiment", "run_experiments", "writable_folder"]
 
 
 def _data_parallel_mode(data_parallel: bool | None) -> str:
@@ -75,32 +76,6 @@ def run_experiment(experiment: Experiment, out: str | Path, *, quick: bool, seed
         summary += _footer(ctx, elapsed, env)
         results.atomic_write_text(staged / "summary.md", summary)
     return elapsed
-
-
-def add_run_arguments(parser: argparse.ArgumentParser) -> None:
-    """The flags of ``jaxopt-lab run`` (and of an experiment script) after the experiment names."""
-    parser.add_argument("--quick", action="store_true", help="small configs (~1-2 min each on 2 CPU cores)")
-    parser.add_argument("--out", type=Path, default=Path("results"), help="results folder (default: results)")
-    parser.add_argument("--seed", type=_seed, default=0, help="random seed (default: 0)")
-    parser.add_argument("--data", default=None, metavar="NAME|PATH.npz",
-                        help="the real-data experiments' dataset: a built-in one (digits, mnist1d) or a .npz "
-                             "with x_train, y_train, x_test, y_test, checked before any experiment runs "
-                             "(default: scikit-learn's bundled digits)")
-    parser.add_argument("--data-parallel", choices=tuple(DATA_PARALLEL_MODES), default="auto",
-                        help="split each training batch over all visible devices: auto (when more than one "
-                             "device is visible and the batch divides), on (always; a batch that does not "
-                             "divide is an error), off (default: auto)")
-    parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
-
-
-def _seed(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"expected a non-negative integer, got {value}")
-    return value
 
 
 def writable_folder(out: Path) -> None:

@@ -33,7 +33,6 @@ import dataclasses
 import importlib.metadata
 import math
 import os
-import platform
 import re
 import time
 from collections.abc import Callable, Mapping
@@ -44,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jaxopt_lab.lab.checks import positive_int
+from jaxopt_lab.lab.experiment import environment
 
 __all__ = [
     "MAX_CALLS_PER_SAMPLE",
@@ -349,20 +349,12 @@ def compiled_memory(fn: Callable[..., Any], args: tuple[Any, ...]) -> dict[str, 
 
 
 def benchmark_environment() -> dict[str, Any]:
-    """The software and hardware a timing was measured on: the keys of an experiment's record
+    """The software and hardware a timing was measured on: an experiment's record
     (:func:`jaxopt_lab.lab.experiment.environment`) plus versions, cores, devices, ``XLA_FLAGS`` and load.
-
-    Built here rather than taken from the experiment runner, which imports the CLI, which imports this
-    package: the suite stays a leaf of the import graph.
     """
     devices = jax.devices()
     return {
-        "python": platform.python_version(),
-        "platform": platform.platform(),
-        "jax": jax.__version__,
-        "backend": jax.default_backend(),
-        "device_kind": devices[0].device_kind,
-        "device_count": len(devices),
+        **environment(),
         "jaxlib": _version("jaxlib"),
         "flax": _version("flax"),
         "optax": _version("optax"),
