@@ -22,7 +22,7 @@ from jaxopt_lab import accumulation
 from jaxopt_lab.accumulation import microbatched_value_and_grad, split_microbatches
 from jaxopt_lab.centralization import adam_gc, sgd_gc
 
-N, K = 128, 4          # the seed's effective batch and number of accumulation steps: micro-batches of 32
+N, K = 128, 4          # effective batch and number of accumulation steps: micro-batches of 32
 
 
 class ConvNet(nn.Module):
@@ -270,7 +270,7 @@ def test_group_and_layer_norm_are_exactly_equivalent(norm):
 
 
 # ------------------------------------------------------------------------------------------------
-# optax.MultiSteps: K micro-steps of N/K == one step on N, for the seed's 128 = 4 x 32.
+# optax.MultiSteps: K micro-steps of N/K == one step on N, for 128 = 4 x 32.
 # ------------------------------------------------------------------------------------------------
 
 OPTIMIZERS = {

@@ -587,7 +587,7 @@ def test_error_at_offset_zero_is_no_worse_than_flaxs_and_large_offsets_keep_it(k
     # Group norm: ours is ~4x below flax's in max and RMS (levelled sums, see
     # _statistics._levelled_mean), so at most half.
     # Instance and batch norm: both sit at float32's rounding floor, ours within +-4 % of flax's in RMS and
-    # -15..+15 % in max depending on the seed (docs/normalization.md), so margins 5 % (RMS) and 25 %
+    # -15..+15 % in max depending on the random key (docs/normalization.md), so margins 5 % (RMS) and 25 %
     # (max, the noisier statistic). One sample of each group as the shift (this project's earlier choice)
     # was 3.5-12x above flax's max error. At offset 1e3 ours stays at the floor (at most 1.5x flax's
     # offset-0 max error), where flax's default has no correct digit.

@@ -102,7 +102,10 @@ def layer_norm(x: jax.typing.ArrayLike, scale: jax.typing.ArrayLike | None = Non
                bias: jax.typing.ArrayLike | None = None, *, eps: float = 1e-5, reduction_axes: Axes = -1,
                feature_axes: Axes = -1, mask: jax.typing.ArrayLike | None = None, axis_name: str | None = None,
                axis_index_groups: Any = None, dtype: Any = None) -> jax.Array:
-    """Layer normalization: statistics over the last axis of each sample (Ba et al., 2016).
+    """Layer normalization: statistics over the last axis of each sample.
+
+    Each sample (and position) is standardized with the mean and biased variance of its own values over
+    ``reduction_axes``, then scaled and shifted per feature; nothing depends on the rest of the batch.
 
     Args:
       x: input of shape ``(..., C)`` (real or complex).
@@ -123,13 +126,17 @@ def layer_norm(x: jax.typing.ArrayLike, scale: jax.typing.ArrayLike | None = Non
     Returns:
       The normalized array, shape of ``x``.
 
-    >>> import jax.numpy as jnp
-    >>> from jaxopt_lab.normalization import layer_norm
-    >>> layer_norm(jnp.array([[1.0, 2.0, 3.0]]), eps=0.0).round(4)
-    Array([[-1.2247,  0.    ,  1.2247]], dtype=float32)
-    >>> mask = jnp.array([True, True, True, False])  # 9 is normalized by the statistics of 1, 2, 3
-    >>> layer_norm(jnp.array([[1.0, 2.0, 3.0, 9.0]]), eps=0.0, mask=mask).round(4)
-    Array([[-1.2247,  0.    ,  1.2247,  8.5732]], dtype=float32)
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxopt_lab.normalization import layer_norm
+      >>> layer_norm(jnp.array([[1.0, 2.0, 3.0]]), eps=0.0).round(4)
+      Array([[-1.2247,  0.    ,  1.2247]], dtype=float32)
+      >>> mask = jnp.array([True, True, True, False])  # 9 is normalized by the statistics of 1, 2, 3
+      >>> layer_norm(jnp.array([[1.0, 2.0, 3.0, 9.0]]), eps=0.0, mask=mask).round(4)
+      Array([[-1.2247,  0.    ,  1.2247,  8.5732]], dtype=float32)
+
+    References:
+      Ba, Kiros & Hinton, `Layer Normalization <https://arxiv.org/abs/1607.06450>`_, 2016
     """
     fn = "layer_norm"
     x = as_inexact_array(fn, x)
@@ -147,7 +154,7 @@ def instance_norm(x: jax.typing.ArrayLike, scale: jax.typing.ArrayLike | None = 
                   bias: jax.typing.ArrayLike | None = None, *, eps: float = 1e-5, feature_axes: Axes = -1,
                   mask: jax.typing.ArrayLike | None = None, axis_name: str | None = None,
                   axis_index_groups: Any = None, dtype: Any = None) -> jax.Array:
-    """Instance normalization: statistics over ``*spatial`` per sample and channel (Ulyanov et al., 2016).
+    """Instance normalization: statistics over ``*spatial`` per sample and channel.
 
     The statistics run over every axis but the first (the batch) and ``feature_axes``. For ``(N, C)``
     input there is nothing to reduce: each value is its own mean, and the output is ``bias`` (as Flax).
@@ -166,11 +173,16 @@ def instance_norm(x: jax.typing.ArrayLike, scale: jax.typing.ArrayLike | None = 
     Returns:
       The normalized array, shape of ``x``.
 
-    >>> import jax.numpy as jnp
-    >>> from jaxopt_lab.normalization import instance_norm
-    >>> x = jnp.stack([jnp.arange(4.0), 10 * jnp.arange(4.0)], axis=-1)[None]  # (1, 4, 2)
-    >>> instance_norm(x, eps=0.0)[0, :, 1].round(4)  # each channel on its own scale
-    Array([-1.3416, -0.4472,  0.4472,  1.3416], dtype=float32)
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxopt_lab.normalization import instance_norm
+      >>> x = jnp.stack([jnp.arange(4.0), 10 * jnp.arange(4.0)], axis=-1)[None]  # (1, 4, 2)
+      >>> instance_norm(x, eps=0.0)[0, :, 1].round(4)  # each channel on its own scale
+      Array([-1.3416, -0.4472,  0.4472,  1.3416], dtype=float32)
+
+    References:
+      Ulyanov, Vedaldi & Lempitsky, `Instance Normalization: The Missing Ingredient for Fast
+      Stylization <https://arxiv.org/abs/1607.08022>`_, 2016
     """
     fn = "instance_norm"
     x = as_inexact_array(fn, x)
@@ -191,7 +203,7 @@ def group_norm(x: jax.typing.ArrayLike, num_groups: int | None = None,
                group_size: int | None = None, eps: float = 1e-5, reduction_axes: Axes | None = None,
                mask: jax.typing.ArrayLike | None = None, axis_name: str | None = None,
                axis_index_groups: Any = None, dtype: Any = None) -> jax.Array:
-    """Group normalization: statistics over ``*spatial`` and each group of channels (Wu & He, 2018).
+    """Group normalization: statistics over ``*spatial`` and each group of channels.
 
     Channels ``[g * C/G, (g + 1) * C/G)`` form group ``g`` (the layout of Flax and PyTorch). One group is
     :func:`layer_norm` over ``(*spatial, C)``; ``C`` groups is :func:`instance_norm`.
@@ -214,11 +226,15 @@ def group_norm(x: jax.typing.ArrayLike, num_groups: int | None = None,
     Returns:
       The normalized array, shape of ``x``.
 
-    >>> import jax.numpy as jnp
-    >>> from jaxopt_lab.normalization import group_norm
-    >>> x = jnp.array([[1.0, 3.0, 10.0, 30.0]])
-    >>> group_norm(x, num_groups=2, eps=0.0)
-    Array([[-1.,  1., -1.,  1.]], dtype=float32)
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxopt_lab.normalization import group_norm
+      >>> x = jnp.array([[1.0, 3.0, 10.0, 30.0]])
+      >>> group_norm(x, num_groups=2, eps=0.0)
+      Array([[-1.,  1., -1.,  1.]], dtype=float32)
+
+    References:
+      Wu & He, `Group Normalization <https://arxiv.org/abs/1803.08494>`_, ECCV 2018
     """
     fn = "group_norm"
     x = as_inexact_array(fn, x)
@@ -250,11 +266,17 @@ def group_norm(x: jax.typing.ArrayLike, num_groups: int | None = None,
 def batch_norm_init(num_features: int | Sequence[int], dtype: Any = jnp.float32) -> BatchNormStats:
     """Running statistics before any batch: mean 0 and variance 1 per feature (what Flax starts from).
 
-    ``num_features`` is the number of channels, or the shape ``x.shape[axis]`` for several feature axes.
+    Args:
+      num_features: the number of channels, or the shape ``x.shape[axis]`` for several feature axes.
+      dtype: dtype of the running statistics.
 
-    >>> from jaxopt_lab.normalization import batch_norm_init
-    >>> batch_norm_init(3)
-    BatchNormStats(mean=Array([0., 0., 0.], dtype=float32), var=Array([1., 1., 1.], dtype=float32))
+    Returns:
+      A :class:`BatchNormStats` of zeros (``mean``) and ones (``var``) of shape ``num_features``.
+
+    Example:
+      >>> from jaxopt_lab.normalization import batch_norm_init
+      >>> batch_norm_init(3)
+      BatchNormStats(mean=Array([0., 0., 0.], dtype=float32), var=Array([1., 1., 1.], dtype=float32))
     """
     shape = (num_features,) if isinstance(num_features, int) else tuple(num_features)
     if any(isinstance(n, bool) or not isinstance(n, int) or n < 1 for n in shape):
@@ -268,7 +290,7 @@ def batch_norm(x: jax.typing.ArrayLike, stats: BatchNormStats, scale: jax.typing
                eps: float = 1e-5, axis: Axes = -1, mask: jax.typing.ArrayLike | None = None,
                axis_name: str | None = None, axis_index_groups: Any = None, dtype: Any = None
                ) -> tuple[jax.Array, BatchNormStats]:
-    """Batch normalization: statistics over the batch and ``*spatial`` per channel (Ioffe & Szegedy, 2015).
+    """Batch normalization: statistics over the batch and ``*spatial`` per channel.
 
     Training (``training=True``) normalizes with the batch's own mean and biased variance and returns
     running statistics updated as an exponential moving average::
@@ -311,15 +333,20 @@ def batch_norm(x: jax.typing.ArrayLike, stats: BatchNormStats, scale: jax.typing
     Returns:
       ``(y, new_stats)``: the normalized array and the (training: updated; eval: same) running statistics.
 
-    >>> import jax.numpy as jnp
-    >>> from jaxopt_lab.normalization import batch_norm, batch_norm_init
-    >>> x = jnp.array([[0.0, 10.0], [2.0, 30.0]])
-    >>> y, stats = batch_norm(x, batch_norm_init(2), training=True, eps=0.0)
-    >>> y
-    Array([[-1., -1.],
-           [ 1.,  1.]], dtype=float32)
-    >>> stats  # 0.9 * (0, 1) + 0.1 * batch's (mean, var) = ((1, 20), (1, 100))
-    BatchNormStats(mean=Array([0.1, 2. ], dtype=float32), var=Array([ 1. , 10.9], dtype=float32))
+    Example:
+      >>> import jax.numpy as jnp
+      >>> from jaxopt_lab.normalization import batch_norm, batch_norm_init
+      >>> x = jnp.array([[0.0, 10.0], [2.0, 30.0]])
+      >>> y, stats = batch_norm(x, batch_norm_init(2), training=True, eps=0.0)
+      >>> y
+      Array([[-1., -1.],
+             [ 1.,  1.]], dtype=float32)
+      >>> stats  # 0.9 * (0, 1) + 0.1 * batch's (mean, var) = ((1, 20), (1, 100))
+      BatchNormStats(mean=Array([0.1, 2. ], dtype=float32), var=Array([ 1. , 10.9], dtype=float32))
+
+    References:
+      Ioffe & Szegedy, `Batch Normalization: Accelerating Deep Network Training by Reducing Internal
+      Covariate Shift <https://arxiv.org/abs/1502.03167>`_, ICML 2015
     """
     fn = "batch_norm"
     x = as_inexact_array(fn, x)
