@@ -18,7 +18,7 @@ from jax import lax
 
 # Samples averaged into the shift of a statistics group whose reduced axes are not the trailing ones:
 # the shift then lies within ~sigma/8 of the mean, so the shifted sums lose no digit to cancellation
-# (see moments).
+# (see :func:`moments`).
 SHIFT_SAMPLES = 64
 
 

@@ -265,8 +265,8 @@ group_norm_core.defvjp(_group_norm_fwd, _group_norm_bwd)
 
 
 def group_norm_fast_path(x: jax.Array, axes: tuple[int, ...], mask: Any, axis_name: str | None) -> bool:
-    """Whether :func:`group_norm` takes :func:`group_norm_core`: real input, no mask or ``axis_name``,
-    and statistics over every axis but the batch (the default ``reduction_axes``) of ``(N, ..., C)``."""
+    """Whether ``group_norm`` takes :func:`group_norm_core`: real input, no mask or ``axis_name``, and
+    statistics over every axis but the batch (the default ``reduction_axes``) of ``(N, ..., C)``."""
     return (mask is None and axis_name is None and not jnp.iscomplexobj(x) and x.ndim >= 2 and x.size > 0
             and axes == tuple(range(1, x.ndim)))
 
