@@ -165,8 +165,8 @@ def microbatched_value_and_grad(
       unroll: passed to ``lax.scan``. The default ``1`` keeps a real loop, which is what bounds the
         activation memory to one micro-batch. ``unroll=True`` (or ``k``) trades that guarantee for speed
         where the backend handles the loop badly: on XLA:CPU a convolution's backward inside a loop body is
-        many times slower than outside (jax-ml/jax#12868; measured ~20x for a small CNN in
-        ``jaxopt-lab bench``), and unrolling removes the loop. The values are the same either way.
+        many times slower than outside (jax-ml/jax#12868; ``docs/gradient_accumulation.md`` measures it),
+        and unrolling removes the loop. The values are the same either way.
 
     Returns:
       A function with ``loss_fn``'s signature returning ``(value, grads)`` or ``((value, aux), grads)``.

@@ -38,11 +38,11 @@ from typing import Any
 import flax.linen as linen
 import jax
 import jax.numpy as jnp
-from flax.linen import dtypes
 from jax.nn import initializers
 
 from jaxopt_lab import normalization
 from jaxopt_lab.normalization import Axes
+from jaxopt_lab.normalization._modules import feature_shape, output_dtype
 
 __all__ = ["BatchNorm", "GroupNorm", "InstanceNorm", "LayerNorm"]
 
@@ -55,17 +55,6 @@ def _scale_and_bias(module: Any, shape: tuple[int, ...]) -> tuple[jax.Array | No
     scale = module.param("scale", module.scale_init, shape, module.param_dtype) if module.use_scale else None
     bias = module.param("bias", module.bias_init, shape, module.param_dtype) if module.use_bias else None
     return scale, bias
-
-
-def _feature_shape(x: jax.Array, axes: Axes) -> tuple[int, ...]:
-    """``x.shape`` at the (canonicalized, sorted) ``axes``: Flax's parameter shape."""
-    axes = (axes,) if isinstance(axes, int) else tuple(axes)
-    return tuple(x.shape[a] for a in sorted({a % x.ndim for a in axes}))
-
-
-def _output_dtype(module: Any, *arrays: jax.Array | None) -> Any:
-    """Flax's rule: ``dtype`` if given, else the promoted dtype of the input and the parameters."""
-    return dtypes.canonicalize_dtype(*(a for a in arrays if a is not None), dtype=module.dtype)
 
 
 class BatchNorm(linen.Module):
@@ -125,7 +114,7 @@ class BatchNorm(linen.Module):
         use_running_average = linen.merge_param(
             "use_running_average", self.use_running_average, use_running_average)
         x = jnp.asarray(x)
-        shape = _feature_shape(x, self.axis)
+        shape = feature_shape(x, self.axis)
         stats_dtype = jnp.float32 if self.force_float32_reductions else self.param_dtype
         ra_mean = self.variable("batch_stats", "mean", lambda s: jnp.zeros(s, stats_dtype), shape)
         ra_var = self.variable("batch_stats", "var", lambda s: jnp.ones(s, stats_dtype), shape)
@@ -135,7 +124,7 @@ class BatchNorm(linen.Module):
             x, normalization.BatchNormStats(ra_mean.value, ra_var.value), scale, bias,
             training=not use_running_average, momentum=self.momentum, eps=self.epsilon, axis=self.axis,
             mask=mask, axis_name=None if initializing else self.axis_name,
-            axis_index_groups=self.axis_index_groups, dtype=_output_dtype(self, x, scale, bias))
+            axis_index_groups=self.axis_index_groups, dtype=output_dtype(self.dtype, x, scale, bias))
         if not use_running_average and not initializing:
             ra_mean.value, ra_var.value = new_stats
         return y
@@ -184,11 +173,11 @@ class LayerNorm(linen.Module):
     def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
         """Normalizes ``x``; only the ``True`` positions of ``mask`` (if given) enter the statistics."""
         x = jnp.asarray(x)
-        scale, bias = _scale_and_bias(self, _feature_shape(x, self.feature_axes))
+        scale, bias = _scale_and_bias(self, feature_shape(x, self.feature_axes))
         return normalization.layer_norm(
             x, scale, bias, eps=self.epsilon, reduction_axes=self.reduction_axes,
             feature_axes=self.feature_axes, mask=mask, axis_name=self.axis_name,
-            axis_index_groups=self.axis_index_groups, dtype=_output_dtype(self, x, scale, bias))
+            axis_index_groups=self.axis_index_groups, dtype=output_dtype(self.dtype, x, scale, bias))
 
 
 class InstanceNorm(linen.Module):
@@ -235,11 +224,11 @@ class InstanceNorm(linen.Module):
     def __call__(self, x: jax.Array, *, mask: jax.Array | None = None) -> jax.Array:
         """Normalizes ``x``; only the ``True`` positions of ``mask`` (if given) enter the statistics."""
         x = jnp.asarray(x)
-        scale, bias = _scale_and_bias(self, _feature_shape(x, self.feature_axes))
+        scale, bias = _scale_and_bias(self, feature_shape(x, self.feature_axes))
         return normalization.instance_norm(
             x, scale, bias, eps=self.epsilon, feature_axes=self.feature_axes, mask=mask,
             axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
-            dtype=_output_dtype(self, x, scale, bias))
+            dtype=output_dtype(self.dtype, x, scale, bias))
 
 
 class GroupNorm(linen.Module):
@@ -295,4 +284,4 @@ class GroupNorm(linen.Module):
         return normalization.group_norm(
             x, self.num_groups, scale, bias, group_size=self.group_size, eps=self.epsilon,
             reduction_axes=self.reduction_axes, mask=mask, axis_name=self.axis_name,
-            axis_index_groups=self.axis_index_groups, dtype=_output_dtype(self, x, scale, bias))
+            axis_index_groups=self.axis_index_groups, dtype=output_dtype(self.dtype, x, scale, bias))

@@ -42,6 +42,8 @@ from flax.nnx.nn import dtypes, initializers
 
 from jaxopt_lab import normalization
 from jaxopt_lab.normalization import Axes
+from jaxopt_lab.normalization._checks import resolve_groups
+from jaxopt_lab.normalization._modules import feature_shape, output_dtype
 
 __all__ = ["BatchNorm", "GroupNorm", "InstanceNorm", "LayerNorm"]
 
@@ -71,14 +73,7 @@ def _values(module: Any) -> tuple[jax.Array | None, jax.Array | None]:
 
 def _feature_shaped(param: jax.Array | None, x: jax.Array, axes: Axes) -> jax.Array | None:
     """A ``(num_features,)`` parameter reshaped to ``x.shape[axes]`` (as Flax's nnx ``_normalize``)."""
-    if param is None:
-        return None
-    axes = (axes,) if isinstance(axes, int) else tuple(axes)
-    return param.reshape(tuple(x.shape[a] for a in sorted({a % x.ndim for a in axes})))
-
-
-def _output_dtype(dtype: Dtype | None, *arrays: jax.Array | None) -> Any:
-    return dtypes.canonicalize_dtype(*(a for a in arrays if a is not None), dtype=dtype)
+    return None if param is None else param.reshape(feature_shape(x, axes))
 
 
 class BatchNorm(nnx.Module):
@@ -152,7 +147,7 @@ class BatchNorm(nnx.Module):
             x, normalization.BatchNormStats(mean, var), _feature_shaped(scale, x, self.axis),
             _feature_shaped(bias, x, self.axis), training=not use_running_average, momentum=self.momentum,
             eps=self.epsilon, axis=self.axis, mask=mask, axis_name=self.axis_name,
-            axis_index_groups=self.axis_index_groups, dtype=_output_dtype(self.dtype, x, scale, bias))
+            axis_index_groups=self.axis_index_groups, dtype=output_dtype(self.dtype, x, scale, bias))
         if not use_running_average:
             # stop_gradient only for flax_array_ref (Flax's rule): plain variables are traced through.
             stop_gradient = jax.lax.stop_gradient if (self.mean._can_update or self.var._can_update) else (
@@ -222,7 +217,7 @@ class LayerNorm(nnx.Module):
             x, _feature_shaped(scale, x, self.feature_axes), _feature_shaped(bias, x, self.feature_axes),
             eps=self.epsilon, reduction_axes=self.reduction_axes, feature_axes=self.feature_axes, mask=mask,
             axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
-            dtype=_output_dtype(self.dtype, x, scale, bias))
+            dtype=output_dtype(self.dtype, x, scale, bias))
 
 
 class InstanceNorm(nnx.Module):
@@ -276,7 +271,7 @@ class InstanceNorm(nnx.Module):
         return normalization.instance_norm(
             x, _feature_shaped(scale, x, self.feature_axes), _feature_shaped(bias, x, self.feature_axes),
             eps=self.epsilon, feature_axes=self.feature_axes, mask=mask, axis_name=self.axis_name,
-            axis_index_groups=self.axis_index_groups, dtype=_output_dtype(self.dtype, x, scale, bias))
+            axis_index_groups=self.axis_index_groups, dtype=output_dtype(self.dtype, x, scale, bias))
 
 
 class GroupNorm(nnx.Module):
@@ -315,7 +310,7 @@ class GroupNorm(nnx.Module):
                  promote_dtype: PromoteDtypeFn = dtypes.promote_dtype, rngs: nnx.Rngs,
                  bias_metadata: Mapping[str, Any] = _NO_METADATA,
                  scale_metadata: Mapping[str, Any] = _NO_METADATA) -> None:
-        self.num_groups = normalization._resolve_groups("GroupNorm", num_features, num_groups, group_size)
+        self.num_groups = resolve_groups("GroupNorm", num_features, num_groups, group_size)
         self.group_size = num_features // self.num_groups
         self.feature_axis = -1
         self.scale: nnx.Param[jax.Array] | None
@@ -339,4 +334,4 @@ class GroupNorm(nnx.Module):
         return normalization.group_norm(
             x, self.num_groups, scale, bias, eps=self.epsilon, reduction_axes=self.reduction_axes, mask=mask,
             axis_name=self.axis_name, axis_index_groups=self.axis_index_groups,
-            dtype=_output_dtype(self.dtype, x, scale, bias))
+            dtype=output_dtype(self.dtype, x, scale, bias))

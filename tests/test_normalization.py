@@ -15,7 +15,7 @@ from hypothesis import strategies as st
 from jax.test_util import check_grads
 
 from jaxopt_lab import normalization as norm
-from jaxopt_lab.normalization import BatchNormStats
+from jaxopt_lab.normalization import BatchNormStats, _statistics, _vjp
 
 EPS = 1e-5
 # Few distinct shapes: each new one recompiles. (N, *spatial, C) of rank 2, 3 and 4.
@@ -105,7 +105,7 @@ def test_large_offset_defeats_the_naive_variance():
     naive = jnp.maximum(jnp.mean(x**2, -1) - jnp.mean(x, -1) ** 2, 0.0)
     exact = np.asarray(x, np.float64).var(-1)
     assert np.max(np.abs(np.asarray(naive) - exact)) > 0.5
-    ours = norm._moments(x, (1,)).var[:, 0]
+    ours = _statistics.moments(x, (1,)).var[:, 0]
     np.testing.assert_allclose(ours, exact, rtol=1e-4)
 
 
@@ -248,12 +248,12 @@ def test_custom_backward_matches_autodiff_of_the_same_forward(axes, param_shape)
            jax.random.normal(keys[5], stats_shape))
 
     def plain(x, scale, bias):
-        y, moments = norm._normalize_impl(x, scale, bias, axes, EPS, jnp.float32)
+        y, moments = _vjp.normalize_impl(x, scale, bias, axes, EPS, jnp.float32)
         return y, moments.mean, moments.var
 
     @jax.jit
     def outputs_and_cotangents(x, scale, bias):
-        ours, ours_vjp = jax.vjp(lambda *a: norm._normalize(*a, axes, EPS, jnp.float32), x, scale, bias)
+        ours, ours_vjp = jax.vjp(lambda *a: _vjp.normalize(*a, axes, EPS, jnp.float32), x, scale, bias)
         reference, reference_vjp = jax.vjp(plain, x, scale, bias)
         return (ours, ours_vjp(cts)), (reference, reference_vjp(cts))
 
@@ -584,9 +584,10 @@ def _flax_errors(kind: str, x: jax.Array, fast: bool) -> tuple[float, float]:
                                                           ("batch", 1.25, 1.05)])
 def test_error_at_offset_zero_is_no_worse_than_flaxs_and_large_offsets_keep_it(kind, max_margin, rms_margin):
     # Error against float64 at offset 0, ours against flax's default (use_fast_variance=True).
-    # Group norm: ours is ~4x below flax's in max and RMS (levelled sums, see _mean), so at most half.
+    # Group norm: ours is ~4x below flax's in max and RMS (levelled sums, see
+    # _statistics._levelled_mean), so at most half.
     # Instance and batch norm: both sit at float32's rounding floor, ours within +-4 % of flax's in RMS and
-    # -15..+15 % in max depending on the seed (docs/normalization.md), so margins 5 % (RMS) and 25 %
+    # -15..+15 % in max depending on the random key (docs/normalization.md), so margins 5 % (RMS) and 25 %
     # (max, the noisier statistic). One sample of each group as the shift (this project's earlier choice)
     # was 3.5-12x above flax's max error. At offset 1e3 ours stays at the floor (at most 1.5x flax's
     # offset-0 max error), where flax's default has no correct digit.
@@ -609,7 +610,7 @@ def _general_group_norm(x, groups, scale=None, bias=None, eps=EPS):
     param_shape = (1,) * (x.ndim - 1) + grouped[-2:]
     scale, bias = (None if p is None else jnp.reshape(p, param_shape) for p in (scale, bias))
     axes = (*range(1, x.ndim - 1), x.ndim)
-    return norm._normalize(x.reshape(grouped), scale, bias, axes, eps, x.dtype)[0].reshape(x.shape)
+    return _vjp.normalize(x.reshape(grouped), scale, bias, axes, eps, x.dtype)[0].reshape(x.shape)
 
 
 def _assert_fast_and_general_paths_match(fast_fn, general_fn, expected, x, scale, bias, dy):
@@ -677,8 +678,8 @@ def test_group_norm_fast_path_backward_matches_autodiff_of_its_forward(with_para
 
     @jax.jit
     def both(x3, scale, bias):
-        ours = jax.vjp(lambda *a: norm._group_norm_core(*a, 3, EPS, jnp.float32), x3, scale, bias)[1](dy)
-        plain = jax.vjp(lambda *a: norm._group_norm_impl(*a, 3, EPS, jnp.float32)[0], x3, scale, bias)[1](dy)
+        ours = jax.vjp(lambda *a: _vjp.group_norm_core(*a, 3, EPS, jnp.float32), x3, scale, bias)[1](dy)
+        plain = jax.vjp(lambda *a: _vjp.group_norm_impl(*a, 3, EPS, jnp.float32)[0], x3, scale, bias)[1](dy)
         return ours, plain
 
     ours, plain = both(x3, scale, bias)
@@ -721,13 +722,13 @@ def test_group_norm_fast_path_tolerates_channel_means_far_apart_within_a_group()
 def test_group_norm_takes_the_fast_path_only_in_the_common_case(monkeypatch):
     x = jax.random.normal(jax.random.key(34), (2, 4, 4, 6))
     calls = []
-    core = norm._group_norm_core
+    core = _vjp.group_norm_core
 
     def spy(*args):
         calls.append(args[0].shape)
         return core(*args)
 
-    monkeypatch.setattr(norm, "_group_norm_core", spy)
+    monkeypatch.setattr(_vjp, "group_norm_core", spy)
     expected = reference("group", np.asarray(x, np.float64), 3)
     common = [lambda: norm.group_norm(x, 3), lambda: norm.group_norm(x, group_size=2, scale=jnp.ones(6)),
               lambda: norm.group_norm(x, 3, reduction_axes=(1, 2, 3)),
@@ -746,15 +747,15 @@ def test_group_norm_takes_the_fast_path_only_in_the_common_case(monkeypatch):
         calls.clear()
         call()
         assert calls == []
-    assert norm._group_norm_fast_path(x, (1, 2, 3), None, None)
-    assert not norm._group_norm_fast_path(x, (1, 2, 3), None, "batch")
+    assert _vjp.group_norm_fast_path(x, (1, 2, 3), None, None)
+    assert not _vjp.group_norm_fast_path(x, (1, 2, 3), None, "batch")
 
 
 # --- layer norm's trailing-axes fast path against the general path -------------------------------------
 
 def _general_layer_norm(x, scale, bias, axes, eps=EPS):
-    """layer_norm through the general custom VJP (_normalize_core), the fast path's yardstick."""
-    return norm._normalize_core(x, scale, bias, axes, eps, x.dtype)[0]
+    """layer_norm through the general custom VJP (_vjp.normalize_core), the fast path's yardstick."""
+    return _vjp.normalize_core(x, scale, bias, axes, eps, x.dtype)[0]
 
 
 def _layer_norm_vjp_float64(x, scale, bias, dy, axes, eps=EPS):
@@ -782,7 +783,7 @@ LAYER_NORM_FAST_CASES = [((6, 32), (1,), (1, 32)), ((2, 5, 6, 8), (3,), (1, 1, 1
 def test_layer_norm_fast_path_matches_general_path_and_float64(shape, axes, param_shape, dtype):
     # Values and every cotangent (x, scale, bias) of the trailing-axes path against the general custom
     # VJP (the same forward) and against float64.
-    assert norm._trailing_fast_path(jnp.zeros(shape), jnp.ones(param_shape), None, axes)
+    assert _vjp.trailing_fast_path(jnp.zeros(shape), jnp.ones(param_shape), None, axes)
     keys = jax.random.split(jax.random.key(40), 4)
     x = (1.5 + 2.0 * jax.random.normal(keys[0], shape)).astype(dtype)
     scale = 1.0 + 0.3 * jax.random.normal(keys[1], param_shape)
@@ -790,7 +791,7 @@ def test_layer_norm_fast_path_matches_general_path_and_float64(shape, axes, para
     dy = jax.random.normal(keys[3], shape).astype(dtype)
 
     _assert_fast_and_general_paths_match(
-        lambda x, s, b: norm._normalize(x, s, b, axes, EPS, x.dtype)[0],
+        lambda x, s, b: _vjp.normalize(x, s, b, axes, EPS, x.dtype)[0],
         lambda x, s, b: _general_layer_norm(x, s, b, axes), _layer_norm_vjp_float64(x, scale, bias, dy, axes),
         x, scale, bias, dy)
 
@@ -808,12 +809,12 @@ def test_layer_norm_fast_path_backward_matches_autodiff_of_its_forward(with_para
                   jax.random.normal(keys[5], (4, 1, 1)))
 
     def plain(*args):
-        y, moments = norm._normalize_impl(*args, axes, EPS, jnp.float32)
+        y, moments = _vjp.normalize_impl(*args, axes, EPS, jnp.float32)
         return y, moments.mean, moments.var
 
     @jax.jit
     def both(x, scale, bias):
-        ours = jax.vjp(lambda *a: norm._trailing_norm_core(*a, axes, EPS, jnp.float32), x, scale, bias)
+        ours = jax.vjp(lambda *a: _vjp.trailing_norm_core(*a, axes, EPS, jnp.float32), x, scale, bias)
         return ours[1](cotangents), jax.vjp(plain, x, scale, bias)[1](cotangents)
 
     ours, autodiff = both(x, scale, bias)
@@ -835,7 +836,7 @@ def test_layer_norm_fast_path_offset_accuracy_no_worse_than_the_general_path(off
         y, f_vjp = jax.vjp(lambda x, s: f(x, s, zeros, axes), x, scale)
         return y, *f_vjp(dy)
 
-    fast = jax.jit(lambda x: y_dx_dscale(lambda *a: norm._normalize(*a, EPS, jnp.float32)[0]))(x)
+    fast = jax.jit(lambda x: y_dx_dscale(lambda *a: _vjp.normalize(*a, EPS, jnp.float32)[0]))(x)
     general = jax.jit(lambda x: y_dx_dscale(_general_layer_norm))(x)
     y64, dx64, dscale64, _ = _layer_norm_vjp_float64(x, scale, zeros, dy, axes)
     for got, general_got, want in zip(fast, general, (y64, dx64, dscale64), strict=True):
@@ -848,13 +849,13 @@ def test_layer_norm_fast_path_offset_accuracy_no_worse_than_the_general_path(off
 def test_layer_norm_takes_the_fast_path_only_when_reducing_trailing_axes(monkeypatch):
     x = jax.random.normal(jax.random.key(43), (2, 4, 4, 6))
     calls = []
-    core = norm._trailing_norm_core
+    core = _vjp.trailing_norm_core
 
     def spy(*args):
         calls.append(args[3])
         return core(*args)
 
-    monkeypatch.setattr(norm, "_trailing_norm_core", spy)
+    monkeypatch.setattr(_vjp, "trailing_norm_core", spy)
     common = [(lambda: norm.layer_norm(x, jnp.ones(6), jnp.zeros(6)), (3,), reference("layer", x)),
               (lambda: norm.layer_norm(x), (3,), reference("layer", x)),
               (lambda: norm.layer_norm(x, jnp.ones(6), reduction_axes=(1, 2, 3)), (1, 2, 3),
@@ -876,4 +877,4 @@ def test_layer_norm_takes_the_fast_path_only_when_reducing_trailing_axes(monkeyp
         calls.clear()
         call()
         assert calls == []
-    assert not norm._trailing_fast_path(jnp.zeros((0, 6)), None, None, (1,))
+    assert not _vjp.trailing_fast_path(jnp.zeros((0, 6)), None, None, (1,))

@@ -27,7 +27,7 @@ the one to use::
     use_pallas = pallas_norm.available() and pallas_norm.supported(x.shape, num_groups)
 
 >>> import jax.numpy as jnp
->>> from jaxopt_lab import pallas_norm
+>>> from jaxopt_lab.normalization import _pallas as pallas_norm
 >>> x = jnp.array([[1.0, 2.0, 3.0, 4.0]])
 >>> y = pallas_norm.layer_norm(x, jnp.ones(4), jnp.zeros(4), eps=0.0, interpret=True)
 >>> y.round(4)
@@ -47,6 +47,8 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
+
+from jaxopt_lab.normalization._checks import check_eps
 
 __all__ = ["MAX_BLOCK_ELEMENTS", "available", "group_norm", "layer_norm", "supported"]
 
@@ -98,6 +100,7 @@ def supported(shape: tuple[int, ...], num_groups: int | None = None) -> bool:
 
 
 def _check(fn: str, x: Any, scale: Any, bias: Any, eps: float, min_ndim: int) -> tuple[jax.Array, ...]:
+    """``(x, scale, bias)`` checked, with ``scale``/``bias`` defaulting to ones/zeros of shape ``(C,)``."""
     x = jnp.asarray(x)
     if not jnp.issubdtype(x.dtype, jnp.floating):
         raise TypeError(f"{fn}: x must be a floating-point array, got dtype {x.dtype}")
@@ -112,8 +115,7 @@ def _check(fn: str, x: Any, scale: Any, bias: Any, eps: float, min_ndim: int) ->
             raise ValueError(f"{fn}: {name} must have shape (C,) = ({channels},) for x of shape {x.shape}, "
                              f"got shape {p.shape}")
         params.append(p)
-    if not (isinstance(eps, (int, float)) and math.isfinite(eps) and eps >= 0):
-        raise ValueError(f"{fn}: eps must be a finite number >= 0, got {eps!r}")
+    check_eps(fn, eps)
     return x, params[0], params[1]
 
 
