@@ -306,7 +306,7 @@ def _summary(cfg, ds, rows, chosen, b_vs_c, timing, timing_model, device, figure
                      f"{kib(t['argument_bytes'])} |")
     lines += ["", "On CPU the temporary memory is what the compiler plans, not a measured peak; GPU figures "
               "need a device (rerun there: the same command reports its numbers). Timing uses the MLP: on "
-              "XLA:CPU a convolution's backward inside the micro-batch `lax.scan` is ~20x slower than outside "
+              "XLA:CPU a convolution's backward inside the micro-batch `lax.scan` is far slower than outside "
               "(jax-ml/jax#12868), which would measure the CPU compiler, not accumulation."]
     return "\n".join(lines)
 

@@ -139,7 +139,7 @@ def stratified_split(labels: Any, fraction: float, *, seed: int = 0) -> tuple[np
     >>> len(kept), len(held_out), sorted(np.bincount(np.repeat(np.arange(4), 10)[held_out]).tolist())
     (32, 8, [2, 2, 2, 2])
     """
-    from sklearn.model_selection import train_test_split  # scikit-learn's import costs ~1 s: only when used
+    from sklearn.model_selection import train_test_split  # seconds to import: only when used
 
     labels = np.asarray(labels)
     kept, held_out = train_test_split(np.arange(len(labels)), test_size=fraction, stratify=labels,

@@ -114,8 +114,8 @@ class Conv(nn.Module):
     padding="SAME")`` for an odd window, on signals ``(N, L, C)`` or images ``(N, H, W, C)``. Why not
     ``nn.Conv``: the experiments vmap training over seeds, so every lane has its own kernel, and
     ``jax.vmap`` turns a convolution with a batched kernel into a grouped convolution, whose gradient
-    XLA:CPU computes ~1000x slower than the batched matrix product this layer becomes (measured on
-    MNIST-1D, 4 conv layers, 6 lanes: 2.2 s vs 1.3 ms per step).
+    XLA:CPU computes orders of magnitude slower than the batched matrix product this layer becomes
+    (measured in docs/mnist1d.md).
 
     Attributes:
       features: output channels.

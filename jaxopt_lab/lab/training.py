@@ -160,9 +160,9 @@ def _init_variables(model: nn.Module, keys: jax.Array, sample_images: jax.Array)
     Kept out of the training program: the initializers' random-bit generation is slow to compile on
     XLA:CPU (seconds for a small CNN), and experiments train one model under many optimizers and batch
     sizes, so a separate, cached initialization is compiled once instead of inside every program. On CPU
-    it is compiled without LLVM's optimizations: the threefry graphs then compile in ~0.9 s instead of
-    ~7 s for a small CNN (it runs once, in ~10 ms either way): the same random bits, and values that
-    differ from the optimized program's by at most one float32 rounding (unfused arithmetic).
+    it is compiled without LLVM's optimizations, which compiles the threefry graphs several times faster
+    (it runs once, in milliseconds either way; measured in docs/real_data_experiments.md): the same random
+    bits, and values that differ from the optimized program's by at most one float32 rounding.
     """
     init = _init_fast_compile if jax.default_backend() == "cpu" else _init_default
     return init(model, keys, sample_images)
