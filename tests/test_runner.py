@@ -1,6 +1,9 @@
 """The runner: one experiment into OUT/NAME with metrics.json, summary.md and its figures, or nothing."""
 
+import importlib.metadata
 import json
+import subprocess
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -24,9 +27,15 @@ def test_run_experiment_writes_the_contract_files(tmp_path):
     runner.run_experiment(toy, tmp_path, quick=True, seed=3, show_progress=False)
     meta = json.loads((tmp_path / "toy" / "metrics.json").read_text())
     assert meta["seed"] == 3 and meta["quick"] is True and meta["metrics"] == {"value": 1.0}
-    assert meta["environment"]["backend"] and meta["figures"] == ["curves.png"]
+    env = meta["environment"]
+    assert env["backend"] and meta["figures"] == ["curves.png"]
+    assert {"jax", "jaxlib", "flax", "optax", "numpy", "device_kind", "commit"} <= set(env)
+    assert all(env[name] == importlib.metadata.version(name) for name in ("flax", "optax", "numpy"))
+    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=Path(__file__).parent, capture_output=True,
+                          text=True).stdout.strip()
+    assert env["commit"] in (head, head + "+dirty")  # the checkout these tests run from
     summary = (tmp_path / "toy" / "summary.md").read_text()
-    assert "jaxopt-lab run toy --quick --seed 3" in summary
+    assert "jaxopt-lab run toy --quick --seed 3" in summary and f"code {env['commit'][:12]}" in summary
     out = report.write_report(tmp_path)
     text = out.read_text()
     assert "![curves](toy/curves.png)" in text and "## toy" in text

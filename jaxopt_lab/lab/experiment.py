@@ -19,7 +19,10 @@ marks a verdict as not conclusive in quick mode.
 from __future__ import annotations
 
 import dataclasses
+import importlib.metadata
+import os
 import platform
+import subprocess
 from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
@@ -38,9 +41,11 @@ __all__ = [
     "RunContext",
     "check_modes",
     "check_training_config",
+    "code_version",
     "environment",
     "mark_verdict",
     "mode_line",
+    "package_version",
     "with_mode_line",
 ]
 
@@ -210,16 +215,48 @@ class RunContext:
         return mark_verdict(verdict, quick=self.quick)
 
 
+def package_version(package: str) -> str | None:
+    """The installed version of ``package``, or None when it is not installed.
+
+    >>> package_version("jaxopt-lab") is not None, package_version("no-such-package-here")
+    (True, None)
+    """
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+def code_version(folder: str | os.PathLike[str] | None = None) -> str:
+    """The git commit of the code in ``folder`` (default: this package's source), ``+dirty`` when its
+    tracked files have changes, or ``"unknown"`` outside a git checkout (an installed wheel).
+
+    >>> code_version("/")  # not a git checkout
+    'unknown'
+    """
+    where = Path(folder) if folder is not None else Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(["git", "rev-parse", "HEAD"], cwd=where, capture_output=True, text=True,
+                                timeout=10, check=True).stdout.strip()
+        changes = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=where,
+                                 capture_output=True, text=True, timeout=10, check=True).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return commit + ("+dirty" if changes else "") if commit else "unknown"
+
+
 def environment() -> dict[str, Any]:
-    """The software and hardware a result was measured on."""
+    """The software, hardware and code a result was measured on (written into every ``metrics.json``)."""
     devices = jax.devices()
     return {
         "python": platform.python_version(),
         "platform": platform.platform(),
         "jax": jax.__version__,
+        **{name: package_version(name) for name in ("jaxlib", "flax", "optax", "numpy", "chex")},
         "backend": jax.default_backend(),
         "device_kind": devices[0].device_kind,
         "device_count": len(devices),
+        "commit": code_version(),
     }
 
 

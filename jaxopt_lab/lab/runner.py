@@ -39,7 +39,8 @@ def _footer(ctx: RunContext, elapsed: float, env: dict[str, Any]) -> str:
     return (
         f"\n\n---\n*Measured by `jaxopt-lab run {ctx.name}{flags}` in "
         f"{elapsed:.1f} s on {env['device_count']}x {env['device_kind']} ({env['backend']}), "
-        f"JAX {env['jax']}.*\n"
+        f"JAX {env['jax']}, flax {env['flax']}, optax {env['optax']}, code {env['commit'][:12]}"
+        f"{'+dirty' if env['commit'].endswith('+dirty') else ''}.*\n"
     )
 
 

@@ -30,7 +30,6 @@ True
 from __future__ import annotations
 
 import dataclasses
-import importlib.metadata
 import math
 import os
 import re
@@ -253,13 +252,6 @@ def copy_bandwidth(shape: tuple[int, ...], dtype: Any = jnp.float32,
     return achieved_gbps(2 * nbytes(x), timing.median), timing
 
 
-def _version(package: str) -> str | None:
-    try:
-        return importlib.metadata.version(package)
-    except importlib.metadata.PackageNotFoundError:
-        return None
-
-
 def load_average() -> tuple[float, float, float] | None:
     """The host's 1, 5 and 15 minute load averages (``os.getloadavg``), or None where there are none.
 
@@ -355,9 +347,6 @@ def benchmark_environment() -> dict[str, Any]:
     devices = jax.devices()
     return {
         **environment(),
-        "jaxlib": _version("jaxlib"),
-        "flax": _version("flax"),
-        "optax": _version("optax"),
         "cpu_count": os.cpu_count(),
         "process_count": jax.process_count(),
         "devices": [str(d) for d in devices],
