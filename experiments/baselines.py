@@ -122,7 +122,7 @@ def check_configs() -> None:
     check_modes(Config.for_mode, check_config)
 
 def run(ctx: RunContext) -> None:
-    cfg = Config.for_mode(ctx.quick)
+    cfg = ctx.resolve_config(Config)
     seeds = [ctx.seed + i for i in range(cfg.seeds)]
     rows, curves, descriptions = [], {}, {}
     jobs = [(part, name) for part in cfg.parts for name in part.models]
@@ -275,7 +275,8 @@ def _summary(ctx: RunContext, cfg: Config, rows: list[dict], descriptions: dict[
 
 EXPERIMENT = Experiment(NAME, "logistic regression, MLP, CNN and GRU on MNIST-1D at tuned rates beside the "
                         "paper's table, and MLP vs CNN on digits", run,
-                        check_configs)
+                        check_configs,
+                        config=Config, check_config=check_config)
 
 if __name__ == "__main__":
     raise SystemExit(main_for(EXPERIMENT))

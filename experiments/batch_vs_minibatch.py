@@ -73,7 +73,7 @@ def check_configs() -> None:
 
 
 def run(ctx: RunContext) -> None:
-    cfg = Config.for_mode(ctx.quick)
+    cfg = ctx.resolve_config(Config)
     problem, specs = _setup(cfg, ctx.seed)
     n = cfg.num_samples
     one_run = jax.tree.map(lambda x: x[0], specs)
@@ -218,7 +218,8 @@ over all data is the expensive part, mini-batches win per second as they do per 
 
 
 EXPERIMENT = Experiment(NAME, "full-batch GD vs mini-batch SGD (1, 16, 64): noise quantified, per iteration/"
-                        "epoch, wall-clock to target", run, check_configs)
+                        "epoch, wall-clock to target", run, check_configs,
+                        config=Config, check_config=check_config)
 
 if __name__ == "__main__":
     raise SystemExit(main_for(EXPERIMENT))

@@ -83,8 +83,8 @@ def _optimizer(cfg: Config, multi_steps: bool, learning_rate) -> optax.GradientT
 def check_config(cfg: Config, label: str, data_name: str | None = None) -> None:
     """Builds every model x variant of ``cfg`` abstractly (one step each) on ``data_name`` (``None``: every
     supported dataset); ``ValueError`` naming ``label`` if one cannot run."""
-    if cfg.seeds < 2 or cfg.updates < 20 or not cfg.learning_rates:
-        raise ValueError(f"{label}: needs >= 2 seeds, >= 20 updates and >= 1 learning rate")
+    if cfg.seeds < 1 or cfg.updates < 20 or not cfg.learning_rates:
+        raise ValueError(f"{label}: needs >= 1 seed, >= 20 updates and >= 1 learning rate")
     for name in SUPPORTED_DATA if data_name is None else (data_name,):
         ds = data.load_dataset(name)
         swept = len(ds.y_train) - math.ceil(cfg.validation_fraction * len(ds.y_train))
@@ -147,7 +147,7 @@ def time_and_memory(model, cfg: Config, ds: data.Dataset, variant: str, learning
 
 def run(ctx: RunContext) -> None:
     ds = data.load_dataset(None if ctx.data_path is None else str(ctx.data_path))
-    cfg = Config.for_mode(ctx.quick, ds.name)
+    cfg = ctx.resolve_config(Config, ds.name)
     seeds = [ctx.seed + i for i in range(cfg.seeds)]
     train_size = (len(ds.y_train) // EFFECTIVE_BATCH) * EFFECTIVE_BATCH
     results: dict[tuple[str, str], training.TrainResult] = {}
@@ -313,7 +313,8 @@ def _summary(cfg, ds, rows, chosen, b_vs_c, timing, timing_model, device, figure
 
 EXPERIMENT = Experiment(NAME, "effective batch 128 as 1x128, MultiSteps 4x32, micro-batched 4x32 and plain 32: "
                         "exactness, BN vs GN, loss, accuracy, step time and memory", run,
-                        check_configs)
+                        check_configs,
+                        config=Config, check_config=check_config)
 
 if __name__ == "__main__":
     raise SystemExit(main_for(EXPERIMENT))

@@ -28,7 +28,7 @@ from jaxopt_lab.lab import data, models, training
 from jaxopt_lab.lab.experiment import Experiment, RunContext, check_modes, check_training_config
 from jaxopt_lab.lab.plotting import new_figure, plot_loss_curves
 from jaxopt_lab.lab.runner import main_for
-from jaxopt_lab.lab.verdicts import reading, verdict
+from jaxopt_lab.lab.verdicts import difference, reading, verdict
 
 NAME = "gradient-centralization"
 VARIANTS = ("plain", "GC (ours)", "optax.centralize")
@@ -108,8 +108,8 @@ def check_config(cfg: Config, label: str, data_name: str | None = None) -> None:
     unknown = [o for o in cfg.optimizers if o not in OPTIMIZERS]
     if unknown:
         raise ValueError(f"{label}: unknown optimizers {unknown}; known: {list(OPTIMIZERS)}")
-    if cfg.seeds < 2 or cfg.steps < 2 * cfg.smoothing_steps or cfg.rates_per_optimizer < 1:
-        raise ValueError(f"{label}: needs >= 2 seeds, >= 1 rate and more than 2 x smoothing_steps steps")
+    if cfg.seeds < 1 or cfg.steps < 2 * cfg.smoothing_steps or cfg.rates_per_optimizer < 1:
+        raise ValueError(f"{label}: needs >= 1 seed, >= 1 rate and more than 2 x smoothing_steps steps")
     for name in SUPPORTED_DATA if data_name is None else (data_name,):
         ds = data.load_dataset(name)
         train_size = len(ds.y_train) - math.ceil(cfg.validation_fraction * len(ds.y_train))
@@ -145,7 +145,7 @@ def steps_to_target(step_loss: np.ndarray, target: float, window: int) -> list[i
 
 def run(ctx: RunContext) -> None:
     ds = data.load_dataset(None if ctx.data_path is None else str(ctx.data_path))
-    cfg = Config.for_mode(ctx.quick, ds.name)
+    cfg = ctx.resolve_config(Config, ds.name)
     seeds = [ctx.seed + i for i in range(cfg.seeds)]
     model_for = model_zoo(ds.num_classes, cfg)
     start_means = {m: per_output_means(training.initial_variables(model, seeds, ds.x_train)["params"])
@@ -203,9 +203,7 @@ def _verdicts(ctx: RunContext, cfg: Config, rows: list[dict]) -> list[dict]:
     for r in rows:
         if r["variant"] != "GC (ours)":
             continue
-        plain = by[r["model"], r["optimizer"], "plain"]["test_accuracy"]
-        delta = r["test_accuracy"]["mean"] - plain["mean"]
-        se = math.hypot(r["test_accuracy"]["std"], plain["std"]) / math.sqrt(cfg.seeds)
+        delta, se = difference(r["test_accuracy"], by[r["model"], r["optimizer"], "plain"]["test_accuracy"])
         raw = verdict(delta, se, GC_VERDICTS)
         out.append({"model": r["model"], "optimizer": r["optimizer"], "difference": delta,
                     "standard_error": se, "verdict": raw, "shown_verdict": ctx.verdict(raw)})
@@ -347,7 +345,8 @@ def _gain_reading(verdicts: list[dict]) -> str:
 
 EXPERIMENT = Experiment(NAME, "SGD/momentum/Adam/AdamW with and without GC (ours and optax.centralize) on a "
                         "CNN and an MLP: accuracy, steps to target, per-output weight means", run,
-                        check_configs)
+                        check_configs,
+                        config=Config, check_config=check_config)
 
 if __name__ == "__main__":
     raise SystemExit(main_for(EXPERIMENT))

@@ -90,7 +90,7 @@ def check_configs() -> None:
 
 
 def run(ctx: RunContext) -> None:
-    cfg = Config.for_mode(ctx.quick)
+    cfg = ctx.resolve_config(Config)
     problem, rates, seeds, init, specs, config = _setup(cfg, ctx.seed)
     curvature = landscapes.regression_curvature(problem.data)
     edge, balanced = 2.0 / curvature.max(), 2.0 / (curvature.min() + curvature.max())
@@ -249,7 +249,8 @@ rate, not the fastest one.
 
 
 EXPERIMENT = Experiment(NAME, "too high / too low learning rates, diagnose() with evidence, LR range test", run,
-                        check_configs)
+                        check_configs,
+                        config=Config, check_config=check_config)
 
 if __name__ == "__main__":
     raise SystemExit(main_for(EXPERIMENT))

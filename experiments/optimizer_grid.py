@@ -141,7 +141,7 @@ def check_configs() -> None:
 
 
 def run(ctx: RunContext) -> None:
-    cfg = Config.for_mode(ctx.quick)
+    cfg = ctx.resolve_config(Config)
     problem, seeds, specs, config = _setup(cfg, ctx.seed)
     curvature = landscapes.regression_curvature(problem.data)
     with ctx.progress(total=cfg.steps + 1, desc="4 optimizers x rates x seeds, one vmapped jit") as bar:
@@ -264,7 +264,8 @@ first seed's history.
 
 
 EXPERIMENT = Experiment(NAME, "the course notes' SGD/momentum/RMSprop/Adam x 4 learning rates grid, one "
-                        "vmapped jit", run, check_configs)
+                        "vmapped jit", run, check_configs,
+                        config=Config, check_config=check_config)
 
 if __name__ == "__main__":
     raise SystemExit(main_for(EXPERIMENT))

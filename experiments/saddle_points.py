@@ -86,7 +86,7 @@ def check_configs() -> None:
 
 
 def run(ctx: RunContext) -> None:
-    cfg = Config.for_mode(ctx.quick)
+    cfg = ctx.resolve_config(Config)
     seeds = _seeds(cfg, ctx.seed)
     noise = _noise_levels(cfg)
     results: dict[str, dict] = {}
@@ -338,7 +338,8 @@ Verdict: **{claim2_verdict}**.{claim2_reading}
 
 
 EXPERIMENT = Experiment(NAME, "GD/SGD+noise/momentum/RMSprop/Adam at x^3, x^2-y^2 and (1-ab)^2: escape table",
-                        run, check_configs)
+                        run, check_configs,
+                        config=Config, check_config=check_config)
 
 if __name__ == "__main__":
     raise SystemExit(main_for(EXPERIMENT))

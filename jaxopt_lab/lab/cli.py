@@ -1,4 +1,4 @@
-"""The ``jaxopt-lab`` command: ``list``, ``run NAME... | all``, ``report``, ``bench``.
+"""The ``jaxopt-lab`` command: ``list``, ``run NAME... | all``, ``config NAME``, ``report``, ``bench``.
 
 A thin layer over the runner (:mod:`jaxopt_lab.lab.runner`), the report (:mod:`jaxopt_lab.lab.report`) and
 the benchmark suite (:mod:`jaxopt_lab.lab.bench`); how errors, warnings and Ctrl-C look is
@@ -17,11 +17,13 @@ Ctrl-C during it still ends in one line and status 130 instead of a traceback.
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import json
 from collections.abc import Sequence
 from pathlib import Path
 
 from jaxopt_lab.lab import bench
-from jaxopt_lab.lab.flags import add_run_arguments
+from jaxopt_lab.lab.flags import add_run_arguments, add_set_argument
 from jaxopt_lab.lab.program import DEBUG_ENV, Parser, UsageError, add_debug, run_program
 
 __all__ = ["DEBUG_ENV", "UsageError", "main"]
@@ -31,11 +33,16 @@ def _build_parser() -> Parser:
     parser = Parser(prog="jaxopt-lab", description=__doc__.splitlines()[0])
     add_debug(parser, False)
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser,
-                                     metavar="{list,run,report,bench}")
+                                     metavar="{list,run,config,report,bench}")
     commands.add_parser("list", help="list every experiment with a one-line description")
     run = commands.add_parser("run", help="run experiments (names or 'all') and write the report")
     run.add_argument("names", nargs="+", metavar="NAME", help="experiment names, or 'all'")
     add_run_arguments(run)
+    config = commands.add_parser("config", help="print an experiment's resolved config (JSON)")
+    config.add_argument("name", metavar="NAME", help="an experiment name")
+    config.add_argument("--quick", action="store_true", help="the quick config")
+    config.add_argument("--data", default=None, metavar="NAME|PATH.npz", help="the dataset the config is for")
+    add_set_argument(config)
     report = commands.add_parser("report", help="gather every summary and figure into OUT/REPORT.md")
     report.add_argument("--out", type=Path, default=Path("results"), help="results folder (default: results)")
     bench_parser = commands.add_parser("bench", help="time our paths against their anchors into OUT/bench/")
@@ -46,7 +53,7 @@ def _build_parser() -> Parser:
     bench_parser.add_argument("--group", action="append", choices=bench.GROUP_NAMES, metavar="GROUP",
                               help=f"measure only this group (repeatable): {', '.join(bench.GROUP_NAMES)}; "
                                    "default all")
-    for sub in (commands.choices[name] for name in ("list", "run", "report", "bench")):
+    for sub in (commands.choices[name] for name in ("list", "run", "config", "report", "bench")):
         add_debug(sub, argparse.SUPPRESS)
     return parser
 
@@ -71,6 +78,21 @@ def _cmd_run(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         parser.error(f"unknown experiment {unknown[0]!r}; choose from: all, {', '.join(experiments)}")
     names = list(experiments) if "all" in args.names else list(dict.fromkeys(args.names))
     return run_experiments([experiments[name] for name in names], args)
+
+
+def _cmd_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from jaxopt_lab.lab.registry import available_experiments
+    from jaxopt_lab.lab.results import to_jsonable
+    from jaxopt_lab.lab.runner import check_overrides
+
+    experiments = available_experiments()
+    if args.name not in experiments:
+        parser.error(f"unknown experiment {args.name!r}; choose from: {', '.join(experiments)}")
+    config = check_overrides(experiments[args.name], args.quick, args.data, args.overrides)
+    resolved = None if config is None else to_jsonable(dataclasses.asdict(config))
+    print(json.dumps({"experiment": args.name, "mode": "quick" if args.quick else "full", "data": args.data,
+                      "overrides": args.overrides, "config": resolved}, indent=2))
+    return 0
 
 
 def _cmd_report(args: argparse.Namespace) -> int:
@@ -99,6 +121,8 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         return _cmd_list()
     if args.command == "run":
         return _cmd_run(parser, args)
+    if args.command == "config":
+        return _cmd_config(parser, args)
     if args.command == "report":
         return _cmd_report(args)
     return _cmd_bench(args)

@@ -33,6 +33,7 @@ import optax
 from tqdm.auto import tqdm
 
 from jaxopt_lab.lab import data, results, training
+from jaxopt_lab.lab.overrides import OverrideError, apply_overrides
 
 __all__ = [
     "CANONICAL_ORDER",
@@ -122,12 +123,33 @@ class Experiment:
     description: str
     run: Callable[[RunContext], None]
     check_configs: Callable[[], None]
+    # The experiment's frozen-dataclass Config (with ``for_mode``) and the check of one config,
+    # ``check_config(config, label, data)``: what ``--set`` overrides and validates. None: nothing to set.
+    config: type | None = None
+    check_config: Callable[[Any, str, str | None], None] | None = None
 
     def __post_init__(self) -> None:
         for field in ("run", "check_configs"):
             if not callable(getattr(self, field)):
                 raise TypeError(f"Experiment {self.name!r}: {field} must be callable, got "
                                 f"{getattr(self, field)!r}")
+        if self.config is not None and not (dataclasses.is_dataclass(self.config)
+                                            and callable(getattr(self.config, "for_mode", None))
+                                            and callable(self.check_config)):
+            raise TypeError(f"Experiment {self.name!r}: config must be a dataclass with for_mode, given with "
+                            f"a check_config; got {self.config!r} and {self.check_config!r}")
+
+    def resolve_config(self, quick: bool, data: str | None = None, overrides: Sequence[str] = ()) -> Any:
+        """``config.for_mode(quick, data)`` with ``overrides`` (``KEY=VALUE``) applied, checked with
+        ``check_config`` without training; ``OverrideError``/``ValueError`` if it cannot run."""
+        if self.config is None or self.check_config is None:
+            if overrides:
+                raise OverrideError(f"--set: {self.name} has no config to set")
+            return None
+        config = apply_overrides(self.config.for_mode(quick, data), overrides)
+        if overrides:
+            self.check_config(config, f"{self.name} with --set {' '.join(overrides)}", data)
+        return config
 
 
 ConfigT = TypeVar("ConfigT")
@@ -172,11 +194,16 @@ class RunContext:
     # `--data-parallel`: None splits batches over devices when more than one is visible, True always,
     # False never (see `training.train_seeds`); read by the real-data experiments only.
     data_parallel: bool | None = None
+    overrides: tuple[str, ...] = ()  # `--set KEY=VALUE`, applied by `resolve_config`
     config: Any = None
     metrics: Any = None
     summary: str | None = None
     endpoint: str | None = None
     figures: list[str] = dataclasses.field(default_factory=list)
+
+    def resolve_config(self, config_type: type, data: str | None = None) -> Any:
+        """The run's config: ``config_type.for_mode(quick, data)`` with the ``--set`` overrides applied."""
+        return apply_overrides(config_type.for_mode(self.quick, data), self.overrides)
 
     def progress(self, iterable: Iterable[Any] | None = None, *, total: int | None = None,
                  desc: str | None = None) -> Any:

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-__all__ = ["DATA_PARALLEL_MODES", "add_run_arguments"]
+__all__ = ["DATA_PARALLEL_MODES", "add_run_arguments", "add_set_argument"]
 
 # `--data-parallel MODE` -> the `data_parallel` argument of `training.train_seeds`.
 DATA_PARALLEL_MODES: dict[str, bool | None] = {"auto": None, "on": True, "off": False}
@@ -29,6 +29,14 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                              "device is visible and the batch divides), on (always; a batch that does not "
                              "divide is an error), off (default: auto)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    add_set_argument(parser)
+
+
+def add_set_argument(parser: argparse.ArgumentParser) -> None:
+    """``--set KEY=VALUE`` (repeatable): a field of the experiment's config, parsed by the field's type."""
+    parser.add_argument("--set", action="append", default=[], dest="overrides", metavar="KEY=VALUE",
+                        help="override a field of the experiment's config, e.g. --set seeds=1 --set "
+                             "batch_sizes=2,4,8 (repeatable; `jaxopt-lab config NAME` lists the fields)")
 
 
 def _seed(text: str) -> int:

@@ -22,7 +22,7 @@ from jaxopt_lab.lab.flags import DATA_PARALLEL_MODES, add_run_arguments
 from jaxopt_lab.lab.program import Interrupted, Parser, UsageError, add_debug, run_program
 from jaxopt_lab.lab.report import write_report
 
-__all__ = ["main_for", "run_experiment", "run_experiments", "writable_folder"]
+__all__ = ["check_overrides", "main_for", "run_experiment", "run_experiments", "writable_folder"]
 
 
 def _data_parallel_mode(data_parallel: bool | None) -> str:
@@ -36,6 +36,7 @@ def _footer(ctx: RunContext, elapsed: float, env: dict[str, Any]) -> str:
         flags += f" --data {ctx.data_path}"
     if ctx.data_parallel is not None:
         flags += f" --data-parallel {_data_parallel_mode(ctx.data_parallel)}"
+    flags += "".join(f" --set {item}" for item in ctx.overrides)
     return (
         f"\n\n---\n*Measured by `jaxopt-lab run {ctx.name}{flags}` in "
         f"{elapsed:.1f} s on {env['device_count']}x {env['device_kind']} ({env['backend']}), "
@@ -46,11 +47,16 @@ def _footer(ctx: RunContext, elapsed: float, env: dict[str, Any]) -> str:
 
 def run_experiment(experiment: Experiment, out: str | Path, *, quick: bool, seed: int,
                    show_progress: bool = True, data_path: Path | None = None,
-                   data_parallel: bool | None = None) -> float:
-    """Runs one experiment into ``out/NAME`` atomically and returns its wall-clock seconds."""
+                   data_parallel: bool | None = None, overrides: Sequence[str] = ()) -> float:
+    """Runs one experiment into ``out/NAME`` atomically and returns its wall-clock seconds.
+
+    ``overrides`` (``KEY=VALUE``, ``--set``) change the experiment's config; they are recorded in
+    ``metrics.json`` and in the summary's reproduce line.
+    """
     env = environment()
     with results.staging_dir(Path(out) / experiment.name) as staged:
-        ctx = RunContext(experiment.name, quick, seed, staged, show_progress, data_path, data_parallel)
+        ctx = RunContext(experiment.name, quick, seed, staged, show_progress, data_path, data_parallel,
+                         tuple(overrides))
         start = time.perf_counter()
         experiment.run(ctx)
         elapsed = time.perf_counter() - start
@@ -67,6 +73,7 @@ def run_experiment(experiment: Experiment, out: str | Path, *, quick: bool, seed
             "seed": seed,
             "data_path": data_path,
             "data_parallel": _data_parallel_mode(data_parallel),
+            "overrides": list(overrides),
             "elapsed_s": elapsed,
             "environment": env,
             "figures": ctx.figures,
@@ -121,6 +128,15 @@ def _interrupted_line(out: Path, finished: Sequence[str], current: str | None, p
     return "; ".join(parts)
 
 
+def check_overrides(experiment: Experiment, quick: bool, data: str | None, overrides: Sequence[str]) -> Any:
+    """The config ``--set`` gives ``experiment``, checked without training; a one-line ``UsageError`` if it
+    names an unknown key, holds a value of the wrong type or cannot run."""
+    try:
+        return experiment.resolve_config(quick, data, overrides)
+    except ValueError as err:  # OverrideError included
+        raise UsageError(str(err)) from err
+
+
 def run_experiments(experiments: Sequence[Experiment], args: argparse.Namespace) -> int:
     """Runs ``experiments`` in order with ``args`` (:func:`add_run_arguments`), then writes the report.
 
@@ -133,6 +149,8 @@ def run_experiments(experiments: Sequence[Experiment], args: argparse.Namespace)
     try:
         if args.data is not None:
             _check_data(args.data)
+        for experiment in experiments:  # a bad --set fails here, in seconds, before anything trains
+            check_overrides(experiment, args.quick, args.data, args.overrides)
         writable_folder(args.out)
         data_path = None if args.data is None else Path(args.data)
         for experiment in experiments:
@@ -140,7 +158,8 @@ def run_experiments(experiments: Sequence[Experiment], args: argparse.Namespace)
             current = experiment.name
             elapsed = run_experiment(experiment, args.out, quick=args.quick, seed=args.seed,
                                      show_progress=not args.no_progress, data_path=data_path,
-                                     data_parallel=DATA_PARALLEL_MODES[args.data_parallel])
+                                     data_parallel=DATA_PARALLEL_MODES[args.data_parallel],
+                                     overrides=args.overrides)
             finished.append(experiment.name)
             current = None
             print(f"[jaxopt-lab] {experiment.name}: done in {elapsed:.1f} s -> {args.out / experiment.name}/",

@@ -18,12 +18,16 @@ SUPPORTED, NOT_SUPPORTED, UNCLEAR = "supported", "not supported", "unclear"
 def difference(a: Mapping[str, Any], b: Mapping[str, Any]) -> tuple[float, float]:
     """``mean(a) - mean(b)`` and its standard error, from per-seed summaries ``{"mean", "std", "values"}``.
 
+    With a single seed on either side the standard error is infinite, so every verdict is unclear.
+
     >>> diff, se = difference({"mean": 0.9, "std": 0.02, "values": [0.88, 0.92]},
     ...                       {"mean": 0.8, "std": 0.02, "values": [0.78, 0.82]})
     >>> round(diff, 6), round(se, 6)
     (0.1, 0.02)
     """
     n_a, n_b = len(a["values"]), len(b["values"])
+    if min(n_a, n_b) < 2:  # one seed has no spread: no difference can exceed the noise
+        return a["mean"] - b["mean"], math.inf
     return a["mean"] - b["mean"], math.sqrt(a["std"] ** 2 / n_a + b["std"] ** 2 / n_b)
 
 
