@@ -1,4 +1,5 @@
-"""The ``jaxopt-lab`` command: ``list``, ``run NAME... | all``, ``config NAME``, ``report``, ``bench``.
+"""The ``jaxopt-lab`` command: ``list``, ``run NAME... | all``, ``config NAME``, ``plot NAME``, ``report``,
+``bench``.
 
 A thin layer over the runner (:mod:`jaxopt_lab.lab.runner`), the report (:mod:`jaxopt_lab.lab.report`) and
 the benchmark suite (:mod:`jaxopt_lab.lab.bench`); how errors, warnings and Ctrl-C look is
@@ -33,7 +34,7 @@ def _build_parser() -> Parser:
     parser = Parser(prog="jaxopt-lab", description=__doc__.splitlines()[0])
     add_debug(parser, False)
     commands = parser.add_subparsers(dest="command", required=True, parser_class=Parser,
-                                     metavar="{list,run,config,report,bench}")
+                                     metavar="{list,run,config,plot,report,bench}")
     commands.add_parser("list", help="list every experiment with a one-line description")
     run = commands.add_parser("run", help="run experiments (names or 'all') and write the report")
     run.add_argument("names", nargs="+", metavar="NAME", help="experiment names, or 'all'")
@@ -43,6 +44,9 @@ def _build_parser() -> Parser:
     config.add_argument("--quick", action="store_true", help="the quick config")
     config.add_argument("--data", default=None, metavar="NAME|PATH.npz", help="the dataset the config is for")
     add_set_argument(config)
+    plot = commands.add_parser("plot", help="redraw an experiment's figures from its histories (no training)")
+    plot.add_argument("name", metavar="NAME", help="an experiment name")
+    plot.add_argument("--out", type=Path, default=Path("results"), help="results folder (default: results)")
     report = commands.add_parser("report", help="gather every summary and figure into OUT/REPORT.md")
     report.add_argument("--out", type=Path, default=Path("results"), help="results folder (default: results)")
     bench_parser = commands.add_parser("bench", help="time our paths against their anchors into OUT/bench/")
@@ -53,7 +57,7 @@ def _build_parser() -> Parser:
     bench_parser.add_argument("--group", action="append", choices=bench.GROUP_NAMES, metavar="GROUP",
                               help=f"measure only this group (repeatable): {', '.join(bench.GROUP_NAMES)}; "
                                    "default all")
-    for sub in (commands.choices[name] for name in ("list", "run", "config", "report", "bench")):
+    for sub in (commands.choices[name] for name in ("list", "run", "config", "plot", "report", "bench")):
         add_debug(sub, argparse.SUPPRESS)
     return parser
 
@@ -95,6 +99,18 @@ def _cmd_config(parser: argparse.ArgumentParser, args: argparse.Namespace) -> in
     return 0
 
 
+def _cmd_plot(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
+    from jaxopt_lab.lab.registry import available_experiments
+    from jaxopt_lab.lab.runner import replot
+
+    experiments = available_experiments()
+    if args.name not in experiments:
+        parser.error(f"unknown experiment {args.name!r}; choose from: {', '.join(experiments)}")
+    for figure in replot(experiments[args.name], args.out):
+        print(args.out / args.name / figure)
+    return 0
+
+
 def _cmd_report(args: argparse.Namespace) -> int:
     from jaxopt_lab.lab.report import write_report
 
@@ -123,6 +139,8 @@ def _dispatch(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         return _cmd_run(parser, args)
     if args.command == "config":
         return _cmd_config(parser, args)
+    if args.command == "plot":
+        return _cmd_plot(parser, args)
     if args.command == "report":
         return _cmd_report(args)
     return _cmd_bench(args)

@@ -20,23 +20,27 @@ from __future__ import annotations
 
 import dataclasses
 import importlib.metadata
+import json
 import os
 import platform
 import subprocess
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol, TypeVar
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import optax
 from tqdm.auto import tqdm
 
 from jaxopt_lab.lab import data, results, training
+from jaxopt_lab.lab.checkpoints import Checkpoints
 from jaxopt_lab.lab.overrides import OverrideError, apply_overrides
 
 __all__ = [
     "CANONICAL_ORDER",
+    "HISTORIES_FILE",
     "QUICK_VERDICT_MARK",
     "Experiment",
     "RunContext",
@@ -125,8 +129,11 @@ class Experiment:
     check_configs: Callable[[], None]
     # The experiment's frozen-dataclass Config (with ``for_mode``) and the check of one config,
     # ``check_config(config, label, data)``: what ``--set`` overrides and validates. None: nothing to set.
-    config: type | None = None
+    config: Any = None
     check_config: Callable[[Any, str, str | None], None] | None = None
+    # Draws every figure from the run's histories.npz and its metrics.json (``{"config", "metrics"}``, as
+    # JSON gives them back), so `jaxopt-lab plot NAME` redraws them without training. None: run draws them.
+    plot: Callable[[RunContext, Mapping[str, np.ndarray], Mapping[str, Any]], None] | None = None
 
     def __post_init__(self) -> None:
         for field in ("run", "check_configs"):
@@ -151,6 +158,8 @@ class Experiment:
             self.check_config(config, f"{self.name} with --set {' '.join(overrides)}", data)
         return config
 
+
+HISTORIES_FILE = "histories.npz"
 
 ConfigT = TypeVar("ConfigT")
 ConfigT_co = TypeVar("ConfigT_co", covariant=True)
@@ -195,13 +204,15 @@ class RunContext:
     # False never (see `training.train_seeds`); read by the real-data experiments only.
     data_parallel: bool | None = None
     overrides: tuple[str, ...] = ()  # `--set KEY=VALUE`, applied by `resolve_config`
+    checkpoints: Checkpoints | None = None  # one per finished configuration (`--resume`), set by the runner
     config: Any = None
     metrics: Any = None
     summary: str | None = None
     endpoint: str | None = None
     figures: list[str] = dataclasses.field(default_factory=list)
+    histories: list[str] = dataclasses.field(default_factory=list)
 
-    def resolve_config(self, config_type: type, data: str | None = None) -> Any:
+    def resolve_config(self, config_type: Any, data: str | None = None) -> Any:
         """The run's config: ``config_type.for_mode(quick, data)`` with the ``--set`` overrides applied."""
         return apply_overrides(config_type.for_mode(self.quick, data), self.overrides)
 
@@ -211,6 +222,31 @@ class RunContext:
         label = f"{self.name}: {desc}" if desc else self.name
         return tqdm(iterable, total=total, desc=label, disable=not self.show_progress,
                     leave=False, dynamic_ncols=True)
+
+    def cached(self, label: str, key: Mapping[str, Any], compute: Callable[[], Any]) -> Any:
+        """One configuration's result, checkpointed the moment it is computed (reused by ``--resume``).
+
+        ``key`` holds what determines the result besides the run's mode, seed, data, overrides and code
+        (those are added); the result is a tree of dicts, lists, arrays, numbers and strings
+        (:class:`~jaxopt_lab.lab.checkpoints.Checkpoints`).
+        """
+        return compute() if self.checkpoints is None else self.checkpoints.cached(label, key, compute)
+
+    def save_histories(self, arrays: Mapping[str, Any]) -> str:
+        """Writes the run's per-step and per-evaluation histories as ``OUT/NAME/histories.npz`` (names like
+        ``cnn/batch/b32/step_loss``; leading axis the seed where there are seeds) and returns its name."""
+        results.atomic_write_npz(self.out_dir / HISTORIES_FILE, arrays)
+        self.histories = sorted(arrays)
+        return HISTORIES_FILE
+
+    def plot(self, experiment: Experiment) -> None:
+        """Draws ``experiment``'s figures from what this run just wrote (the path ``jaxopt-lab plot`` takes)."""
+        if experiment.plot is None:
+            raise ValueError(f"plot: experiment {experiment.name!r} draws its figures in run()")
+        with np.load(self.out_dir / HISTORIES_FILE) as stored:
+            histories = {name: stored[name] for name in stored.files}
+        recorded = json.loads(json.dumps(results.to_jsonable({"config": self.config, "metrics": self.metrics})))
+        experiment.plot(self, histories, recorded)
 
     def save_figure(self, fig: Any, filename: str) -> str:
         """Saves ``fig`` as ``OUT/NAME/filename`` (PNG) and returns the file name for summaries."""

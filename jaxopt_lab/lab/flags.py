@@ -29,6 +29,9 @@ def add_run_arguments(parser: argparse.ArgumentParser) -> None:
                              "device is visible and the batch divides), on (always; a batch that does not "
                              "divide is an error), off (default: auto)")
     parser.add_argument("--no-progress", action="store_true", help="hide progress bars")
+    parser.add_argument("--resume", action="store_true",
+                        help="reuse the configurations an interrupted run of the same settings and code "
+                             "finished (OUT/.resume/NAME); without it a run starts fresh")
     add_set_argument(parser)
 
 

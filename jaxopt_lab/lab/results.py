@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import io
 import json
 import math
 import os
@@ -102,6 +103,21 @@ def to_jsonable(obj: Any) -> Any:
     if isinstance(obj, Path):
         return str(obj)
     raise TypeError(f"to_jsonable: cannot store a value of type {type(obj).__name__}: {obj!r}")
+
+
+def atomic_write_npz(path: str | os.PathLike[str], arrays: Mapping[str, Any]) -> Path:
+    """Writes named arrays as one compressed ``.npz`` (``numpy.load`` reads it back), atomically.
+
+    >>> import tempfile
+    >>> folder = tempfile.mkdtemp()
+    >>> path = atomic_write_npz(Path(folder) / "h.npz", {"cnn/batch/step_loss": np.zeros((2, 3))})
+    >>> np.load(path)["cnn/batch/step_loss"].shape
+    (2, 3)
+    """
+    buffer = io.BytesIO()
+    named: dict[str, Any] = {name: np.asarray(value) for name, value in arrays.items()}
+    np.savez_compressed(buffer, **named)
+    return atomic_write_bytes(path, buffer.getvalue())
 
 
 def atomic_write_json(path: str | os.PathLike[str], obj: Any) -> Path:

@@ -8,6 +8,7 @@ is the command line of one experiment script, with the flags and the error handl
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import tempfile
 import time
@@ -16,13 +17,14 @@ from pathlib import Path
 from typing import Any
 
 from jaxopt_lab.lab import results
+from jaxopt_lab.lab.checkpoints import RESUME_DIR, Checkpoints
 from jaxopt_lab.lab.data import BUILTIN_DATASETS, load_dataset
-from jaxopt_lab.lab.experiment import Experiment, RunContext, environment, with_mode_line
+from jaxopt_lab.lab.experiment import HISTORIES_FILE, Experiment, RunContext, environment, with_mode_line
 from jaxopt_lab.lab.flags import DATA_PARALLEL_MODES, add_run_arguments
 from jaxopt_lab.lab.program import Interrupted, Parser, UsageError, add_debug, run_program
 from jaxopt_lab.lab.report import write_report
 
-__all__ = ["check_overrides", "main_for", "run_experiment", "run_experiments", "writable_folder"]
+__all__ = ["check_overrides", "main_for", "replot", "run_experiment", "run_experiments", "writable_folder"]
 
 
 def _data_parallel_mode(data_parallel: bool | None) -> str:
@@ -47,16 +49,22 @@ def _footer(ctx: RunContext, elapsed: float, env: dict[str, Any]) -> str:
 
 def run_experiment(experiment: Experiment, out: str | Path, *, quick: bool, seed: int,
                    show_progress: bool = True, data_path: Path | None = None,
-                   data_parallel: bool | None = None, overrides: Sequence[str] = ()) -> float:
+                   data_parallel: bool | None = None, overrides: Sequence[str] = (),
+                   resume: bool = False) -> float:
     """Runs one experiment into ``out/NAME`` atomically and returns its wall-clock seconds.
 
     ``overrides`` (``KEY=VALUE``, ``--set``) change the experiment's config; they are recorded in
-    ``metrics.json`` and in the summary's reproduce line.
+    ``metrics.json`` and in the summary's reproduce line. Every configuration the experiment checkpoints
+    (``ctx.cached``) is saved under ``out/.resume/NAME`` as it finishes; ``resume`` reuses those whose
+    key matches (one line says how many), and the folder is removed once the experiment has finished.
     """
     env = environment()
+    checkpoints = Checkpoints(Path(out) / RESUME_DIR / experiment.name, resume=resume, run_key={
+        "experiment": experiment.name, "quick": quick, "seed": seed, "data_path": data_path,
+        "data_parallel": data_parallel, "overrides": list(overrides)})
     with results.staging_dir(Path(out) / experiment.name) as staged:
         ctx = RunContext(experiment.name, quick, seed, staged, show_progress, data_path, data_parallel,
-                         tuple(overrides))
+                         tuple(overrides), checkpoints)
         start = time.perf_counter()
         experiment.run(ctx)
         elapsed = time.perf_counter() - start
@@ -74,6 +82,8 @@ def run_experiment(experiment: Experiment, out: str | Path, *, quick: bool, seed
             "data_path": data_path,
             "data_parallel": _data_parallel_mode(data_parallel),
             "overrides": list(overrides),
+            "resumed": {"reused": checkpoints.reused, "configurations": checkpoints.total} if resume else None,
+            "histories": ctx.histories,
             "elapsed_s": elapsed,
             "environment": env,
             "figures": ctx.figures,
@@ -83,7 +93,29 @@ def run_experiment(experiment: Experiment, out: str | Path, *, quick: bool, seed
         summary = with_mode_line((ctx.summary or "").rstrip(), quick=quick, endpoint=ctx.endpoint)
         summary += _footer(ctx, elapsed, env)
         results.atomic_write_text(staged / "summary.md", summary)
+    checkpoints.remove()
+    if resume:
+        print(f"[jaxopt-lab] {experiment.name}: --resume reused {checkpoints.reused} of {checkpoints.total} "
+              "finished configurations", flush=True)
     return elapsed
+
+
+def replot(experiment: Experiment, out: str | Path) -> list[str]:
+    """Redraws ``experiment``'s figures in ``out/NAME`` from its ``histories.npz`` and ``metrics.json``
+    (no training) and returns their file names."""
+    folder = Path(out) / experiment.name
+    if experiment.plot is None:
+        raise UsageError(f"plot: {experiment.name} draws its figures while it runs; re-run it instead")
+    try:
+        meta = json.loads((folder / "metrics.json").read_text())
+        if not (folder / HISTORIES_FILE).is_file():
+            raise FileNotFoundError(folder / HISTORIES_FILE)
+    except (OSError, ValueError) as err:
+        raise UsageError(f"--out {out}: no finished run of {experiment.name} to redraw ({err})") from err
+    ctx = RunContext(experiment.name, meta["quick"], meta["seed"], folder, show_progress=False)
+    ctx.config, ctx.metrics = meta["config"], meta["metrics"]
+    ctx.plot(experiment)
+    return ctx.figures
 
 
 def writable_folder(out: Path) -> None:
@@ -159,7 +191,7 @@ def run_experiments(experiments: Sequence[Experiment], args: argparse.Namespace)
             elapsed = run_experiment(experiment, args.out, quick=args.quick, seed=args.seed,
                                      show_progress=not args.no_progress, data_path=data_path,
                                      data_parallel=DATA_PARALLEL_MODES[args.data_parallel],
-                                     overrides=args.overrides)
+                                     overrides=args.overrides, resume=args.resume)
             finished.append(experiment.name)
             current = None
             print(f"[jaxopt-lab] {experiment.name}: done in {elapsed:.1f} s -> {args.out / experiment.name}/",
