@@ -9,6 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from absl.testing import parameterized
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -307,6 +308,193 @@ def test_l2_decay_is_added_before_gc_as_in_the_official_code():
     not_want, _ = other_order.update(grads, other_order.init(params), params)
     chex.assert_trees_all_close(got, want)
     assert not np.allclose(got["conv"]["kernel"], not_want["conv"]["kernel"])
+
+
+# ------------------------------------------------------------------------------------------------
+# optax.inject_hyperparams: the ready optimizers' hyperparameters live in the state.
+# ------------------------------------------------------------------------------------------------
+
+# Every float hyperparameter each factory has, at non-default values (weight_decay given explicitly, so
+# the plain and the injected optimizer build the same chain).
+INJECT_CASES = {
+    "sgd_gc": (sgd_gc, {"momentum": 0.9, "weight_decay": 1e-2}),
+    "adam_gc": (adam_gc, {"b1": 0.8, "b2": 0.99, "eps": 1e-6, "weight_decay": 1e-2}),
+    "adamw_gc": (adamw_gc, {"b1": 0.8, "b2": 0.99, "eps": 1e-6, "weight_decay": 1e-2}),
+}
+INJECT_PARAMS = [(f"{name}_{extra}", factory, kwargs if extra == "all" else {})
+                 for name, (factory, kwargs) in INJECT_CASES.items() for extra in ("lr_only", "all")]
+# What inject_hyperparams puts in the state from the defaults alone: numeric defaults only (None, bools
+# and the GC options stay static, feature_axis included).
+DEFAULT_HYPERPARAMS = {"sgd_gc": {"learning_rate"}, "adam_gc": {"learning_rate", "b1", "b2", "eps"},
+                       "adamw_gc": {"learning_rate", "b1", "b2", "eps", "weight_decay"}}
+RATES = (0.1, 0.03, 0.2)
+TOL = {"atol": 1e-6, "rtol": 1e-5}
+
+
+def _inject_trajectory(tx, steps, update, set_hyperparams=lambda state, i: state):
+    """Runs ``steps`` updates from the Flax-layout tree ``_tree(0)``; returns every step's updates."""
+    params = _tree(0)
+    state, outs = tx.init(params), []
+    for i in range(steps):
+        state = set_hyperparams(state, i)
+        updates, state = update(_tree(30 + i), state, params)
+        params = optax.apply_updates(params, updates)
+        outs.append(updates)
+    return outs, state
+
+
+def _set_rate(hyperparams, rate):
+    """Assigns a rate as an array of the stored dtype, so the jitted update sees the same abstract value."""
+    hyperparams["learning_rate"] = jnp.asarray(rate, hyperparams["learning_rate"].dtype)
+
+
+def _counted_jit(fn):
+    traces = []
+
+    def traced(*args):
+        traces.append(None)  # runs once per trace, never per call of the compiled function
+        return fn(*args)
+
+    return jax.jit(traced), traces
+
+
+class InjectHyperparamsTest(chex.TestCase):
+    @chex.variants(with_jit=True, without_jit=True)
+    @parameterized.named_parameters(INJECT_PARAMS)
+    def test_injected_optimizer_gives_the_plain_optimizers_updates(self, factory, kwargs):
+        tx = factory(learning_rate=0.1, **kwargs)
+        injected = optax.inject_hyperparams(factory)(learning_rate=0.1, **kwargs)
+        want, want_state = _inject_trajectory(tx, 3, tx.update)
+        got, got_state = _inject_trajectory(injected, 3, self.variant(injected.update))
+        chex.assert_trees_all_close(got, want, **TOL)
+        chex.assert_trees_all_close(got_state.inner_state, want_state, **TOL)
+        assert set(got_state.hyperparams) == DEFAULT_HYPERPARAMS[factory.__name__] | set(kwargs)
+
+    @parameterized.named_parameters(INJECT_PARAMS)
+    def test_changing_the_rate_in_the_state_is_a_new_rate_without_retracing(self, factory, kwargs):
+        # The reference: the plain optimizer with a schedule that takes the same rates at the same steps.
+        schedule = lambda count: jnp.asarray(RATES)[count]
+        ref = factory(schedule, **kwargs)
+        want, _ = _inject_trajectory(ref, len(RATES), ref.update)
+        injected = optax.inject_hyperparams(factory)(learning_rate=RATES[0], **kwargs)
+        update, traces = _counted_jit(injected.update)
+
+        def set_rate(state, i):
+            _set_rate(state.hyperparams, RATES[i])
+            return state
+
+        got, state = _inject_trajectory(injected, len(RATES), update, set_rate)
+        chex.assert_trees_all_close(got, want, **TOL)
+        assert len(traces) == 1
+        np.testing.assert_allclose(state.hyperparams["learning_rate"], RATES[-1])
+        # And it is a change: with the first rate throughout, the later steps differ.
+        fixed_tx = factory(RATES[0], **kwargs)
+        fixed, _ = _inject_trajectory(fixed_tx, len(RATES), fixed_tx.update)
+        assert not np.allclose(got[1]["conv"]["kernel"], fixed[1]["conv"]["kernel"])
+
+    @parameterized.named_parameters((name, *case) for name, case in INJECT_CASES.items())
+    def test_every_float_hyperparameter_is_changeable_in_the_state(self, factory, kwargs):
+        # Built with other values, then given the wanted ones through the state before the first step.
+        other = {name: value * 0.5 for name, value in kwargs.items()}
+        injected = optax.inject_hyperparams(factory)(learning_rate=0.5, **other)
+        update, traces = _counted_jit(injected.update)
+
+        def set_all(state, i):
+            for name, value in {"learning_rate": 0.1, **kwargs}.items():
+                state.hyperparams[name] = jnp.asarray(value, state.hyperparams[name].dtype)
+            return state
+
+        got, _ = _inject_trajectory(injected, 2, update, set_all)
+        tx = factory(0.1, **kwargs)
+        want, _ = _inject_trajectory(tx, 2, tx.update)
+        chex.assert_trees_all_close(got, want, **TOL)
+        assert len(traces) == 1
+
+    @parameterized.named_parameters((name, *case) for name, case in INJECT_CASES.items())
+    def test_inside_multisteps_the_rate_is_read_when_the_accumulated_step_is_applied(self, factory, kwargs):
+        k = 2
+        schedule = lambda count: jnp.asarray(RATES)[count]
+        ref = optax.MultiSteps(factory(schedule, **kwargs), every_k_schedule=k)
+        want, _ = _inject_trajectory(ref, k * 2, ref.update)
+        tx = optax.MultiSteps(optax.inject_hyperparams(factory)(learning_rate=RATES[0], **kwargs),
+                              every_k_schedule=k)
+        update, traces = _counted_jit(tx.update)
+
+        def set_rate(state, i):
+            _set_rate(state.inner_opt_state.hyperparams, RATES[i // k])
+            return state
+
+        got, _ = _inject_trajectory(tx, k * 2, update, set_rate)
+        chex.assert_trees_all_close(got, want, **TOL)
+        assert len(traces) == 1
+
+
+@pytest.mark.parametrize("factory", [gradient_centralization, lambda: with_gradient_centralization(
+    optax.inject_hyperparams(optax.sgd)(learning_rate=0.1), placement="update")], ids=["gc", "with_gc"])
+def test_gc_transforms_have_nothing_to_inject_and_work_injected(factory):
+    grads = _tree(1)
+    tx = factory()
+    injected = optax.inject_hyperparams(factory)()
+    state = injected.init(grads)
+    assert state.hyperparams == {}
+    got, _ = jax.jit(injected.update)(grads, state, grads)
+    want, _ = tx.update(grads, tx.init(grads), grads)
+    chex.assert_trees_all_close(got, want, atol=1e-6)
+
+
+def test_weight_decay_default_none_and_python_zero_leave_the_l2_stage_out_an_injected_zero_keeps_it():
+    grads = _tree(1)
+    for tx in (sgd_gc(0.1), sgd_gc(0.1, weight_decay=0.0), adam_gc(0.1, weight_decay=0)):
+        tx.update(grads, tx.init(grads))  # no params needed: there is no decay stage
+    # Injected, a zero is an array: the stage stays, so the rate can be raised later without a new chain.
+    injected = optax.inject_hyperparams(sgd_gc)(learning_rate=0.1, weight_decay=0.0)
+    state = injected.init(grads)
+    state.hyperparams["weight_decay"] = jnp.asarray(0.5, jnp.float32)
+    got, _ = jax.jit(injected.update)(grads, state, _tree(0))
+    want, _ = sgd_gc(0.1, weight_decay=0.5).update(grads, sgd_gc(0.1, weight_decay=0.5).init(grads), _tree(0))
+    chex.assert_trees_all_close(got, want, atol=1e-6)
+
+
+def test_explicit_feature_axis_under_inject_is_static_args_or_a_clear_error():
+    grads, params = _tree(1), _tree(0)
+    injected = optax.inject_hyperparams(sgd_gc)(learning_rate=0.1, feature_axis=0)
+    state = injected.init(params)  # outside jit the injected axis is a concrete 0-d array: accepted
+    with pytest.raises(TypeError, match=r"feature_axis must be a concrete int, got a traced.*static_args"):
+        jax.jit(injected.update)(grads, state, params)
+    injected = optax.inject_hyperparams(sgd_gc, static_args="feature_axis")(learning_rate=0.1, feature_axis=0)
+    got, _ = jax.jit(injected.update)(grads, injected.init(params), params)
+    tx = sgd_gc(0.1, feature_axis=0)
+    chex.assert_trees_all_close(got, tx.update(grads, tx.init(params))[0], atol=1e-6)
+
+
+@pytest.mark.parametrize("axis", [0, -1, np.int64(0), np.asarray(-1), jnp.asarray(0, jnp.int32), None])
+def test_feature_axis_accepts_ints_and_concrete_integer_scalars(axis):
+    grads = _tree(1)
+    out, _ = gradient_centralization(feature_axis=axis).update(grads, optax.EmptyState())
+    expect = -1 if axis is None else int(axis)
+    chex.assert_trees_all_close(out["conv"]["kernel"], centralize_gradient(grads["conv"]["kernel"],
+                                                                           feature_axis=expect))
+
+
+@pytest.mark.parametrize("bad", [1.5, "a", True, jnp.asarray(1.0), np.asarray([0]), jnp.asarray(True)])
+def test_feature_axis_that_is_no_integer_is_a_clear_type_error(bad):
+    with pytest.raises(TypeError, match="feature_axis must be an int, got"):
+        gradient_centralization(feature_axis=bad)
+    with pytest.raises(TypeError, match="feature_axis must be an int, got"):
+        sgd_gc(0.1, feature_axis=bad)
+
+
+def test_masks_under_inject_callable_in_static_args_traced_is_a_clear_error():
+    grads = _tree(1)
+    conv_only = lambda tree: jax.tree_util.tree_map_with_path(
+        lambda path, _: "conv" in jax.tree_util.keystr(path), tree)
+    injected = optax.inject_hyperparams(sgd_gc, static_args=("mask",))(learning_rate=0.1, mask=conv_only)
+    got, _ = jax.jit(injected.update)(grads, injected.init(grads))
+    assert _is_centralized(got["conv"]["kernel"]) and not _is_centralized(got["dense"]["kernel"])
+    # A bool array is numeric for inject_hyperparams, hence traced in a jitted update.
+    injected = optax.inject_hyperparams(gradient_centralization)(mask=jnp.asarray(True))
+    with pytest.raises(TypeError, match="mask must hold static bools, got a traced array"):
+        jax.jit(injected.update)(grads, injected.init(grads))
 
 
 # ------------------------------------------------------------------------------------------------
