@@ -16,6 +16,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -203,7 +204,7 @@ def _batch_statistics_accuracy(state: training.TrainState, images: jax.Array, la
     return jax.vmap(one_seed)(state.params, state.batch_stats)
 
 
-def bn_statisticsdifference(state: training.TrainState, ds: data.Dataset, batch_size: int) -> dict:
+def bn_statistics_gap(state: training.TrainState, ds: data.Dataset, batch_size: int) -> dict:
     """Batch norm at test time with its running statistics vs with the statistics of test batches of its
     training batch size, on the same (shuffled, fixed) test examples: ``{"running", "batch", "gap"}``."""
     order = np.random.default_rng(0).permutation(len(ds.y_test))  # the test set is not class-mixed
@@ -281,29 +282,61 @@ def _dataset(ctx: RunContext) -> data.Dataset:
     return data.load_dataset(None if ctx.data_path is None else str(ctx.data_path))
 
 
+def _test_sets(ds: data.Dataset, seed: int) -> dict[str, np.ndarray]:
+    """The clean test inputs and their per-example contrast / brightness / both changes (fixed by ``seed``)."""
+    key = jax.random.key(seed)
+    return {"clean": ds.x_test, **{k: changed_inputs(ds, k, jax.random.fold_in(key, i))
+                                   for i, k in enumerate(("contrast", "brightness", "both"))}}
+
+
+def _train_job(cfg: Config, ds: data.Dataset, seeds: list[int], job: tuple[str, Any, int],
+               test_sets: dict[str, np.ndarray], data_parallel: bool | None) -> dict:
+    """One configuration, trained and evaluated: its record, its histories and what later stages need
+    from its trained state (robustness at the reference batch, BN's running vs batch statistics)."""
+    kind, what, batch_size = job
+    train_size = len(ds.y_train) - math.ceil(cfg.validation_fraction * len(ds.y_train))
+    search = training.tune_learning_rate(
+        _model(cfg, kind, what, ds.num_classes), optax.adam, ds, seeds, learning_rates=cfg.learning_rates,
+        batch_size=batch_size, steps=steps_for(cfg, batch_size, train_size),
+        validation_fraction=cfg.validation_fraction, data_parallel=data_parallel)
+    history, state = search.result.history, search.result.state
+    unit: dict[str, Any] = {"record": _record(search), "histories": {
+        "step_loss": np.asarray(history.step_loss), "eval_steps": np.asarray(history.steps)[0],
+        "train_loss": np.asarray(history.train_loss), "test_accuracy": np.asarray(history.test_accuracy)}}
+    if kind == "cnn" and batch_size == cfg.reference_batch:
+        unit["robustness"] = {k: training.mean_std(training.evaluate_seeds(state, x, ds.y_test)[1])
+                              for k, x in test_sets.items()}
+    if kind == "cnn" and what == "batch":
+        unit["bn_gap"] = bn_statistics_gap(state, ds, batch_size)
+    return unit
+
+
 def run(ctx: RunContext) -> None:
     ds = _dataset(ctx)
     cfg = ctx.resolve_config(Config, ds.name)
     seeds = [ctx.seed + i for i in range(cfg.seeds)]
     cnn_runs: dict[str, dict] = {n: {} for n in CNN_NORMS}
     rnn: dict[str, dict] = {n: {} for n in RNN_NORMS}
-    groups, reference_states, bn_states, curves = {}, {}, {}, {}
+    groups: dict[int, dict] = {}
+    robust: dict[str, dict] = {}
+    bn_gap: dict[int, dict] = {}
+    histories: dict[str, np.ndarray] = {}
     mlp: dict = {}
-    train_size = len(ds.y_train) - math.ceil(cfg.validation_fraction * len(ds.y_train))
-    tune = functools.partial(training.tune_learning_rate, make_tx=optax.adam, dataset=ds, seeds=seeds,
-                             learning_rates=cfg.learning_rates, validation_fraction=cfg.validation_fraction,
-                             data_parallel=ctx.data_parallel)
-    for kind, what, batch_size in ctx.progress(_jobs(cfg), desc="training"):
-        search = tune(_model(cfg, kind, what, ds.num_classes), batch_size=batch_size,
-                      steps=steps_for(cfg, batch_size, train_size))
-        record = _record(search)
+    test_sets = _test_sets(ds, ctx.seed)
+    for job in ctx.progress(_jobs(cfg), desc="training"):
+        kind, what, batch_size = job
+        unit = ctx.cached(f"{kind} {what} batch {batch_size}",
+                          {"config": cfg, "data": ds.describe(), "job": list(job)},
+                          lambda job=job: _train_job(cfg, ds, seeds, job, test_sets, ctx.data_parallel))
+        record = unit["record"]
+        histories.update({f"{kind}/{what}/b{batch_size}/{name}": value
+                          for name, value in unit["histories"].items()})
         if kind == "cnn":
             cnn_runs[what][batch_size] = record
-            curves[what, batch_size] = np.asarray(search.result.history.step_loss)
-            if batch_size == cfg.reference_batch:
-                reference_states[what] = search.result.state
-            if what == "batch":
-                bn_states[batch_size] = search.result.state
+            if "robustness" in unit:
+                robust[what] = unit["robustness"]
+            if "bn_gap" in unit:
+                bn_gap[batch_size] = unit["bn_gap"]
         elif kind == "mlp":
             mlp = record
         elif kind == "rnn":
@@ -312,13 +345,7 @@ def run(ctx: RunContext) -> None:
             groups[what] = record
     groups[cfg.num_groups] = cnn_runs["group"][cfg.reference_batch]
     groups = dict(sorted(groups.items()))
-    bn_gap = {b: bn_statisticsdifference(state, ds, b) for b, state in sorted(bn_states.items())}
-
-    key = jax.random.key(ctx.seed)
-    test_sets = {"clean": ds.x_test, **{k: changed_inputs(ds, k, jax.random.fold_in(key, i))
-                                        for i, k in enumerate(("contrast", "brightness", "both"))}}
-    robust = {n: {k: training.mean_std(training.evaluate_seeds(state, x, ds.y_test)[1])
-                  for k, x in test_sets.items()} for n, state in reference_states.items()}
+    bn_gap = dict(sorted(bn_gap.items()))
     claims = _claims(cfg, cnn_runs, rnn, robust, groups, ds.num_classes)
     for c in claims:
         c["shown_verdict"] = ctx.verdict(c["verdict"])
@@ -330,11 +357,7 @@ def run(ctx: RunContext) -> None:
         f"chosen per (norm, batch size) from {list(cfg.learning_rates)} on a {cfg.validation_fraction:.0%} "
         f"validation split; the best norm's training loss flattened at {sum(flat_best.values())} of "
         f"{len(flat_best)} batch sizes")
-
-    figures = [_figure_batch_size(ctx, cfg, ds, cnn_runs, mlp, bn_gap),
-               _figure_rnn_robust_groups(ctx, cfg, rnn, robust, groups),
-               _figure_curves(ctx, cfg, curves)]
-    config = {**dataclasses.asdict(cfg), "seeds_used": seeds, "data": ds.describe(),
+    config = {**dataclasses.asdict(cfg), "seeds_used": seeds, "data": ds.describe(), "data_name": ds.name,
               "cnn": repr(cnn(cfg, "none", ds.num_classes)),
               "mlp": repr(models.MLP(num_classes=ds.num_classes)),
               "optimizer": "adam, learning rate chosen per (norm, batch size) by training.tune_learning_rate"}
@@ -342,10 +365,33 @@ def run(ctx: RunContext) -> None:
                              "group_counts": groups, "bn_running_vs_batch_statistics": bn_gap,
                              "best_norm_flattened": flat_best, "claims": claims,
                              "paper_error_percent": PAPER_ERROR})
-    ctx.set_summary(_summary(ctx, cfg, ds, cnn_runs, mlp, rnn, robust, groups, bn_gap, claims, figures))
+    ctx.save_histories(histories)
+    ctx.plot(EXPERIMENT)
+    ctx.set_summary(_summary(ctx, cfg, ds, cnn_runs, mlp, rnn, robust, groups, bn_gap, claims, FIGURES))
 
 
-def _figure_batch_size(ctx: RunContext, cfg: Config, ds: data.Dataset, cnn_runs: dict, mlp: dict,
+FIGURES = ("error_vs_batch_size.png", "rnn_robustness_groups.png", "training_loss.png")
+
+
+def _int_keys(by_batch: dict) -> dict:
+    """``{"32": x}`` (as JSON gives it back) -> ``{32: x}``, sorted."""
+    return dict(sorted((int(k), v) for k, v in by_batch.items()))
+
+
+def plot(ctx: RunContext, histories: Mapping[str, np.ndarray], recorded: Mapping[str, Any]) -> None:
+    """Every figure of the experiment, from ``histories.npz`` and ``metrics.json`` alone."""
+    config, metrics = recorded["config"], recorded["metrics"]
+    cnn_runs = {n: _int_keys(r) for n, r in metrics["cnn"].items()}
+    rnn = {n: _int_keys(r) for n, r in metrics["rnn"].items()}
+    groups = _int_keys(metrics["group_counts"])
+    bn_gap = _int_keys(metrics["bn_running_vs_batch_statistics"])
+    curves = {(n, b): histories[f"cnn/{n}/b{b}/step_loss"] for n in CNN_NORMS for b in config["batch_sizes"]}
+    _figure_batch_size(ctx, config, cnn_runs, metrics["mlp"], bn_gap)
+    _figure_rnn_robust_groups(ctx, config, rnn, metrics["robustness"], groups)
+    _figure_curves(ctx, config, curves)
+
+
+def _figure_batch_size(ctx: RunContext, config: Mapping[str, Any], cnn_runs: dict, mlp: dict,
                        bn_gap: dict) -> str:
     fig, axes = new_figure(1, 3, width=5.4, height=4.2)
     ours, paper, stats = axes[0]
@@ -355,7 +401,7 @@ def _figure_batch_size(ctx: RunContext, cfg: Config, ds: data.Dataset, cnn_runs:
         ours.errorbar(sizes, err, yerr=[100 * cnn_runs[norm][b]["std"] for b in sizes], marker="o", capsize=3,
                       label=norm)
     ours.axhline(100 * (1 - mlp["mean"]), color="grey", linestyle=":",
-                 label=f"MLP (batch {cfg.reference_batch})")
+                 label=f"MLP (batch {config['reference_batch']})")
     for norm, points in PAPER_ERROR.items():
         sizes = sorted(points)
         paper.plot(sizes, [points[b] for b in sizes], marker="o", label=norm, linestyle="-" if len(sizes) > 1
@@ -365,7 +411,7 @@ def _figure_batch_size(ctx: RunContext, cfg: Config, ds: data.Dataset, cnn_runs:
         stats.errorbar(sizes, [100 * (1 - bn_gap[b][which]["mean"]) for b in sizes],
                        yerr=[100 * bn_gap[b][which]["std"] for b in sizes], marker="o", capsize=3,
                        linestyle=style, label=f"BN, {which} statistics at test")
-    for ax, title in ((ours, f"ours: CNN on {ds.name}, {cfg.seeds} seeds"),
+    for ax, title in ((ours, f"ours: CNN on {config['data_name']}, {config['seeds']} seeds"),
                       (paper, "Wu & He 2018, Fig. 1: ResNet-50 on ImageNet"),
                       (stats, "BN test error: running vs batch statistics")):
         ax.set_xscale("log", base=2)
@@ -376,7 +422,8 @@ def _figure_batch_size(ctx: RunContext, cfg: Config, ds: data.Dataset, cnn_runs:
     return ctx.save_figure(fig, "error_vs_batch_size.png")
 
 
-def _figure_rnn_robust_groups(ctx: RunContext, cfg: Config, rnn: dict, robust: dict, groups: dict) -> str:
+def _figure_rnn_robust_groups(ctx: RunContext, config: Mapping[str, Any], rnn: dict, robust: dict,
+                              groups: dict) -> str:
     fig, axes = new_figure(1, 3, width=4.6, height=3.8)
     ax = axes[0, 0]
     rbs = sorted(rnn["batch"])
@@ -395,7 +442,7 @@ def _figure_rnn_robust_groups(ctx: RunContext, cfg: Config, rnn: dict, robust: d
         ax.bar(x, [100 * robust[norm][k]["mean"] for k in kinds], 0.16,
                yerr=[100 * robust[norm][k]["std"] for k in kinds], capsize=2, label=norm)
     ax.set_xticks(np.arange(len(kinds)), kinds)
-    ax.set_title(f"CNN (batch {cfg.reference_batch}), per-example test changes", fontsize="medium")
+    ax.set_title(f"CNN (batch {config['reference_batch']}), per-example test changes", fontsize="medium")
     ax.legend(ncols=2)
     ax = axes[0, 2]
     g = list(groups)
@@ -403,14 +450,14 @@ def _figure_rnn_robust_groups(ctx: RunContext, cfg: Config, rnn: dict, robust: d
                 capsize=3)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("groups G (1 = LN-like, channels = IN-like)")
-    ax.set_title(f"group norm, batch {cfg.reference_batch}", fontsize="medium")
+    ax.set_title(f"group norm, batch {config['reference_batch']}", fontsize="medium")
     return ctx.save_figure(fig, "rnn_robustness_groups.png")
 
 
-def _figure_curves(ctx: RunContext, cfg: Config, curves: dict) -> str:
+def _figure_curves(ctx: RunContext, config: Mapping[str, Any], curves: dict) -> str:
     """Training loss against steps per batch size (the endpoint: has it flattened?)."""
-    fig, axes = new_figure(1, len(cfg.batch_sizes), width=3.6, height=3.2)
-    for ax, b in zip(axes[0], cfg.batch_sizes, strict=True):
+    fig, axes = new_figure(1, len(config["batch_sizes"]), width=3.6, height=3.2)
+    for ax, b in zip(axes[0], config["batch_sizes"], strict=True):
         for norm in CNN_NORMS:
             loss = np.nanmean(curves[norm, b], axis=0)
             window = max(1, min(50, loss.size // 10))
@@ -564,8 +611,7 @@ def _bn_reading(cfg: Config, cnn_runs: dict, bn_gap: dict, claims: list[dict], n
 EXPERIMENT = Experiment(NAME, "no/batch/layer/instance/group norm vs batch size at a fixed step budget "
                         "and tuned rates (GN paper Fig. 1), MLP baseline, row-RNN, contrast robustness, GN "
                         "groups, BN running vs batch statistics, verdicts on the course notes' claims", run,
-                        check_configs,
-                        config=Config, check_config=check_config)
+                        check_configs, config=Config, check_config=check_config, plot=plot)
 
 if __name__ == "__main__":
     raise SystemExit(main_for(EXPERIMENT))

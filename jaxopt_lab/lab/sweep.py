@@ -82,7 +82,6 @@ class OptimizerSpec(NamedTuple):
     factory: Callable[..., optax.GradientTransformation]
     hyperparams: Mapping[str, float]
     note: str
-    static_args: tuple[str, ...] = ()  # numeric arguments inject_hyperparams must not turn into arrays
 
 
 OPTIMIZERS: dict[str, OptimizerSpec] = {
@@ -94,15 +93,13 @@ OPTIMIZERS: dict[str, OptimizerSpec] = {
 }
 
 
-# The GC variants. feature_axis and weight_decay steer Python control flow in the GC factories: static.
-_GC_STATIC = ("feature_axis", "weight_decay")
+# The GC variants: like optax's own optimizers, they take their rate through inject_hyperparams.
 OPTIMIZERS.update({
-    "sgd_gc": OptimizerSpec(centralization.sgd_gc, {}, "SGD with gradient centralization", _GC_STATIC),
+    "sgd_gc": OptimizerSpec(centralization.sgd_gc, {}, "SGD with gradient centralization"),
     "momentum_gc": OptimizerSpec(centralization.sgd_gc, {"momentum": MOMENTUM},
-                                 f"SGD(momentum={MOMENTUM}) with gradient centralization", _GC_STATIC),
-    "adam_gc": OptimizerSpec(centralization.adam_gc, {}, "Adam with gradient centralization", _GC_STATIC),
-    "adamw_gc": OptimizerSpec(centralization.adamw_gc, {}, "AdamW with gradient centralization",
-                              ("feature_axis",)),
+                                 f"SGD(momentum={MOMENTUM}) with gradient centralization"),
+    "adam_gc": OptimizerSpec(centralization.adam_gc, {}, "Adam with gradient centralization"),
+    "adamw_gc": OptimizerSpec(centralization.adamw_gc, {}, "AdamW with gradient centralization"),
 })
 
 
@@ -129,7 +126,7 @@ def make_optimizer(name: str, learning_rate: optax.ScalarOrSchedule) -> optax.Gr
         raise ValueError(f"make_optimizer: unknown optimizer {name!r}; "
                          f"expected one of {available_optimizers()}")
     spec = OPTIMIZERS[name]
-    factory = optax.inject_hyperparams(spec.factory, static_args=spec.static_args)
+    factory = optax.inject_hyperparams(spec.factory)
     return factory(learning_rate=learning_rate, **spec.hyperparams)
 
 
