@@ -15,7 +15,8 @@ The experiment always runs MNIST-1D and the digits (``--data`` is not read).
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
+import functools
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 import flax.linen as nn
@@ -124,40 +125,60 @@ def check_configs() -> None:
 def run(ctx: RunContext) -> None:
     cfg = ctx.resolve_config(Config)
     seeds = [ctx.seed + i for i in range(cfg.seeds)]
-    rows, curves, descriptions = [], {}, {}
+    rows, histories, descriptions = [], {}, {}
     jobs = [(part, name) for part in cfg.parts for name in part.models]
     datasets = {part.dataset: data.load_dataset(part.dataset) for part in cfg.parts}
     for part, name in ctx.progress(jobs, desc="training"):
         ds = datasets[part.dataset]
         descriptions[part.dataset] = ds.describe()
-        search = training.tune_learning_rate(MODELS[name](ds.num_classes), make_tx, ds, seeds,
-                                             learning_rates=cfg.learning_rates, batch_size=part.batch_size,
-                                             steps=part.steps, validation_fraction=cfg.validation_fraction,
-                                             data_parallel=ctx.data_parallel)
-        history = search.result.history
-        flat = training.loss_flattened(history.step_loss)
-        rows.append({
-            "dataset": part.dataset, "model": name, "steps": part.steps, "batch_size": part.batch_size,
-            "learning_rate": search.learning_rate, "rate_table": search.table,
-            "validation_size": search.validation_size,
-            "test_accuracy": training.mean_std(search.result.final_test_accuracy),
-            "final_train_loss": training.mean_std(history.train_loss[:, -1]),
-            "loss_flattened": flat.flattened, "loss_relative_change": flat.relative_change,
-            "loss_absolute_change": flat.absolute_change, "flattened_window_steps": flat.window_steps,
-            "flattened_evidence": flat.describe(),
-            "diverged": training.diverged_at(history.step_loss),
-            "paper_accuracy": PAPER_ACCURACY.get(name) if part.dataset == "mnist1d" else None,
-            "parameters": int(sum(np.prod(p.shape[1:]) for p in jax.tree.leaves(search.result.state.params))),
-        })
-        curves[part.dataset, name] = (np.asarray(history.step_loss), np.asarray(history.steps[0]),
-                                      np.asarray(history.test_accuracy))
+        unit = ctx.cached(f"{part.dataset} {name}", {"config": cfg, "part": part, "model": name},
+                          functools.partial(_train_job, cfg, ds, seeds, part, name, ctx.data_parallel))
+        rows.append(unit["row"])
+        histories.update({f"{part.dataset}/{name}/{key}": value for key, value in unit["histories"].items()})
 
-    figures = [_paper_figure(ctx, rows), _curves_figure(ctx, cfg, curves)]
     ctx.set_metrics({**dataclasses.asdict(cfg), "seeds_used": seeds, "optimizer": "optax.adam (defaults)",
                      "data": descriptions, "paper_accuracy": PAPER_ACCURACY, "paper_protocol": PAPER_PROTOCOL,
                      "tolerance_points": TOLERANCE_POINTS},
                     {"runs": rows, "verdicts": _verdicts(rows)})
-    ctx.set_summary(_summary(ctx, cfg, rows, descriptions, figures))
+    ctx.save_histories(histories)
+    ctx.plot(EXPERIMENT)
+    ctx.set_summary(_summary(ctx, cfg, rows, descriptions, FIGURES))
+
+
+FIGURES = ("paper_comparison.png", "training_curves.png")
+
+
+def _train_job(cfg: Config, ds: data.Dataset, seeds: list[int], part: Part, name: str,
+               data_parallel: bool | None) -> dict:
+    """One model on one dataset at its tuned rate: its table row and its histories."""
+    search = training.tune_learning_rate(MODELS[name](ds.num_classes), make_tx, ds, seeds,
+                                         learning_rates=cfg.learning_rates, batch_size=part.batch_size,
+                                         steps=part.steps, validation_fraction=cfg.validation_fraction,
+                                         data_parallel=data_parallel)
+    history = search.result.history
+    flat = training.loss_flattened(history.step_loss)
+    row = {
+        "dataset": part.dataset, "model": name, "steps": part.steps, "batch_size": part.batch_size,
+        "learning_rate": search.learning_rate, "rate_table": search.table,
+        "validation_size": search.validation_size,
+        "test_accuracy": training.mean_std(search.result.final_test_accuracy),
+        "final_train_loss": training.mean_std(history.train_loss[:, -1]),
+        "loss_flattened": flat.flattened, "loss_relative_change": flat.relative_change,
+        "loss_absolute_change": flat.absolute_change, "flattened_window_steps": flat.window_steps,
+        "flattened_evidence": flat.describe(),
+        "diverged": training.diverged_at(history.step_loss),
+        "paper_accuracy": PAPER_ACCURACY.get(name) if part.dataset == "mnist1d" else None,
+        "parameters": int(sum(np.prod(p.shape[1:]) for p in jax.tree.leaves(search.result.state.params))),
+    }
+    return {"row": row, "histories": {"step_loss": np.asarray(history.step_loss),
+                                      "eval_steps": np.asarray(history.steps[0]),
+                                      "test_accuracy": np.asarray(history.test_accuracy)}}
+
+
+def plot(ctx: RunContext, histories: Mapping[str, np.ndarray], recorded: Mapping[str, Any]) -> None:
+    """Every figure of the experiment, from ``histories.npz`` and ``metrics.json`` alone."""
+    _paper_figure(ctx, recorded["metrics"]["runs"])
+    _curves_figure(ctx, recorded["config"], histories)
 
 
 def _row(rows: list[dict], dataset: str, model: str) -> dict | None:
@@ -195,25 +216,26 @@ def _paper_figure(ctx: RunContext, rows: list[dict]) -> str:
     return ctx.save_figure(fig, "paper_comparison.png")
 
 
-def _curves_figure(ctx: RunContext, cfg: Config, curves: dict) -> str:
-    fig, axes = new_figure(len(cfg.parts), 2, width=5.2, height=3.6)
-    for i, part in enumerate(cfg.parts):
-        names = [n for n in part.models if (part.dataset, n) in curves]
-        window = max(1, min(cfg.smoothing_steps, part.steps // 10))
+def _curves_figure(ctx: RunContext, config: Mapping[str, Any], histories: Mapping[str, np.ndarray]) -> str:
+    parts = config["parts"]
+    fig, axes = new_figure(len(parts), 2, width=5.2, height=3.6)
+    for i, part in enumerate(parts):
+        dataset, names = part["dataset"], part["models"]
+        window = max(1, min(config["smoothing_steps"], part["steps"] // 10))
         kernel = np.ones(window) / window
-        smooth = np.stack([np.convolve(np.nanmean(curves[part.dataset, n][0], axis=0), kernel, mode="valid")
-                           for n in names])
-        first_bad = [next((d for d in training.diverged_at(curves[part.dataset, n][0]) if d is not None), None)
-                     for n in names]
-        plot_loss_curves(axes[i, 0], smooth, names, steps=np.arange(window, part.steps + 1),
+        losses = {n: histories[f"{dataset}/{n}/step_loss"] for n in names}
+        smooth = np.stack([np.convolve(np.nanmean(losses[n], axis=0), kernel, mode="valid") for n in names])
+        first_bad = [next((d for d in training.diverged_at(losses[n]) if d is not None), None) for n in names]
+        plot_loss_curves(axes[i, 0], smooth, names, steps=np.arange(window, part["steps"] + 1),
                          diverged_at=first_bad, logy=True)
-        axes[i, 0].set_title(f"{part.dataset}: training loss ({window}-step mean, mean of seeds)",
+        axes[i, 0].set_title(f"{dataset}: training loss ({window}-step mean, mean of seeds)",
                              fontsize="medium")
         axes[i, 0].set_xlabel("step")
         for name in names:
-            _, steps, accuracy = curves[part.dataset, name]
-            axes[i, 1].plot(steps, 100 * np.nanmean(accuracy, axis=0), label=name)
-        axes[i, 1].set_title(f"{part.dataset}: test accuracy (%), mean of seeds", fontsize="medium")
+            accuracy = histories[f"{dataset}/{name}/test_accuracy"]
+            axes[i, 1].plot(histories[f"{dataset}/{name}/eval_steps"], 100 * np.nanmean(accuracy, axis=0),
+                            label=name)
+        axes[i, 1].set_title(f"{dataset}: test accuracy (%), mean of seeds", fontsize="medium")
         axes[i, 1].set_xlabel("step")
         axes[i, 1].legend()
     return ctx.save_figure(fig, "training_curves.png")
@@ -224,7 +246,7 @@ def _pct(stats: dict) -> str:
 
 
 def _summary(ctx: RunContext, cfg: Config, rows: list[dict], descriptions: dict[str, str],
-             figures: list[str]) -> str:
+             figures: Sequence[str]) -> str:
     # The runner puts the quick/full line under this heading (jaxopt_lab.lab.experiment).
     tag = " (quick: not conclusive)" if ctx.quick else ""
     lines = ["# baselines — MNIST-1D logistic / MLP / CNN / GRU beside the paper; MLP vs CNN on digits", ""]
@@ -275,8 +297,7 @@ def _summary(ctx: RunContext, cfg: Config, rows: list[dict], descriptions: dict[
 
 EXPERIMENT = Experiment(NAME, "logistic regression, MLP, CNN and GRU on MNIST-1D at tuned rates beside the "
                         "paper's table, and MLP vs CNN on digits", run,
-                        check_configs,
-                        config=Config, check_config=check_config)
+                        check_configs, config=Config, check_config=check_config, plot=plot)
 
 if __name__ == "__main__":
     raise SystemExit(main_for(EXPERIMENT))

@@ -15,8 +15,10 @@ to (a), loss curves, test accuracy, the chosen rates, and the step time and comp
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import jax
@@ -150,48 +152,18 @@ def run(ctx: RunContext) -> None:
     cfg = ctx.resolve_config(Config, ds.name)
     seeds = [ctx.seed + i for i in range(cfg.seeds)]
     train_size = (len(ds.y_train) // EFFECTIVE_BATCH) * EFFECTIVE_BATCH
-    results: dict[tuple[str, str], training.TrainResult] = {}
     rows: list[dict[str, Any]] = []
     chosen: dict[str, dict[str, Any]] = {}
-    # The values are the same either way; unrolling only sidesteps XLA:CPU's slow conv backward in loops
-    # (jax-ml/jax#12868) for the training runs. The timing below keeps the real loop.
-    unroll = True if jax.default_backend() == "cpu" else 1
+    b_vs_c: dict[str, dict[str, Any]] = {}
+    histories: dict[str, np.ndarray] = {}
     for model_name in ctx.progress(cfg.models, desc="training"):
-        model = build_model(model_name, ds.num_classes)
-        # (a)'s rate, from a sweep at batch 128, serves (a), (b) and (c); (d) gets its own sweep at batch 32.
-        sweeps = {which: training.tune_learning_rate(
-            model, lambda lr: _optimizer(cfg, False, lr), ds, seeds, learning_rates=cfg.learning_rates,
-            batch_size=batch_size, steps=steps, validation_fraction=cfg.validation_fraction,
-            data_parallel=ctx.data_parallel)
-            for which, batch_size, steps in (("128", EFFECTIVE_BATCH, cfg.updates),
-                                             ("32", MICRO_BATCH, STEPS * cfg.updates))}
-        chosen[model_name] = {which: {"learning_rate": sw.learning_rate, "table": sw.table}
-                              for which, sw in sweeps.items()}
-        for variant, (batch_size, k, multi) in VARIANTS.items():
-            rate = sweeps["32" if variant.startswith("(d)") else "128"].learning_rate
-            steps = cfg.updates if batch_size == EFFECTIVE_BATCH else STEPS * cfg.updates
-            results[model_name, variant] = training.train_seeds(
-                model, _optimizer(cfg, multi, rate), ds, seeds, steps=steps, batch_size=batch_size,
-                num_microbatches=k, train_size=train_size, unroll=unroll, data_parallel=ctx.data_parallel)
-    for model_name in cfg.models:
-        reference = results[model_name, "(a) 1 x 128"].state.params
-        for variant, (_, _, multi) in VARIANTS.items():
-            result = results[model_name, variant]
-            losses = per_update_losses(np.asarray(result.history.step_loss), multi)
-            rows.append({"model": model_name, "variant": variant,
-                         "learning_rate": chosen[model_name]["32" if variant.startswith("(d)") else "128"][
-                             "learning_rate"],
-                         "max_abs_param_diff_to_a": training.mean_std(max_abs_difference(result.state.params,
-                                                                                         reference)),
-                         "relative_l2_diff_to_a": training.mean_std(relative_l2_difference(result.state.params,
-                                                                                           reference)),
-                         "test_accuracy": training.mean_std(result.final_test_accuracy),
-                         "final_train_loss": training.mean_std(losses[:, -10:].mean(1)),
-                         "flattened": dataclasses.asdict(training.loss_flattened(losses)),
-                         "diverged": training.diverged_at(result.history.step_loss)})
-    b_vs_c = {m: training.mean_std(max_abs_difference(results[m, "(b) MultiSteps 4 x 32"].state.params,
-                                                      results[m, "(c) micro-batched 4 x 32"].state.params))
-              for m in cfg.models}
+        unit = ctx.cached(model_name, {"config": cfg, "data": ds.describe(), "model": model_name},
+                          functools.partial(_train_model, cfg, ds, seeds, model_name, train_size,
+                                            ctx.data_parallel))
+        rows += unit["rows"]
+        chosen[model_name], b_vs_c[model_name] = unit["chosen"], unit["b_vs_c"]
+        histories.update({f"{model_name}/{variant}/{name}": value
+                          for variant, arrays in unit["histories"].items() for name, value in arrays.items()})
     timing_model = cfg.models[0]
     timing = {v: time_and_memory(build_model(timing_model, ds.num_classes), cfg, ds, v,
                                  chosen[timing_model]["128"]["learning_rate"])
@@ -202,20 +174,75 @@ def run(ctx: RunContext) -> None:
                      f"SGD+momentum at (a)'s swept rate for (a)-(c) and (d)'s own; (a)'s training loss "
                      f"flattened for {sum(bool(r['flattened']['flattened']) for r in flat)} of {len(flat)} "
                      "models")
-    figure = _figure(ctx, cfg, results, train_size)
     device = jax.devices()[0]
     ctx.set_metrics({**dataclasses.asdict(cfg), "seeds_used": seeds, "data": ds.describe(),
                      "train_size": train_size, "device": f"{device.platform} ({device.device_kind})"},
                     {"runs": rows, "chosen_learning_rates": chosen, "b_vs_c_max_abs_param_diff": b_vs_c,
                      "timing_model": timing_model, "timing": timing})
-    ctx.set_summary(_summary(cfg, ds, rows, chosen, b_vs_c, timing, timing_model, device, figure, train_size))
+    ctx.save_histories(histories)
+    ctx.plot(EXPERIMENT)
+    ctx.set_summary(_summary(cfg, ds, rows, chosen, b_vs_c, timing, timing_model, device, FIGURE, train_size))
 
 
-def _figure(ctx, cfg, results, train_size) -> str:
-    fig, axes = new_figure(1, len(cfg.models), width=4.4, height=3.6)
-    for ax, model_name in zip(axes[0], cfg.models, strict=True):
+FIGURE = "loss_curves.png"
+
+
+def _train_model(cfg: Config, ds: data.Dataset, seeds: list[int], model_name: str, train_size: int,
+                 data_parallel: bool | None) -> dict:
+    """One model: the rate sweeps, the four variants trained, their rows, (b) vs (c) and the histories."""
+    model = build_model(model_name, ds.num_classes)
+    # The values are the same either way; unrolling only sidesteps XLA:CPU's slow conv backward in loops
+    # (jax-ml/jax#12868) for the training runs. The timing keeps the real loop.
+    unroll = True if jax.default_backend() == "cpu" else 1
+    # (a)'s rate, from a sweep at batch 128, serves (a), (b) and (c); (d) gets its own sweep at batch 32.
+    sweeps = {which: training.tune_learning_rate(
+        model, lambda lr: _optimizer(cfg, False, lr), ds, seeds, learning_rates=cfg.learning_rates,
+        batch_size=batch_size, steps=steps, validation_fraction=cfg.validation_fraction,
+        data_parallel=data_parallel)
+        for which, batch_size, steps in (("128", EFFECTIVE_BATCH, cfg.updates),
+                                         ("32", MICRO_BATCH, STEPS * cfg.updates))}
+    chosen = {which: {"learning_rate": sw.learning_rate, "table": sw.table} for which, sw in sweeps.items()}
+    results = {}
+    for variant, (batch_size, k, multi) in VARIANTS.items():
+        rate = sweeps["32" if variant.startswith("(d)") else "128"].learning_rate
+        steps = cfg.updates if batch_size == EFFECTIVE_BATCH else STEPS * cfg.updates
+        results[variant] = training.train_seeds(
+            model, _optimizer(cfg, multi, rate), ds, seeds, steps=steps, batch_size=batch_size,
+            num_microbatches=k, train_size=train_size, unroll=unroll, data_parallel=data_parallel)
+    reference = results["(a) 1 x 128"].state.params
+    rows = []
+    for variant, (_, _, multi) in VARIANTS.items():
+        result = results[variant]
+        losses = per_update_losses(np.asarray(result.history.step_loss), multi)
+        rows.append({"model": model_name, "variant": variant,
+                     "learning_rate": chosen["32" if variant.startswith("(d)") else "128"]["learning_rate"],
+                     "max_abs_param_diff_to_a": training.mean_std(max_abs_difference(result.state.params,
+                                                                                     reference)),
+                     "relative_l2_diff_to_a": training.mean_std(relative_l2_difference(result.state.params,
+                                                                                       reference)),
+                     "test_accuracy": training.mean_std(result.final_test_accuracy),
+                     "final_train_loss": training.mean_std(losses[:, -10:].mean(1)),
+                     "flattened": dataclasses.asdict(training.loss_flattened(losses)),
+                     "diverged": training.diverged_at(result.history.step_loss)})
+    b_vs_c = training.mean_std(max_abs_difference(results["(b) MultiSteps 4 x 32"].state.params,
+                                                  results["(c) micro-batched 4 x 32"].state.params))
+    histories = {variant: {"step_loss": np.asarray(r.history.step_loss),
+                           "eval_steps": np.asarray(r.history.steps)[0],
+                           "test_accuracy": np.asarray(r.history.test_accuracy)}
+                 for variant, r in results.items()}
+    return {"rows": rows, "chosen": chosen, "b_vs_c": b_vs_c, "histories": histories}
+
+
+def plot(ctx: RunContext, histories: Mapping[str, np.ndarray], recorded: Mapping[str, Any]) -> None:
+    """The loss curves of every model and variant, from ``histories.npz`` alone."""
+    _figure(ctx, recorded["config"]["models"], histories)
+
+
+def _figure(ctx, model_names, histories) -> str:
+    fig, axes = new_figure(1, len(model_names), width=4.4, height=3.6)
+    for ax, model_name in zip(axes[0], model_names, strict=True):
         for variant, (batch_size, _, multi) in VARIANTS.items():
-            losses = per_update_losses(np.asarray(results[model_name, variant].history.step_loss), multi)
+            losses = per_update_losses(histories[f"{model_name}/{variant}/step_loss"], multi)
             per_update = EFFECTIVE_BATCH if multi else batch_size
             examples = per_update * np.arange(1, losses.shape[1] + 1)
             first_bad = next((d for d in training.diverged_at(losses) if d is not None), None)
@@ -313,8 +340,7 @@ def _summary(cfg, ds, rows, chosen, b_vs_c, timing, timing_model, device, figure
 
 EXPERIMENT = Experiment(NAME, "effective batch 128 as 1x128, MultiSteps 4x32, micro-batched 4x32 and plain 32: "
                         "exactness, BN vs GN, loss, accuracy, step time and memory", run,
-                        check_configs,
-                        config=Config, check_config=check_config)
+                        check_configs, config=Config, check_config=check_config, plot=plot)
 
 if __name__ == "__main__":
     raise SystemExit(main_for(EXPERIMENT))

@@ -17,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import numpy as np
@@ -151,31 +151,16 @@ def run(ctx: RunContext) -> None:
     start_means = {m: per_output_means(training.initial_variables(model, seeds, ds.x_train)["params"])
                    for m, model in model_for.items()}
     jobs = [(m, o, v) for m in model_for for o in cfg.optimizers for v in VARIANTS]
-    rows, curves = [], {}
-    for model_name, opt_name, variant in ctx.progress(jobs, desc="training"):
-        search = training.tune_learning_rate(
-            model_for[model_name], functools.partial(optimizer, opt_name, variant), ds, seeds,
-            learning_rates=rates(cfg, opt_name), batch_size=cfg.batch_size, steps=cfg.steps,
-            validation_fraction=cfg.validation_fraction, data_parallel=ctx.data_parallel)
-        result = search.result
-        step_loss = np.asarray(result.history.step_loss)
-        # |per-output mean at the end - at initialization|, averaged over outputs and seeds, per layer.
-        end_means = per_output_means(result.state.params)
-        drift = {layer: float(np.abs(end_means[layer] - start_means[model_name][layer]).mean())
-                 for layer in end_means}
-        reached = steps_to_target(step_loss, cfg.loss_target, cfg.smoothing_steps)
-        hits = [r for r in reached if r is not None]
-        rows.append({"model": model_name, "optimizer": opt_name, "variant": variant,
-                     "learning_rate": search.learning_rate, "rate_table": search.table,
-                     "test_accuracy": training.mean_std(result.final_test_accuracy),
-                     "final_train_loss": training.mean_std(np.asarray(result.history.train_loss)[:, -1]),
-                     "flattened": dataclasses.asdict(training.loss_flattened(step_loss)),
-                     "steps_to_target": reached,
-                     "steps_to_target_mean": float(np.mean(hits)) if hits else None,
-                     "diverged": training.diverged_at(step_loss),
-                     "weight_mean_drift": drift,
-                     "max_weight_mean_drift": max(drift.values())})
-        curves[model_name, opt_name, variant] = step_loss
+    rows, histories = [], {}
+    for job in ctx.progress(jobs, desc="training"):
+        model_name, opt_name, variant = job
+        unit = ctx.cached(f"{model_name} {opt_name} {variant}",
+                          {"config": cfg, "data": ds.describe(), "job": list(job)},
+                          functools.partial(_train_job, cfg, ds, seeds, model_for[model_name], job,
+                                            start_means[model_name], ctx.data_parallel))
+        rows.append(unit["row"])
+        histories.update({f"{model_name}/{opt_name}/{variant}/{name}": value
+                          for name, value in unit["histories"].items()})
 
     verdicts = _verdicts(ctx, cfg, rows)
     best = {(r["model"], r["optimizer"]): r for r in rows if r["variant"] == "plain"}
@@ -184,13 +169,57 @@ def run(ctx: RunContext) -> None:
                      f"optimizer, variant) at its own rate chosen on a {cfg.validation_fraction:.0%} "
                      f"validation split; plain runs' training loss flattened in {flat} of {len(best)} model x "
                      "optimizer pairs")
-    figures = [_loss_figure(ctx, cfg, curves, list(model_for)), _drift_figure(ctx, cfg, rows, list(model_for))]
     ctx.set_metrics({**dataclasses.asdict(cfg), "seeds_used": seeds, "data": ds.describe(),
                      "learning_rates_swept": {o: rates(cfg, o) for o in cfg.optimizers},
                      "models": {m: repr(model) for m, model in model_for.items()},
                      "paper_imagenet_top1_error": PAPER_IMAGENET},
                     {"runs": rows, "gc_vs_plain": verdicts})
-    ctx.set_summary(_summary(ctx, cfg, ds, rows, verdicts, figures))
+    ctx.save_histories(histories)
+    ctx.plot(EXPERIMENT)
+    ctx.set_summary(_summary(ctx, cfg, ds, rows, verdicts, FIGURES))
+
+
+FIGURES = ("loss_curves.png", "weight_mean_drift.png")
+
+
+def _train_job(cfg: Config, ds: data.Dataset, seeds: list[int], model: Any, job: tuple[str, str, str],
+               start_means: dict[str, np.ndarray], data_parallel: bool | None) -> dict:
+    """One (model, optimizer, variant) at its tuned rate: its table row and its histories."""
+    model_name, opt_name, variant = job
+    search = training.tune_learning_rate(
+        model, functools.partial(optimizer, opt_name, variant), ds, seeds, learning_rates=rates(cfg, opt_name),
+        batch_size=cfg.batch_size, steps=cfg.steps, validation_fraction=cfg.validation_fraction,
+        data_parallel=data_parallel)
+    result = search.result
+    step_loss = np.asarray(result.history.step_loss)
+    # |per-output mean at the end - at initialization|, averaged over outputs and seeds, per layer.
+    end_means = per_output_means(result.state.params)
+    drift = {layer: float(np.abs(end_means[layer] - start_means[layer]).mean()) for layer in end_means}
+    reached = steps_to_target(step_loss, cfg.loss_target, cfg.smoothing_steps)
+    hits = [r for r in reached if r is not None]
+    row = {"model": model_name, "optimizer": opt_name, "variant": variant,
+           "learning_rate": search.learning_rate, "rate_table": search.table,
+           "test_accuracy": training.mean_std(result.final_test_accuracy),
+           "final_train_loss": training.mean_std(np.asarray(result.history.train_loss)[:, -1]),
+           "flattened": dataclasses.asdict(training.loss_flattened(step_loss)),
+           "steps_to_target": reached,
+           "steps_to_target_mean": float(np.mean(hits)) if hits else None,
+           "diverged": training.diverged_at(step_loss),
+           "weight_mean_drift": drift,
+           "max_weight_mean_drift": max(drift.values())}
+    return {"row": row, "histories": {"step_loss": step_loss, "eval_steps": np.asarray(result.history.steps)[0],
+                                      "train_loss": np.asarray(result.history.train_loss),
+                                      "test_accuracy": np.asarray(result.history.test_accuracy)}}
+
+
+def plot(ctx: RunContext, histories: Mapping[str, np.ndarray], recorded: Mapping[str, Any]) -> None:
+    """Every figure of the experiment, from ``histories.npz`` and ``metrics.json`` alone."""
+    config, rows = recorded["config"], recorded["metrics"]["runs"]
+    model_names = list(dict.fromkeys(r["model"] for r in rows))
+    curves = {(m, o, v): histories[f"{m}/{o}/{v}/step_loss"] for m in model_names
+              for o in config["optimizers"] for v in VARIANTS}
+    _loss_figure(ctx, config, curves, model_names)
+    _drift_figure(ctx, config, rows, model_names)
 
 
 GC_VERDICTS = ("GC better", "GC worse", "within noise")
@@ -210,31 +239,31 @@ def _verdicts(ctx: RunContext, cfg: Config, rows: list[dict]) -> list[dict]:
     return out
 
 
-def _loss_figure(ctx, cfg, curves, model_names) -> str:
-    fig, axes = new_figure(len(model_names), len(cfg.optimizers), width=4.6, height=3.4)
+def _loss_figure(ctx, config, curves, model_names) -> str:
+    fig, axes = new_figure(len(model_names), len(config["optimizers"]), width=4.6, height=3.4)
     for i, m in enumerate(model_names):
-        for j, o in enumerate(cfg.optimizers):
+        for j, o in enumerate(config["optimizers"]):
             losses = np.stack([curves[m, o, v] for v in VARIANTS])  # (variants, seeds, steps)
-            window = np.ones(cfg.smoothing_steps) / cfg.smoothing_steps
+            window = np.ones(config["smoothing_steps"]) / config["smoothing_steps"]
             smooth = np.stack([np.convolve(np.nanmean(v, axis=0), window, mode="valid") for v in losses])
             first_bad = [next((d for d in training.diverged_at(v) if d is not None), None) for v in losses]
             plot_loss_curves(axes[i, j], smooth, list(VARIANTS), diverged_at=first_bad, logy=True)
-            axes[i, j].axhline(cfg.loss_target, color="grey", linewidth=0.8, linestyle=":")
+            axes[i, j].axhline(config["loss_target"], color="grey", linewidth=0.8, linestyle=":")
             axes[i, j].set_title(f"{m}, {o}", fontsize="medium")
             axes[i, j].set_xlabel("step")
     axes[0, 0].set_ylabel("training loss (moving average, mean of seeds)")
     return ctx.save_figure(fig, "loss_curves.png")
 
 
-def _drift_figure(ctx, cfg, rows, model_names) -> str:
+def _drift_figure(ctx, config, rows, model_names) -> str:
     fig, axes = new_figure(1, len(model_names), width=5.2, height=3.6)
     for ax, m in zip(axes[0], model_names, strict=True):
         for k, variant in enumerate(VARIANTS):
             values = [next(r["max_weight_mean_drift"] for r in rows if (r["model"], r["optimizer"],
                                                                          r["variant"]) == (m, o, variant))
-                      for o in cfg.optimizers]
+                      for o in config["optimizers"]]
             ax.bar(np.arange(len(values)) + (k - 1) * 0.27, values, 0.27, label=variant)
-        ax.set_xticks(np.arange(len(cfg.optimizers)), cfg.optimizers)
+        ax.set_xticks(np.arange(len(config["optimizers"])), config["optimizers"])
         ax.set_yscale("log")
         ax.set_title(m, fontsize="medium")
         ax.legend(fontsize="x-small")
@@ -345,8 +374,7 @@ def _gain_reading(verdicts: list[dict]) -> str:
 
 EXPERIMENT = Experiment(NAME, "SGD/momentum/Adam/AdamW with and without GC (ours and optax.centralize) on a "
                         "CNN and an MLP: accuracy, steps to target, per-output weight means", run,
-                        check_configs,
-                        config=Config, check_config=check_config)
+                        check_configs, config=Config, check_config=check_config, plot=plot)
 
 if __name__ == "__main__":
     raise SystemExit(main_for(EXPERIMENT))

@@ -327,7 +327,7 @@ def run(ctx: RunContext) -> None:
         kind, what, batch_size = job
         unit = ctx.cached(f"{kind} {what} batch {batch_size}",
                           {"config": cfg, "data": ds.describe(), "job": list(job)},
-                          lambda job=job: _train_job(cfg, ds, seeds, job, test_sets, ctx.data_parallel))
+                          functools.partial(_train_job, cfg, ds, seeds, job, test_sets, ctx.data_parallel))
         record = unit["record"]
         histories.update({f"{kind}/{what}/b{batch_size}/{name}": value
                           for name, value in unit["histories"].items()})
