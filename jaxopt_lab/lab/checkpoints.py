@@ -69,6 +69,9 @@ class Checkpoints:
     >>> again = Checkpoints(folder, resume=True, run_key={"seed": 0})
     >>> again.cached("a", {"lr": 0.1}, lambda: 1 / 0)["loss"].tolist(), again.reused, again.total
     ([0.0, 1.0, 2.0], 1, 1)
+    >>> again.remove(); folder.exists()
+    False
+    >>> Checkpoints(folder, resume=False, run_key={}).remove()  # nothing was ever written: a no-op
     """
 
     def __init__(self, folder: str | Path, *, resume: bool, run_key: Mapping[str, Any]) -> None:
@@ -104,5 +107,6 @@ class Checkpoints:
     def remove(self) -> None:
         """Deletes the folder (the run finished: its results are written)."""
         shutil.rmtree(self.folder, ignore_errors=True)
-        if self.folder.parent.name == RESUME_DIR and not any(self.folder.parent.iterdir()):
-            self.folder.parent.rmdir()
+        parent = self.folder.parent
+        if parent.name == RESUME_DIR and parent.is_dir() and not any(parent.iterdir()):
+            parent.rmdir()
