@@ -10,6 +10,8 @@ course notes' two-panel figure (smooth vs noisy).
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
+from typing import Any
 
 import jax
 import numpy as np
@@ -119,20 +121,42 @@ def run(ctx: RunContext) -> None:
             "timing": measured[label].as_dict(),
         }
 
-    _plot(ctx, cfg, results, rows, n)
     ctx.set_metrics(dataclasses.asdict(cfg), {"by_batch_size": rows})
+    ctx.save_histories(_histories(results, n))
+    ctx.plot(EXPERIMENT)
     ctx.set_summary(_summary(cfg, rows, n))
 
 
-def _plot(ctx: RunContext, cfg: Config, results: dict, rows: dict, n: int) -> None:
+def _batch_name(batch_size: int | None) -> str:
+    """How a batch size appears in the history names: ``batch=full``, ``batch=16``."""
+    return f"batch={'full' if batch_size is None else batch_size}"
+
+
+def _histories(results: dict[int | None, sweep.RunTrace], num_samples: int) -> dict[str, np.ndarray]:
+    """Per batch size: the step and epoch axes, and every seed's full-data and mini-batch loss."""
+    arrays: dict[str, np.ndarray] = {}
+    for batch_size, trace in results.items():
+        prefix, steps = _batch_name(batch_size), np.arange(trace.losses.shape[1])
+        arrays[f"{prefix}/step"] = steps
+        arrays[f"{prefix}/epoch"] = steps / sweep.steps_per_epoch(num_samples, batch_size)
+        arrays[f"{prefix}/loss"] = trace.losses
+        arrays[f"{prefix}/batch_loss"] = trace.batch_losses
+    return arrays
+
+
+def plot(ctx: RunContext, histories: Mapping[str, np.ndarray], recorded: Mapping[str, Any]) -> None:
+    """The course notes' two panels (full batch and a mini-batch, first seed) and the median full-data loss
+    of every batch size per update and per epoch."""
+    config, rows = recorded["config"], recorded["metrics"]["by_batch_size"]
+    n, batch_sizes, target = config["num_samples"], config["batch_sizes"], config["target_loss"]
     # The course notes' figure: (a) full batch, smooth; (b) mini-batch, noisy. Shown first without answers
     # in the titles, then named by the measured noise.
-    full, small = results[None], results[16 if 16 in results else cfg.batch_sizes[-1]]
-    small_bs = 16 if 16 in results else cfg.batch_sizes[-1]
+    small_bs = 16 if 16 in batch_sizes else batch_sizes[-1]
     fig, axes = new_figure(1, 2, width=5.5, height=3.8)
-    for ax, trace, label in ((axes[0, 0], full, _label(None, n)), (axes[0, 1], small, _label(small_bs, n))):
-        y = np.asarray(trace.batch_losses[0, :-1])
-        ax.plot(np.arange(y.size), y, linewidth=0.8)
+    for ax, batch_size in ((axes[0, 0], None), (axes[0, 1], small_bs)):
+        label, prefix = _label(batch_size, n), _batch_name(batch_size)
+        y = histories[f"{prefix}/batch_loss"][0, :-1]  # the last entry only evaluates the final loss
+        ax.plot(histories[f"{prefix}/step"][:-1], y, linewidth=0.8)
         r = rows[label]
         ax.set(yscale="log", xlabel="iteration", ylabel="training loss on the step's batch",
                title=f"{label}: rises on {r['increase_fraction']:.0%} of steps, roughness {r['roughness']:.2g}")
@@ -141,19 +165,18 @@ def _plot(ctx: RunContext, cfg: Config, results: dict, rows: dict, n: int) -> No
     ctx.save_figure(fig, "two_panel.png")
 
     fig, axes = new_figure(1, 2, width=6, height=4)
-    for bs, trace in results.items():
-        label, spe = _label(bs, n), sweep.steps_per_epoch(n, bs)
-        loss = np.median(np.asarray(trace.losses), axis=0)
-        it = np.arange(1, loss.size + 1)
-        axes[0, 0].plot(it, loss, label=label)
-        axes[0, 1].plot((it - 1) / spe, loss, label=label)
+    for batch_size in batch_sizes:
+        prefix = _batch_name(batch_size)
+        loss = np.median(histories[f"{prefix}/loss"], axis=0)
+        axes[0, 0].plot(histories[f"{prefix}/step"] + 1, loss, label=_label(batch_size, n))
+        axes[0, 1].plot(histories[f"{prefix}/epoch"], loss, label=_label(batch_size, n))
     for ax, xlabel in ((axes[0, 0], "iteration (log)"), (axes[0, 1], "epoch")):
-        ax.axhline(cfg.target_loss, color="k", linestyle=":", linewidth=1, label=f"target {cfg.target_loss:g}")
-        ax.set(yscale="log", xlabel=xlabel, ylabel=f"full-data MSE (median of {cfg.seeds} seeds)")
+        ax.axhline(target, color="k", linestyle=":", linewidth=1, label=f"target {target:g}")
+        ax.set(yscale="log", xlabel=xlabel, ylabel=f"full-data MSE (median of {config['seeds']} seeds)")
         ax.legend()
     axes[0, 0].set_xscale("log")
     axes[0, 0].set_title("Per iteration: mini-batches take many cheap steps")
-    axes[0, 1].set_title(f"Per epoch (every example seen once), lr = {cfg.learning_rate:g}")
+    axes[0, 1].set_title(f"Per epoch (every example seen once), lr = {config['learning_rate']:g}")
     fig.tight_layout()
     ctx.save_figure(fig, "loss_per_iteration_and_epoch.png")
 
@@ -219,7 +242,7 @@ over all data is the expensive part, mini-batches win per second as they do per 
 
 EXPERIMENT = Experiment(NAME, "full-batch GD vs mini-batch SGD (1, 16, 64): noise quantified, per iteration/"
                         "epoch, wall-clock to target", run, check_configs,
-                        config=Config, check_config=check_config)
+                        config=Config, check_config=check_config, plot=plot)
 
 if __name__ == "__main__":
     raise SystemExit(main_for(EXPERIMENT))

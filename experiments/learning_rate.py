@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
+from collections.abc import Mapping
 from typing import Any
 
 import numpy as np
@@ -77,7 +78,10 @@ def _setup(cfg: Config, seed: int) -> tuple[landscapes.Regression, np.ndarray, l
 
 def check_config(cfg: Config, label: str, data: str | None = None) -> None:
     """Builds the rate sweep and the LR range test of ``cfg`` and traces both abstractly (no training)."""
-    problem, _, _, init, specs, config = _setup(cfg, seed=0)
+    problem, rates, _, init, specs, config = _setup(cfg, seed=0)
+    if len({_rate_name(lr) for lr in rates}) < len(rates):
+        raise ValueError(f"{label}: rates closer than 4 significant digits cannot be told apart in the "
+                         f"history names: {rates.tolist()}")
     sweep.check_sweep(landscapes.mse_loss, OPTIMIZER_NAMES, specs, problem.data, config)
     range_specs, range_config = diagnostics.lr_range_test_sweep(init, _range_test_seeds(cfg, 0),
                                                                 **_range_test_kwargs(cfg))
@@ -129,44 +133,6 @@ def run(ctx: RunContext) -> None:
     example_diagnoses = {k: str(diagnostics.diagnose(sweep.run_histories(sgd)[p], target=cfg.target_loss))
                          for k, p in zip(examples, picks, strict=True)}
 
-    fig, axes = new_figure(1, 3, width=5.6, height=4.2)
-    plot_loss_curves(axes[0, 0], sgd.losses[picks], [f"{k}: lr = {lr:.3g}" for k, lr in examples.items()],
-                     diverged_at=[int(sgd.stop_step[p]) if sgd.diverged[p] else None for p in picks], logy=True)
-    axes[0, 0].axhline(cfg.target_loss, color="k", linestyle=":", linewidth=1)
-    axes[0, 0].set_ylim(1e-2, 1e7)
-    axes[0, 0].set(title="SGD: too low, good and too high a rate", xlabel="step", ylabel="training MSE (log)")
-    ax = axes[0, 1]
-    for name, marker in zip(OPTIMIZER_NAMES, ("o", "s"), strict=True):
-        for row in table[name]:
-            label = collections.Counter(row["labels"]).most_common(1)[0][0]
-            y = row["median_steps"] if row["median_steps"] is not None else cfg.steps * 1.3
-            ax.scatter(row["learning_rate"], y, marker=marker, color=LABEL_COLORS[label], s=28,
-                       facecolors="none" if name == "momentum" else LABEL_COLORS[label])
-    for label, color in LABEL_COLORS.items():
-        ax.scatter([], [], color=color, label=label)
-    ax.scatter([], [], marker="o", color="gray", label="SGD")
-    ax.scatter([], [], marker="s", facecolors="none", color="gray", label="momentum 0.9")
-    ax.axvline(edge, color="k", linestyle="--", linewidth=1, label=f"2/λ_max = {edge:.2f}")
-    ax.axvline(range_test.suggestion, color="tab:cyan", linewidth=1.5,
-               label=f"range test (steepest) {range_test.suggestion:.3g}")
-    ax.axhline(cfg.steps * 1.3, color="gray", linewidth=0.5)
-    ax.set(xscale="log", yscale="log", xlabel="learning rate", ylabel="median steps to loss < 0.1",
-           title="diagnose() over the rate grid (top row: target not reached)")
-    ax.legend(ncols=2, fontsize="x-small")
-    ax = axes[0, 2]
-    for i, row in enumerate(range_test.losses):
-        ax.plot(range_test.learning_rates, row, alpha=0.6, label="one run per seed" if i == 0 else None)
-    ax.axvline(range_test.suggestion, color="tab:cyan", linewidth=1.5, label="steepest descent (median)")
-    ax.axvline(float(np.median(range_test.min_loss_rates)), color="tab:red", linestyle="--",
-               label="loss minimum (median)")
-    ax.axvline(best["sgd"]["learning_rate"], color="tab:green", linestyle=":", label="grid's best rate")
-    ax.set(xscale="log", yscale="log", xlabel="learning rate (grows each step)", ylabel="training MSE",
-           title=f"LR range test: SGD, batch {cfg.range_test_batch}, {cfg.range_test_steps} steps")
-    ax.set_ylim(1e-3, 1e4)
-    ax.legend(fontsize="x-small")
-    fig.tight_layout()
-    ctx.save_figure(fig, "learning_rate.png")
-
     label_counts = {name: dict(collections.Counter(lbl for row in rows for lbl in row["labels"]))
                     for name, rows in table.items()}
     min_loss_rate = float(np.median(range_test.min_loss_rates))
@@ -179,6 +145,8 @@ def run(ctx: RunContext) -> None:
                               "min_loss_rates": range_test.min_loss_rates,
                               "min_loss_rate_over_10": min_loss_rate / 10}}
     ctx.set_metrics(dataclasses.asdict(cfg), metrics)
+    ctx.save_histories(_histories(traces, rates, n, range_test))
+    ctx.plot(EXPERIMENT)
 
     def steps_at(name: str, lr: float) -> str:
         row = min(table[name], key=lambda r: abs(r["learning_rate"] - lr))
@@ -248,9 +216,83 @@ rate, not the fastest one.
 """)
 
 
+def _rate_name(learning_rate: float) -> str:
+    """How a grid rate appears in the history names (4 significant digits): ``lr=0.001``, ``lr=0.4634``."""
+    return f"lr={learning_rate:.4g}"
+
+
+def _histories(traces: dict[str, sweep.RunTrace], rates: np.ndarray, num_seeds: int,
+               range_test: diagnostics.LRRangeTest) -> dict[str, np.ndarray]:
+    """Every run of the rate grid (``OPTIMIZER/lr=RATE/...``, init seed leading) and the range test's curves."""
+    arrays = {"step": np.arange(next(iter(traces.values())).losses.shape[1]), "learning_rates": rates,
+              "range_test/learning_rate": range_test.learning_rates, "range_test/loss": range_test.losses}
+    for name, trace in traces.items():
+        for i, lr in enumerate(rates):
+            runs, prefix = slice(i * num_seeds, (i + 1) * num_seeds), f"{name}/{_rate_name(lr)}"
+            arrays[f"{prefix}/loss"] = trace.losses[runs]
+            arrays[f"{prefix}/stop_step"] = trace.stop_step[runs]
+            arrays[f"{prefix}/reached"] = trace.reached[runs]
+            arrays[f"{prefix}/diverged"] = trace.diverged[runs]
+    return arrays
+
+
+def plot(ctx: RunContext, histories: Mapping[str, np.ndarray], recorded: Mapping[str, Any]) -> None:
+    """Three panels: SGD at too low, a good and too high a rate (first init seed); `diagnose` over the rate
+    grid; the LR range test's curves with its suggestions and the grid's best rate."""
+    config, metrics = recorded["config"], recorded["metrics"]
+    target, steps = config["target_loss"], config["steps"]
+    best_sgd_rate = metrics["best"]["sgd"]["learning_rate"]
+    suggestion = metrics["range_test"]["suggestion_steepest"]
+    edge = metrics["stability_limit_2_over_lambda_max"]
+    rates = histories["learning_rates"]
+    examples = {label: example["learning_rate"] for label, example in metrics["examples"].items()}
+    picks = [f"sgd/{_rate_name(rates[int(np.argmin(np.abs(rates - lr)))])}" for lr in examples.values()]
+
+    fig, axes = new_figure(1, 3, width=5.6, height=4.2)
+    ax = axes[0, 0]
+    plot_loss_curves(ax, np.stack([histories[f"{p}/loss"][0] for p in picks]),
+                     [f"{k}: lr = {lr:.3g}" for k, lr in examples.items()], steps=histories["step"],
+                     diverged_at=[int(histories[f"{p}/stop_step"][0]) if histories[f"{p}/diverged"][0] else None
+                                  for p in picks], logy=True)
+    ax.axhline(target, color="k", linestyle=":", linewidth=1)
+    ax.set_ylim(1e-2, 1e7)
+    ax.set(title="SGD: too low, good and too high a rate", xlabel="step", ylabel="training MSE (log)")
+    ax = axes[0, 1]
+    for name, marker in zip(OPTIMIZER_NAMES, ("o", "s"), strict=True):
+        for row in metrics["grid"][name]:
+            label = collections.Counter(row["labels"]).most_common(1)[0][0]
+            y = row["median_steps"] if row["median_steps"] is not None else steps * 1.3
+            ax.scatter(row["learning_rate"], y, marker=marker, color=LABEL_COLORS[label], s=28,
+                       facecolors="none" if name == "momentum" else LABEL_COLORS[label])
+    for label, color in LABEL_COLORS.items():
+        ax.scatter([], [], color=color, label=label)
+    ax.scatter([], [], marker="o", color="gray", label="SGD")
+    ax.scatter([], [], marker="s", facecolors="none", color="gray", label="momentum 0.9")
+    ax.axvline(edge, color="k", linestyle="--", linewidth=1, label=f"2/λ_max = {edge:.2f}")
+    ax.axvline(suggestion, color="tab:cyan", linewidth=1.5, label=f"range test (steepest) {suggestion:.3g}")
+    ax.axhline(steps * 1.3, color="gray", linewidth=0.5)
+    ax.set(xscale="log", yscale="log", xlabel="learning rate", ylabel="median steps to loss < 0.1",
+           title="diagnose() over the rate grid (top row: target not reached)")
+    ax.legend(ncols=2, fontsize="x-small")
+    ax = axes[0, 2]
+    for i, row in enumerate(histories["range_test/loss"]):
+        ax.plot(histories["range_test/learning_rate"], row, alpha=0.6,
+                label="one run per seed" if i == 0 else None)
+    ax.axvline(suggestion, color="tab:cyan", linewidth=1.5, label="steepest descent (median)")
+    ax.axvline(float(np.median(metrics["range_test"]["min_loss_rates"])), color="tab:red", linestyle="--",
+               label="loss minimum (median)")
+    ax.axvline(best_sgd_rate, color="tab:green", linestyle=":", label="grid's best rate")
+    ax.set(xscale="log", yscale="log", xlabel="learning rate (grows each step)", ylabel="training MSE",
+           title=f"LR range test: SGD, batch {config['range_test_batch']}, {config['range_test_steps']} steps")
+    ax.set_ylim(1e-3, 1e4)
+    ax.legend(fontsize="x-small")
+    fig.tight_layout()
+    ctx.save_figure(fig, "learning_rate.png")
+
+
 EXPERIMENT = Experiment(NAME, "too high / too low learning rates, diagnose() with evidence, LR range test", run,
                         check_configs,
-                        config=Config, check_config=check_config)
+                        config=Config, check_config=check_config, plot=plot)
 
 if __name__ == "__main__":
     raise SystemExit(main_for(EXPERIMENT))

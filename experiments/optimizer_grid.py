@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -159,25 +161,6 @@ def run(ctx: RunContext) -> None:
                                                                     target=cfg.target_loss))
             cells[name][lr] = cell
 
-    for logy, filename in ((False, "optimizer_grid.png"), (True, "optimizer_grid_log.png")):
-        fig, axes = new_figure(2, 2, width=6.2, height=4.2)
-        for ax, name in zip(axes.flat, OPTIMIZER_NAMES, strict=True):
-            trace, first = traces[name], np.arange(len(cfg.learning_rates)) * n_seeds
-            plot_loss_curves(ax, trace.losses[first], [f"lr = {lr:g}" for lr in cfg.learning_rates],
-                             diverged_at=[int(trace.stop_step[r]) if trace.diverged[r] else None
-                                          for r in first],
-                             clip=None if logy else cfg.plot_clip, logy=logy)
-            ax.axhline(cfg.target_loss, color="k", linestyle=":", linewidth=1)
-            ax.set_title(f"{TITLES[name]}: stop at loss < {cfg.target_loss:g}")
-            ax.set_xlabel("step")
-            ax.set_ylabel("training MSE" + (" (log)" if logy else f" (clipped at {cfg.plot_clip:g})"))
-            if logy:
-                ax.set_ylim(1e-2, 1e7)
-        fig.suptitle(f"Synthetic linear regression (n={cfg.num_samples}, d={cfg.num_features}), init seed "
-                     f"{seeds[0]}; dotted: target")
-        fig.tight_layout()
-        ctx.save_figure(fig, filename)
-
     checks = _claim_checks(cells, cfg)
     metrics = {
         "problem": {"curvature_eigenvalues": curvature, "gd_stability_limit_lr": 2.0 / curvature.max(),
@@ -190,7 +173,54 @@ def run(ctx: RunContext) -> None:
         "claim_checks": checks,
     }
     ctx.set_metrics(dataclasses.asdict(cfg) | {"init_seeds_used": seeds}, metrics)
+    ctx.save_histories(_histories(traces, cfg.learning_rates, n_seeds))
+    ctx.plot(EXPERIMENT)
     ctx.set_summary(_summary(cfg, cells, checks, curvature, metrics, seeds))
+
+
+def _rate_name(learning_rate: float) -> str:
+    """How a rate appears in the history names: ``lr=0.1``, ``lr=1``."""
+    return f"lr={learning_rate:g}"
+
+
+def _histories(traces: dict[str, sweep.RunTrace], learning_rates: Sequence[float],
+               num_seeds: int) -> dict[str, np.ndarray]:
+    """Every run's loss history and outcome, named ``OPTIMIZER/lr=RATE/...`` with the init seed leading."""
+    arrays = {"step": np.arange(traces["sgd"].losses.shape[1])}
+    for name, trace in traces.items():
+        for i, lr in enumerate(learning_rates):
+            runs, prefix = slice(i * num_seeds, (i + 1) * num_seeds), f"{name}/{_rate_name(lr)}"
+            arrays[f"{prefix}/loss"] = trace.losses[runs]
+            arrays[f"{prefix}/stop_step"] = trace.stop_step[runs]
+            arrays[f"{prefix}/reached"] = trace.reached[runs]
+            arrays[f"{prefix}/diverged"] = trace.diverged[runs]
+    return arrays
+
+
+def plot(ctx: RunContext, histories: Mapping[str, np.ndarray], recorded: Mapping[str, Any]) -> None:
+    """The loss curves of the first init seed per optimizer and rate, clipped at ``plot_clip`` and on a log
+    scale; a diverged run is drawn up to its last finite loss and marked there."""
+    config = recorded["config"]
+    rates, target, clip = config["learning_rates"], config["target_loss"], config["plot_clip"]
+    for logy, filename in ((False, "optimizer_grid.png"), (True, "optimizer_grid_log.png")):
+        fig, axes = new_figure(2, 2, width=6.2, height=4.2)
+        for ax, name in zip(axes.flat, OPTIMIZER_NAMES, strict=True):
+            prefixes = [f"{name}/{_rate_name(lr)}" for lr in rates]
+            plot_loss_curves(ax, np.stack([histories[f"{p}/loss"][0] for p in prefixes]),
+                             [f"lr = {lr:g}" for lr in rates], steps=histories["step"],
+                             diverged_at=[int(histories[f"{p}/stop_step"][0]) if histories[f"{p}/diverged"][0]
+                                          else None for p in prefixes],
+                             clip=None if logy else clip, logy=logy)
+            ax.axhline(target, color="k", linestyle=":", linewidth=1)
+            ax.set_title(f"{TITLES[name]}: stop at loss < {target:g}")
+            ax.set_xlabel("step")
+            ax.set_ylabel("training MSE" + (" (log)" if logy else f" (clipped at {clip:g})"))
+            if logy:
+                ax.set_ylim(1e-2, 1e7)
+        fig.suptitle(f"Synthetic linear regression (n={config['num_samples']}, d={config['num_features']}), "
+                     f"init seed {config['init_seeds_used'][0]}; dotted: target")
+        fig.tight_layout()
+        ctx.save_figure(fig, filename)
 
 
 def _summary(cfg: Config, cells: dict, checks: list[dict], curvature: np.ndarray, metrics: dict,
@@ -265,7 +295,7 @@ first seed's history.
 
 EXPERIMENT = Experiment(NAME, "the course notes' SGD/momentum/RMSprop/Adam x 4 learning rates grid, one "
                         "vmapped jit", run, check_configs,
-                        config=Config, check_config=check_config)
+                        config=Config, check_config=check_config, plot=plot)
 
 if __name__ == "__main__":
     raise SystemExit(main_for(EXPERIMENT))

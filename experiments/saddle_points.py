@@ -9,6 +9,8 @@ one vmapped sweep; a run stops when it has *escaped*: its loss fell ``margin`` b
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
+from typing import Any
 
 import jax.numpy as jnp
 import numpy as np
@@ -28,6 +30,9 @@ STARTS: dict[str, dict[str, tuple[float, ...]]] = {
     "hyperbolic": {"on the stable manifold": (1.0, 0.0), "1e-3 off it": (1.0, 1e-3)},
     "two_weight_net": {"on the stable manifold": (0.5, -0.5), "1e-3 off it": (0.5, -0.499)},
 }
+# How each start appears in the history names (``hyperbolic/adam/off_manifold/noise=0.1/loss``).
+START_NAMES = {"at the saddle": "at_saddle", "stable side, x0 = 0.5": "stable_side",
+               "on the stable manifold": "on_manifold", "1e-3 off it": "off_manifold"}
 METHODS = {  # the five methods of the figures: (optimizer, noisy?)
     "GD": ("sgd", False), "SGD + gradient noise": ("sgd", True), "momentum": ("momentum", False),
     "RMSprop": ("rmsprop", False), "Adam": ("adam", False),
@@ -107,60 +112,97 @@ def run(ctx: RunContext) -> None:
                                          for j, sigma in enumerate(noise)}
                                  for i, start in enumerate(STARTS[land])}
 
-    _plot_trajectories(ctx, cfg, results, len(seeds))
-    _plot_escapes(ctx, cfg, table)
     verdicts = _verdicts(cfg, table)
     ctx.set_metrics(dataclasses.asdict(cfg) | {"starts": STARTS, "seeds": seeds},
                     {"escape": table, "verdicts": verdicts})
+    ctx.save_histories(_histories(cfg, results, len(seeds)))
+    ctx.plot(EXPERIMENT)
     ctx.set_summary(_summary(cfg, table, verdicts))
 
 
-def _run_index(start_index: int, seed_index: int, noisy: bool, num_seeds: int) -> int:
-    return (start_index * num_seeds + seed_index) * 2 + int(noisy)
+def _run_prefix(land: str, optimizer: str, start: str, noise: float) -> str:
+    """The history names' prefix of one (landscape, optimizer, start, noise level)."""
+    return f"{land}/{optimizer}/{START_NAMES[start]}/noise={noise:g}"
 
 
-def _plot_trajectories(ctx: RunContext, cfg: Config, results: dict, num_seeds: int) -> None:
+def _histories(cfg: Config, results: dict[str, dict[str, sweep.RunTrace]],
+               num_seeds: int) -> dict[str, np.ndarray]:
+    """Every run's loss, trajectory (NaN after its stop), stop step and escape step, noise seed leading."""
+    noise = _noise_levels(cfg)
+    arrays = {"step": np.arange(cfg.steps + 1)}
+    for land, traces in results.items():
+        for name, trace in traces.items():
+            # The runs are start-major, then seed, then noise level (see `_sweep_for`).
+            grid_shape = (len(STARTS[land]), num_seeds, len(noise))
+            escape = diagnostics.escape_steps(trace.losses, SADDLES[land].value, cfg.escape_margin)
+            after_stop = np.arange(trace.losses.shape[1]) > trace.stop_step[:, None]
+            trajectory = np.where(after_stop[..., None], np.nan, trace.params)
+            losses, stops, trajectories, escape = (values.reshape(*grid_shape, *values.shape[1:]) for values
+                                                   in (trace.losses, trace.stop_step, trajectory, escape))
+            for i, start in enumerate(STARTS[land]):
+                for j, sigma in enumerate(noise):
+                    prefix = _run_prefix(land, name, start, sigma)
+                    arrays[f"{prefix}/loss"] = losses[i, :, j]
+                    arrays[f"{prefix}/trajectory"] = trajectories[i, :, j]
+                    arrays[f"{prefix}/stop_step"] = stops[i, :, j]
+                    arrays[f"{prefix}/escape_step"] = escape[i, :, j]
+    return arrays
+
+
+def plot(ctx: RunContext, histories: Mapping[str, np.ndarray], recorded: Mapping[str, Any]) -> None:
+    """The trajectories of the first noise seed on the 2-D landscapes' contours and on x³, and the steps
+    to escape over noise seeds (from the escape table)."""
+    _plot_trajectories(ctx, recorded["config"], histories)
+    _plot_escapes(ctx, recorded["config"], recorded["metrics"]["escape"])
+
+
+def _first_seed_path(histories: Mapping[str, np.ndarray], prefix: str) -> np.ndarray:
+    """The first noise seed's trajectory up to and including its stop step."""
+    return histories[f"{prefix}/trajectory"][0, : int(histories[f"{prefix}/stop_step"][0]) + 1]
+
+
+def _method_noise(config: Mapping[str, Any], noisy: bool) -> float:
+    return config["gradient_noise"] if noisy else 0.0
+
+
+def _plot_trajectories(ctx: RunContext, config: Mapping[str, Any], histories: Mapping[str, np.ndarray]) -> None:
     fig, axes = new_figure(2, 2, width=5.5, height=4.6)
     for row, land in enumerate(("hyperbolic", "two_weight_net")):
         saddle = SADDLES[land]
         grid = np.linspace(-1.2, 1.2, 241)
         xx, yy = np.meshgrid(grid, grid)
         zz = np.asarray(saddle.loss(jnp.stack([jnp.asarray(xx), jnp.asarray(yy)])))
-        for col, start in enumerate(STARTS[land]):
+        for col, start in enumerate(config["starts"][land]):
             ax = axes[row, col]
             ax.contour(xx, yy, zz, levels=21, cmap="Greys", linewidths=0.6)
             ax.plot(*saddle.point, "k*", markersize=12, label="saddle")
             for method, (name, noisy) in METHODS.items():
-                trace = results[land][name]
-                r = _run_index(col, 0, noisy, num_seeds)
-                path = trace.params[r, : int(trace.stop_step[r]) + 1]
+                path = _first_seed_path(histories, _run_prefix(land, name, start, _method_noise(config, noisy)))
                 ax.plot(path[:, 0], path[:, 1], linewidth=1.4, label=method)
                 ax.plot(*path[-1], "o", color=ax.lines[-1].get_color(), markersize=4)
             ax.set(xlim=(-1.2, 1.2), ylim=(-1.2, 1.2), xlabel=(land == "hyperbolic" and "x") or "a",
                    ylabel=(land == "hyperbolic" and "y") or "b", aspect="equal",
                    title=f"{saddle.formula}, start {start}")
             ax.legend(fontsize="x-small", loc="lower left")
-    fig.suptitle(f"Trajectories, lr = {cfg.learning_rate:g}, {cfg.steps} steps or until escaped "
-                 f"(loss ≤ saddle − {cfg.escape_margin:g}); dot = last point")
+    fig.suptitle(f"Trajectories, lr = {config['learning_rate']:g}, {config['steps']} steps or until escaped "
+                 f"(loss ≤ saddle − {config['escape_margin']:g}); dot = last point")
     fig.tight_layout()
     ctx.save_figure(fig, "saddle_trajectories.png")
 
     fig, axes = new_figure(1, 2, width=6, height=4)
-    cubic = results["cubic"]
-    for col, start in enumerate(STARTS["cubic"]):
+    for col, start in enumerate(config["starts"]["cubic"]):
         ax = axes[0, col]
         for method, (name, noisy) in METHODS.items():
-            trace = cubic[name]
-            r = _run_index(col, 0, noisy, num_seeds)
-            ax.plot(trace.params[r, : int(trace.stop_step[r]) + 1, 0], label=method)
-        ax.axhline(-cfg.escape_margin ** (1 / 3), color="k", linestyle=":", label="escaped (x³ ≤ −0.1)")
+            path = _first_seed_path(histories, _run_prefix("cubic", name, start, _method_noise(config, noisy)))
+            ax.plot(path[:, 0], label=method)
+        ax.axhline(-config["escape_margin"] ** (1 / 3), color="k", linestyle=":", label="escaped (x³ ≤ −0.1)")
         ax.set(xlabel="step", ylabel="x", title=f"f(x) = x³, start {start}", xscale="symlog")
         ax.legend(fontsize="x-small")
     fig.tight_layout()
     ctx.save_figure(fig, "cubic_trajectories.png")
 
 
-def _plot_escapes(ctx: RunContext, cfg: Config, table: dict) -> None:
+def _plot_escapes(ctx: RunContext, config: Mapping[str, Any], table: Mapping[str, Any]) -> None:
     fig, axes = new_figure(1, 3, width=5, height=4)
     for ax, (land, by_opt) in zip(axes.flat, table.items(), strict=True):
         labels, values = [], []
@@ -177,7 +219,7 @@ def _plot_escapes(ctx: RunContext, cfg: Config, table: dict) -> None:
         ax.errorbar(x, med, yerr=[med - lo, hi - med], fmt="o", capsize=2)
         for xi, v in zip(x, values, strict=True):
             if v[0] is None:
-                ax.plot(xi, cfg.steps, "rx")
+                ax.plot(xi, config["steps"], "rx")
         ax.set(yscale="log", ylabel="steps to escape (median, 10–90 %)", title=SADDLES[land].formula)
         ax.set_xticks(x, labels, fontsize=5, rotation=90)
     axes[0, 0].plot([], [], "rx", label="never escaped")
@@ -339,7 +381,7 @@ Verdict: **{claim2_verdict}**.{claim2_reading}
 
 EXPERIMENT = Experiment(NAME, "GD/SGD+noise/momentum/RMSprop/Adam at x^3, x^2-y^2 and (1-ab)^2: escape table",
                         run, check_configs,
-                        config=Config, check_config=check_config)
+                        config=Config, check_config=check_config, plot=plot)
 
 if __name__ == "__main__":
     raise SystemExit(main_for(EXPERIMENT))
