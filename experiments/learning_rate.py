@@ -79,7 +79,7 @@ def _setup(cfg: Config, seed: int) -> tuple[landscapes.Regression, np.ndarray, l
 def check_config(cfg: Config, label: str, data: str | None = None) -> None:
     """Builds the rate sweep and the LR range test of ``cfg`` and traces both abstractly (no training)."""
     problem, rates, _, init, specs, config = _setup(cfg, seed=0)
-    if len({_rate_name(lr) for lr in rates}) < len(rates):
+    if len({sweep.rate_name(lr) for lr in rates}) < len(rates):
         raise ValueError(f"{label}: rates closer than 4 significant digits cannot be told apart in the "
                          f"history names: {rates.tolist()}")
     sweep.check_sweep(landscapes.mse_loss, OPTIMIZER_NAMES, specs, problem.data, config)
@@ -216,24 +216,12 @@ rate, not the fastest one.
 """)
 
 
-def _rate_name(learning_rate: float) -> str:
-    """How a grid rate appears in the history names (4 significant digits): ``lr=0.001``, ``lr=0.4634``."""
-    return f"lr={learning_rate:.4g}"
-
-
 def _histories(traces: dict[str, sweep.RunTrace], rates: np.ndarray, num_seeds: int,
                range_test: diagnostics.LRRangeTest) -> dict[str, np.ndarray]:
     """Every run of the rate grid (``OPTIMIZER/lr=RATE/...``, init seed leading) and the range test's curves."""
-    arrays = {"step": np.arange(next(iter(traces.values())).losses.shape[1]), "learning_rates": rates,
-              "range_test/learning_rate": range_test.learning_rates, "range_test/loss": range_test.losses}
-    for name, trace in traces.items():
-        for i, lr in enumerate(rates):
-            runs, prefix = slice(i * num_seeds, (i + 1) * num_seeds), f"{name}/{_rate_name(lr)}"
-            arrays[f"{prefix}/loss"] = trace.losses[runs]
-            arrays[f"{prefix}/stop_step"] = trace.stop_step[runs]
-            arrays[f"{prefix}/reached"] = trace.reached[runs]
-            arrays[f"{prefix}/diverged"] = trace.diverged[runs]
-    return arrays
+    return {"step": np.arange(next(iter(traces.values())).losses.shape[1]), "learning_rates": rates,
+            "range_test/learning_rate": range_test.learning_rates, "range_test/loss": range_test.losses,
+            **sweep.grid_histories(traces, rates, num_seeds)}
 
 
 def plot(ctx: RunContext, histories: Mapping[str, np.ndarray], recorded: Mapping[str, Any]) -> None:
@@ -246,7 +234,7 @@ def plot(ctx: RunContext, histories: Mapping[str, np.ndarray], recorded: Mapping
     edge = metrics["stability_limit_2_over_lambda_max"]
     rates = histories["learning_rates"]
     examples = {label: example["learning_rate"] for label, example in metrics["examples"].items()}
-    picks = [f"sgd/{_rate_name(rates[int(np.argmin(np.abs(rates - lr)))])}" for lr in examples.values()]
+    picks = [f"sgd/{sweep.rate_name(rates[int(np.argmin(np.abs(rates - lr)))])}" for lr in examples.values()]
 
     fig, axes = new_figure(1, 3, width=5.6, height=4.2)
     ax = axes[0, 0]

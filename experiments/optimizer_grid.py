@@ -178,23 +178,11 @@ def run(ctx: RunContext) -> None:
     ctx.set_summary(_summary(cfg, cells, checks, curvature, metrics, seeds))
 
 
-def _rate_name(learning_rate: float) -> str:
-    """How a rate appears in the history names: ``lr=0.1``, ``lr=1``."""
-    return f"lr={learning_rate:g}"
-
-
 def _histories(traces: dict[str, sweep.RunTrace], learning_rates: Sequence[float],
                num_seeds: int) -> dict[str, np.ndarray]:
     """Every run's loss history and outcome, named ``OPTIMIZER/lr=RATE/...`` with the init seed leading."""
-    arrays = {"step": np.arange(traces["sgd"].losses.shape[1])}
-    for name, trace in traces.items():
-        for i, lr in enumerate(learning_rates):
-            runs, prefix = slice(i * num_seeds, (i + 1) * num_seeds), f"{name}/{_rate_name(lr)}"
-            arrays[f"{prefix}/loss"] = trace.losses[runs]
-            arrays[f"{prefix}/stop_step"] = trace.stop_step[runs]
-            arrays[f"{prefix}/reached"] = trace.reached[runs]
-            arrays[f"{prefix}/diverged"] = trace.diverged[runs]
-    return arrays
+    return {"step": np.arange(traces["sgd"].losses.shape[1]),
+            **sweep.grid_histories(traces, learning_rates, num_seeds)}
 
 
 def plot(ctx: RunContext, histories: Mapping[str, np.ndarray], recorded: Mapping[str, Any]) -> None:
@@ -205,7 +193,7 @@ def plot(ctx: RunContext, histories: Mapping[str, np.ndarray], recorded: Mapping
     for logy, filename in ((False, "optimizer_grid.png"), (True, "optimizer_grid_log.png")):
         fig, axes = new_figure(2, 2, width=6.2, height=4.2)
         for ax, name in zip(axes.flat, OPTIMIZER_NAMES, strict=True):
-            prefixes = [f"{name}/{_rate_name(lr)}" for lr in rates]
+            prefixes = [f"{name}/{sweep.rate_name(lr)}" for lr in rates]
             plot_loss_curves(ax, np.stack([histories[f"{p}/loss"][0] for p in prefixes]),
                              [f"lr = {lr:g}" for lr in rates], steps=histories["step"],
                              diverged_at=[int(histories[f"{p}/stop_step"][0]) if histories[f"{p}/diverged"][0]

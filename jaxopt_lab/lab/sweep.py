@@ -499,3 +499,28 @@ def run_histories(trace: RunTrace) -> list[np.ndarray]:
 def steps_per_epoch(num_examples: int, batch_size: int | None) -> int:
     """Updates per pass over the data (mini-batches drop the remainder; full batch: 1)."""
     return 1 if batch_size is None else max(1, math.floor(num_examples / batch_size))
+
+
+def rate_name(learning_rate: float) -> str:
+    """How a rate appears in history names, to 4 significant digits: ``lr=0.1``, ``lr=0.4634``.
+
+    >>> rate_name(0.1), rate_name(1.0), rate_name(0.46341)
+    ('lr=0.1', 'lr=1', 'lr=0.4634')
+    """
+    return f"lr={learning_rate:.4g}"
+
+
+def grid_histories(traces: Mapping[str, RunTrace], learning_rates: Sequence[float],
+                   num_seeds: int) -> dict[str, np.ndarray]:
+    """Every run of a rates x seeds grid (:func:`grid`'s order) as named arrays, the seed leading:
+    ``OPTIMIZER/lr=RATE/loss`` ``(seeds, steps + 1)``, and ``.../stop_step``, ``.../reached``,
+    ``.../diverged`` ``(seeds,)``."""
+    arrays: dict[str, np.ndarray] = {}
+    for name, trace in traces.items():
+        for i, lr in enumerate(learning_rates):
+            runs, prefix = slice(i * num_seeds, (i + 1) * num_seeds), f"{name}/{rate_name(lr)}"
+            arrays[f"{prefix}/loss"] = np.asarray(trace.losses[runs])
+            arrays[f"{prefix}/stop_step"] = np.asarray(trace.stop_step[runs])
+            arrays[f"{prefix}/reached"] = np.asarray(trace.reached[runs])
+            arrays[f"{prefix}/diverged"] = np.asarray(trace.diverged[runs])
+    return arrays
