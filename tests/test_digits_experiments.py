@@ -47,6 +47,9 @@ def test_normalization(tmp_path):
             _chosen_rate(record, config["learning_rates"])
             assert set(record["flattened"]) >= {"flattened", "relative_change"}
     _chosen_rate(metrics["mlp"], config["learning_rates"])
+    # A quick run teaches: at the reference batch every CNN has learned the digits.
+    at_reference = {n: metrics["cnn"][n][str(config["reference_batch"])]["mean"] for n in norms}
+    assert min(at_reference.values()) >= 0.90, at_reference
     assert "| MLP, no norm |" in summary  # the MLP row sits in the CNN table
     assert set(metrics["rnn"]) == {"none", "batch", "layer"}
     assert {c["verdict"] for c in metrics["claims"]} <= VERDICTS and len(metrics["claims"]) >= 9
