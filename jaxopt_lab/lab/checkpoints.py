@@ -100,9 +100,11 @@ class Checkpoints:
         if self.resume and path.is_file():
             self.reused += 1
             return serialization.msgpack_restore(path.read_bytes())
-        value = compute()
-        results.atomic_write_bytes(path, serialization.msgpack_serialize(value))
-        return value
+        stored = serialization.msgpack_serialize(compute())
+        results.atomic_write_bytes(path, stored)
+        # What a fresh run goes on with is what a resumed one reads back (lists for tuples, keys in the
+        # stored order), so the two end with the same output, byte for byte.
+        return serialization.msgpack_restore(stored)
 
     def remove(self) -> None:
         """Deletes the folder (the run finished: its results are written)."""

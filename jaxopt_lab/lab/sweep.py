@@ -510,7 +510,7 @@ def rate_name(learning_rate: float) -> str:
     return f"lr={learning_rate:.4g}"
 
 
-def grid_histories(traces: Mapping[str, RunTrace], learning_rates: Sequence[float],
+def grid_histories(traces: Mapping[str, RunTrace], learning_rates: Sequence[float] | np.ndarray,
                    num_seeds: int) -> dict[str, np.ndarray]:
     """Every run of a rates x seeds grid (:func:`grid`'s order) as named arrays, the seed leading:
     ``OPTIMIZER/lr=RATE/loss`` ``(seeds, steps + 1)``, and ``.../stop_step``, ``.../reached``,
