@@ -8,6 +8,7 @@ import sys
 
 import chex
 import jax
+import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
@@ -214,9 +215,9 @@ def search(digits):
 
 def test_tuning_compiles_one_program_for_every_rate_and_records_divergence(search):
     result, traced = search
-    # make_tx was called once inside the traced program (whatever the number of rates) and once more with
-    # the chosen float to rebuild the returned state.
-    assert traced == [True, False]
+    # make_tx was called with the traced rates twice (whatever their number): for the optimizer's initial
+    # states and inside the training program; then once with the chosen float to rebuild the returned state.
+    assert traced[:-1] == [True, True] and traced[-1] is False
     table = {row["learning_rate"]: row for row in result.table}
     assert [row["learning_rate"] for row in result.table] == pytest.approx([1e-5, 0.03, 0.3, 1e4])
     assert table[1e4]["diverged"] >= 1 and not table[1e4]["chosen"]  # a ReLU net may die instead
@@ -301,3 +302,84 @@ def test_bad_tuning_arguments_raise_value_error(digits, kwargs, message):
         training.tune_learning_rate(MLP, optax.sgd, digits, **args)
     with pytest.raises(ValueError, match="window_fraction"):
         training.loss_flattened(np.ones(10), window_fraction=0.0)
+
+
+# --- the step loop in chunks, with progress ------------------------------------------------------------
+
+
+def _backend_compiles(run):
+    """``(run(), how many programs XLA compiled meanwhile)``."""
+    compiled = []
+
+    def listener(event, duration, **kwargs):
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiled.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        return run(), len(compiled)
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def test_chunked_training_is_bitwise_one_program_and_reports_every_step(digits):
+    # 50 steps evaluated every 6: 9 intervals, the last one 2 steps long (its other 4 are skipped).
+    # chunk_steps=18 is 3 intervals: chunks of 18, 18 and 14 steps, a budget that is not a multiple of the
+    # chunk; 12 would be 2 intervals, which do not divide 9, so it runs 1; 1 is below an interval (1 too).
+    run = lambda chunk_steps, progress=None: training.train_seeds(
+        models.MLP(norm="batch", widths=(16,)), optax.adam(3e-3), digits, seeds=[0, 1], steps=50, eval_every=6,
+        batch_size=64, probe=lambda p: p["head"]["kernel"].mean(), chunk_steps=chunk_steps, progress=progress)
+    whole = run(10_000)
+    assert whole.history.step_loss.shape == (2, 50) and whole.state.step.tolist() == [50, 50]
+    np.testing.assert_array_equal(whole.history.steps, [[*range(6, 49, 6), 50]] * 2)
+    expected_updates = {10_000: [50], 18: [18, 18, 14], 12: [6] * 8 + [2], 1: [6] * 8 + [2]}
+    for chunk_steps, updates in expected_updates.items():
+        reported = []
+        chunked = run(chunk_steps, reported.append)
+        assert reported == updates, chunk_steps
+        for got, want in zip(jax.tree.leaves((chunked.state, chunked.history)),
+                             jax.tree.leaves((whole.state, whole.history)), strict=True):
+            np.testing.assert_array_equal(got, want)
+    # A call compiles one training program however many chunks it runs (the rest is cached by then).
+    _, compiled = _backend_compiles(lambda: run(18))
+    assert compiled == 1
+
+
+def test_a_masked_last_interval_traces_one_step_loop(digits):
+    # Evaluating every 7 of 50 steps leaves a last interval of 1 step: it reuses the loop of the others.
+    train = training.Batch(jnp.asarray(digits.x_train[:256]), jnp.asarray(digits.y_train[:256]))
+    test = training.Batch(jnp.asarray(digits.x_test[:64]), jnp.asarray(digits.y_test[:64]))
+    state = training.create_train_state(MLP, optax.sgd(0.1), jax.random.key(0), digits.x_train[:1])
+    loops = lambda steps: str(jax.make_jaxpr(lambda s: training.fit(
+        s, jax.random.key(1), train, test, batch_size=64, steps=steps, eval_every=7))(state)).count("scan[")
+    # The intervals, the steps of one interval, the test set's evaluation chunks (a second copy of the last
+    # two, for a shorter last interval, would make 5).
+    assert loops(50) == loops(49) == 3
+
+
+def test_tuning_in_chunks_equals_one_program_and_updates_a_bar(digits, search):
+    class Bar:  # what tqdm offers: update(n)
+        def __init__(self):
+            self.updates = []
+
+        def update(self, n):
+            self.updates.append(n)
+
+    bar = Bar()
+    result, _ = search  # 120 steps, evaluated every 6: the default chunk runs them in one program
+    chunked = training.tune_learning_rate(MLP, optax.sgd, digits, [0, 1], learning_rates=[1e-5, 0.03, 0.3, 1e4],
+                                          batch_size=64, steps=120, chunk_steps=30, progress=bar)
+    assert bar.updates == [30] * 4
+    assert json.dumps(chunked.table) == json.dumps(result.table)
+    for got, want in zip(jax.tree.leaves((chunked.result.state, chunked.result.history)),
+                         jax.tree.leaves((result.result.state, result.result.history)), strict=True):
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(chunk_steps=0), ValueError, "chunk_steps must be a positive int"),
+    (dict(progress=3), TypeError, "progress must be callable"),
+])
+def test_bad_chunking_arguments_raise(digits, kwargs, error, message):
+    with pytest.raises(error, match=message):
+        training.train_seeds(MLP, optax.sgd(0.1), digits, seeds=[0], steps=10, batch_size=64, **kwargs)

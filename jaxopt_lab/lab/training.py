@@ -10,9 +10,14 @@ Layers, from the inside out:
   :func:`jaxopt_lab.parallel.batch_sharded`; on one device it is plain single-device training.
 - :func:`fit`: a budget of optimizer steps (``steps``, or whole ``epochs``) as a ``lax.scan`` over
   evaluation intervals, each a ``lax.scan`` of ``train_step`` over shuffled mini-batches
-  (:func:`jaxopt_lab.lab.data.shuffled_batches`, a fresh order per epoch), then a test evaluation.
-- :func:`train_seeds`: ``jax.jit(jax.vmap(init + fit))`` over seeds: every seed's run is one lane of one
-  compiled program (the batch size is fixed within a call, so the seeds share every shape).
+  (:func:`jaxopt_lab.lab.data.shuffled_batches`, a fresh order per epoch), then a test evaluation. Every
+  interval has the same length; a shorter last one skips its steps past the budget (a ``lax.cond``), so
+  the program holds one copy of the step loop.
+- :func:`train_seeds`: ``jax.jit(jax.vmap(fit))`` over seeds: every seed's run is one lane of one compiled
+  program (the batch size is fixed within a call, so the seeds share every shape). The program runs a
+  chunk of evaluation intervals per call (``chunk_steps``), the carry passed from call to call, and
+  ``progress`` hears of every chunk's steps: a progress bar advances during a long run, and the result is
+  bitwise the same for every chunking.
 - :func:`tune_learning_rate`: the same program vmapped over learning rates x seeds (the rate is a traced
   value, so ONE compilation serves every rate), the rate chosen on a validation split carved from the
   training set, never on the test set.
@@ -36,6 +41,7 @@ A run whose loss becomes NaN/inf is not an error: its history carries the non-fi
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Callable, Sequence
 from typing import Any, NamedTuple
@@ -54,6 +60,7 @@ from jaxopt_lab.lab.checks import positive_int
 from jaxopt_lab.lab.data import Dataset, num_batches, shuffled_batches, stratified_split
 
 __all__ = [
+    "DEFAULT_CHUNK_STEPS",
     "Batch",
     "Flatness",
     "History",
@@ -320,6 +327,101 @@ def _step_budget(owner: str, epochs: int | None, steps: int | None, eval_every: 
     return total, every
 
 
+class _Budget(NamedTuple):
+    """A run's step budget: ``total`` steps, evaluated every ``every`` steps at ``intervals`` points."""
+
+    total: int
+    every: int
+    intervals: int  # ceil(total / every); the last interval is shorter when ``every`` does not divide ``total``
+    per_epoch: int
+    batch_size: int
+
+
+def _budget(owner: str, count: int, batch_size: int, epochs: int | None, steps: int | None,
+            eval_every: int | None) -> _Budget:
+    per_epoch = num_batches(count, batch_size)  # a clear error for a batch larger than the training set
+    total, every = _step_budget(owner, epochs, steps, eval_every, per_epoch)
+    return _Budget(total, every, -(-total // every), per_epoch, batch_size)
+
+
+def _initial_order(budget: _Budget) -> jax.Array:
+    # Replaced at step 0 (the start of epoch 0) before it is read.
+    return jnp.zeros((budget.per_epoch, budget.batch_size), jnp.int32)
+
+
+def _run_intervals(carry: tuple[TrainState, jax.Array], key: jax.Array, first: jax.Array, count: int,
+                   train: Batch, test: Batch, validation: Batch | None, *, budget: _Budget, step_fn: TrainStep,
+                   probe: Probe | None) -> tuple[tuple[TrainState, jax.Array], tuple[Any, ...]]:
+    """Evaluation intervals ``first, ..., first + count - 1`` of a run (a ``lax.scan``), from ``carry``.
+
+    ``carry`` is ``(state, order)``, the epoch's batch order; ``first`` may be traced, so one compiled
+    program runs every chunk of ``count`` intervals. Every interval is ``budget.every`` steps long; when
+    that does not divide the budget, the steps past it (in the last interval) are skipped by a
+    ``lax.cond`` on the step number, so the last interval needs no second copy of the step loop.
+
+    Returns:
+      The new carry and ``(losses (count, every), (test_loss, test_accuracy), validation metrics or
+      None, probes or None)``, each with a leading axis of ``count``.
+    """
+    num_train = train.labels.shape[0]
+    per_epoch, every = budget.per_epoch, budget.every
+
+    def train_on(carry: tuple[TrainState, jax.Array], t: jax.Array) -> tuple[tuple[TrainState, jax.Array],
+                                                                           jax.Array]:
+        state, order = carry
+        epoch, position = jnp.divmod(t, per_epoch)
+        # A new order at the start of each epoch. The predicate depends on the step only (never on a
+        # vmapped value), so under vmap this stays a real branch, taken once per epoch.
+        order = jax.lax.cond(position == 0,
+                             lambda: shuffled_batches(jax.random.fold_in(key, epoch), num_train,
+                                                      budget.batch_size),
+                             lambda: order)
+        indices = order[position]
+        state, metrics = step_fn(state, Batch(train.images[indices], train.labels[indices]))
+        return (state, order), metrics["loss"]
+
+    def one_step(carry: tuple[TrainState, jax.Array], t: jax.Array) -> tuple[tuple[TrainState, jax.Array],
+                                                                           jax.Array]:
+        if budget.total % every == 0:
+            return train_on(carry, t)
+        loss = jax.eval_shape(train_on, carry, t)[1]
+        skip = lambda carry, t: (carry, jnp.zeros(loss.shape, loss.dtype))  # past the budget: no step
+        return jax.lax.cond(t < budget.total, train_on, skip, carry, t)  # step-only predicate, as above
+
+    def evaluation(state: TrainState) -> tuple[Any, ...]:
+        test_metrics = evaluate(state, test.images, test.labels)
+        valid_metrics = None if validation is None else evaluate(state, validation.images, validation.labels)
+        probed = None if probe is None else probe(state.params)
+        return test_metrics, valid_metrics, probed
+
+    def interval(carry: tuple[TrainState, jax.Array], index: jax.Array) -> tuple[Any, Any]:
+        carry, losses = jax.lax.scan(one_step, carry, index * every + jnp.arange(every))
+        return carry, (losses, *evaluation(carry[0]))
+
+    return jax.lax.scan(interval, carry, first + jnp.arange(count))
+
+
+def _history(budget: _Budget, records: tuple[Any, ...], initial_probe: Any) -> History:
+    """One run's :class:`History` from the records of all its intervals (and the probe before training)."""
+    total, every, per_epoch = budget.total, budget.every, budget.per_epoch
+    step_losses, (test_loss, test_accuracy), valid, probes = records
+    losses = step_losses.reshape(-1)[:total]  # the skipped steps past the budget are dropped
+    full = total // every
+    train_loss = losses[: full * every].reshape(full, every).mean(axis=1)
+    if total % every:  # the last, shorter interval
+        train_loss = jnp.concatenate([train_loss, losses[full * every:].mean()[None]])
+    if initial_probe is not None:
+        probes = jax.tree.map(lambda first, rest: jnp.concatenate([first[None], rest]), initial_probe, probes)
+    full_epochs = total // per_epoch
+    epoch_loss = losses[: full_epochs * per_epoch].reshape(full_epochs, per_epoch).mean(axis=1)
+    eval_steps = np.minimum(np.arange(1, budget.intervals + 1) * every, total)
+    return History(
+        step_loss=losses, epoch_loss=epoch_loss,
+        test_loss=test_loss, test_accuracy=test_accuracy, probes=probes, steps=jnp.asarray(eval_steps),
+        train_loss=train_loss, validation_loss=None if valid is None else valid[0],
+        validation_accuracy=None if valid is None else valid[1])
+
+
 def fit(state: TrainState, key: jax.Array, train: Batch, test: Batch, *, batch_size: int,
         epochs: int | None = None, steps: int | None = None, eval_every: int | None = None,
         step_fn: TrainStep = train_step, probe: Probe | None = None,
@@ -342,59 +444,31 @@ def fit(state: TrainState, key: jax.Array, train: Batch, test: Batch, *, batch_s
       step_fn: from :func:`make_train_step` (default: no micro-batching).
       probe: optional ``probe(params) -> pytree`` recorded before training and at every evaluation.
       validation: an optional second held-out set evaluated alongside ``test``.
+
+    Returns:
+      ``(state, history)``: the state after the last step and a :class:`History`.
+
+    ``fit`` is one traced computation (run it under ``jax.jit``, usually ``jax.vmap``-ed); for a progress
+    bar during the run, :func:`train_seeds` and :func:`tune_learning_rate` call the same step loop in
+    chunks.
+
+    Example:
+      >>> import optax
+      >>> from jaxopt_lab.lab import data, models
+      >>> ds = data.load_digits()
+      >>> train, test = Batch(jnp.asarray(ds.x_train), jnp.asarray(ds.y_train)), Batch(
+      ...     jnp.asarray(ds.x_test), jnp.asarray(ds.y_test))
+      >>> state = create_train_state(models.Logistic(), optax.sgd(0.1), jax.random.key(0), ds.x_train[:1])
+      >>> run = jax.jit(lambda state, key: fit(state, key, train, test, batch_size=64, steps=50, eval_every=20))
+      >>> state, history = run(state, jax.random.key(1))
+      >>> int(state.step), history.steps.tolist(), history.step_loss.shape
+      (50, [20, 40, 50], (50,))
     """
-    count = train.labels.shape[0]
-    per_epoch = num_batches(count, batch_size)  # a clear error for a batch larger than the training set
-    total, every = _step_budget("fit", epochs, steps, eval_every, per_epoch)
-    chunks, tail = divmod(total, every)
-
-    def one_step(carry: tuple[TrainState, jax.Array], t: jax.Array) -> tuple[tuple[TrainState, jax.Array],
-                                                                          jax.Array]:
-        state, order = carry
-        epoch, position = jnp.divmod(t, per_epoch)
-        # A new order at the start of each epoch. The predicate depends on the step only (never on a
-        # vmapped value), so under vmap this stays a real branch, taken once per epoch.
-        order = jax.lax.cond(position == 0,
-                             lambda: shuffled_batches(jax.random.fold_in(key, epoch), count, batch_size),
-                             lambda: order)
-        indices = order[position]
-        state, metrics = step_fn(state, Batch(train.images[indices], train.labels[indices]))
-        return (state, order), metrics["loss"]
-
-    def evaluation(state: TrainState) -> tuple[Any, ...]:
-        test_metrics = evaluate(state, test.images, test.labels)
-        valid_metrics = None if validation is None else evaluate(state, validation.images, validation.labels)
-        probed = None if probe is None else probe(state.params)
-        return test_metrics, valid_metrics, probed
-
-    def interval(carry: tuple[TrainState, jax.Array], first: jax.Array, length: int) -> tuple[Any, Any]:
-        carry, losses = jax.lax.scan(one_step, carry, first + jnp.arange(length))
-        return carry, (losses, *evaluation(carry[0]))
-
-    order = jnp.zeros((per_epoch, batch_size), jnp.int32)
+    budget = _budget("fit", train.labels.shape[0], batch_size, epochs, steps, eval_every)
     initial_probe = None if probe is None else probe(state.params)
-    carry, records = jax.lax.scan(lambda c, first: interval(c, first, every), (state, order),
-                                  jnp.arange(chunks) * every)
-    losses = records[0].reshape(-1)
-    train_loss = records[0].mean(axis=1)
-    if tail:  # the last evaluation interval is shorter: one more scan of the remaining steps
-        carry, last = interval(carry, jnp.asarray(chunks * every), tail)
-        records = jax.tree.map(lambda rest, one: jnp.concatenate([rest, one[None]]), records[1:], last[1:])
-        losses = jnp.concatenate([losses, last[0]])
-        train_loss = jnp.concatenate([train_loss, last[0].mean()[None]])
-    else:
-        records = records[1:]
-    (test_loss, test_accuracy), valid, probes = records
-    if probe is not None:
-        probes = jax.tree.map(lambda first, rest: jnp.concatenate([first[None], rest]), initial_probe, probes)
-    full_epochs = total // per_epoch
-    eval_steps = np.minimum(np.arange(1, chunks + (tail > 0) + 1) * every, total)
-    epoch_loss = losses[: full_epochs * per_epoch].reshape(full_epochs, per_epoch).mean(axis=1)
-    return carry[0], History(
-        step_loss=losses, epoch_loss=epoch_loss,
-        test_loss=test_loss, test_accuracy=test_accuracy, probes=probes, steps=jnp.asarray(eval_steps),
-        train_loss=train_loss, validation_loss=None if valid is None else valid[0],
-        validation_accuracy=None if valid is None else valid[1])
+    (state, _), records = _run_intervals((state, _initial_order(budget)), key, jnp.asarray(0), budget.intervals,
+                                         train, test, validation, budget=budget, step_fn=step_fn, probe=probe)
+    return state, _history(budget, records, initial_probe)
 
 
 def _make_step_fn(owner: str, batch_size: int, num_microbatches: int, unroll: int | bool,
@@ -431,11 +505,98 @@ def _check_seeds(owner: str, seeds: Sequence[int]) -> list[int]:
     return seeds
 
 
+DEFAULT_CHUNK_STEPS = 200
+"""The default ``chunk_steps`` of :func:`train_seeds` and :func:`tune_learning_rate`: whole evaluation
+intervals adding up to at most this many optimizer steps per call (at least one interval). Its cost is
+measured in docs/real_data_experiments.md ("Progress in chunks: what it costs")."""
+
+Progress = Callable[[int], Any]
+
+
+def _intervals_per_chunk(owner: str, budget: _Budget, chunk_steps: int | None) -> int:
+    """The evaluation intervals per compiled chunk: the most that divide the number of intervals (so every
+    chunk has the same shape and one program serves them all) and span at most ``chunk_steps`` steps; at
+    least one."""
+    limit = DEFAULT_CHUNK_STEPS if chunk_steps is None else positive_int(chunk_steps, owner, "chunk_steps")
+    most = max(1, min(budget.intervals, limit // budget.every))
+    return max(k for k in range(1, most + 1) if budget.intervals % k == 0)
+
+
+def _progress_callback(owner: str, progress: Any) -> Progress | None:
+    """``progress`` itself when callable, else its ``update`` method (a tqdm bar), else an error."""
+    if progress is None or callable(progress):
+        return progress
+    update = getattr(progress, "update", None)
+    if not callable(update):
+        raise TypeError(f"{owner}: progress must be callable with a number of steps or have an update(n) "
+                        f"method (a tqdm bar), got {type(progress).__name__}")
+    return update
+
+
+def _train_lanes(owner: str, model: nn.Module, make_tx: Callable[[Any], optax.GradientTransformation],
+                 tx_args: Any, variables: Any, data_keys: jax.Array, train: Batch, test: Batch,
+                 validation: Batch | None, *, budget: _Budget, step_fn: TrainStep, probe: Probe | None,
+                 chunk_steps: int | None, progress: Any) -> tuple[tuple[Any, ...], History]:
+    """Every lane's run (leading lane axis on ``tx_args``, ``variables``, ``data_keys``), vmapped, in chunks.
+
+    The step loop runs ``k`` evaluation intervals per call of ONE jitted, vmapped program
+    (:func:`_intervals_per_chunk`); the carry (each lane's arrays and batch order) goes from one call to the
+    next. Every chunk is dispatched before the first is waited for, so the device never idles between
+    chunks; ``progress`` is then called with each chunk's steps as it completes. The chunks run the same
+    step and evaluation code on the same values as one call would, and the history is concatenated
+    (exact), so the result does not depend on the chunking.
+
+    Returns:
+      ``((step, params, opt_state, batch_stats), history)``, every leaf with the lane axis. The optimizer's
+      state is returned as arrays: ``make_tx`` may close over a traced value (the learning rate).
+    """
+    report = _progress_callback(owner, progress)
+    per_chunk = _intervals_per_chunk(owner, budget, chunk_steps)
+    arrays = lambda state: (jnp.asarray(state.step), state.params, state.opt_state, state.batch_stats)
+
+    def start(variables: Any, tx_arg: Any) -> tuple[Any, Any]:
+        state = _state_from_variables(model, make_tx(tx_arg), variables)
+        return arrays(state), None if probe is None else probe(state.params)
+
+    def chunk(carry: tuple[Any, jax.Array], key: jax.Array, tx_arg: Any, first: jax.Array, train: Batch,
+              test: Batch, validation: Batch | None) -> tuple[tuple[Any, jax.Array], Any]:
+        (step, params, opt_state, batch_stats), order = carry
+        state = TrainState(step=step, apply_fn=model.apply, params=params, tx=make_tx(tx_arg),
+                           opt_state=opt_state, batch_stats=batch_stats)
+        (state, order), records = _run_intervals((state, order), key, first, per_chunk, train, test, validation,
+                                                 budget=budget, step_fn=step_fn, probe=probe)
+        return (arrays(state), order), records
+
+    # The initial state (the optimizer's init, zeros and copies) runs op by op: no program to compile.
+    state_arrays, initial_probe = jax.vmap(start)(variables, tx_args)
+    orders = jnp.broadcast_to(_initial_order(budget), (data_keys.shape[0], budget.per_epoch, budget.batch_size))
+    carry = (state_arrays, orders)
+    program = jax.jit(jax.vmap(chunk, in_axes=(0, 0, 0, None, None, None, None)))
+    firsts = range(0, budget.intervals, per_chunk)
+    pieces = []
+    for first in firsts:  # dispatched asynchronously: the calls queue up behind the running one
+        carry, records = program(carry, data_keys, tx_args, np.int32(first), train, test, validation)
+        pieces.append(records)
+    if report is not None:
+        for first, records in zip(firsts, pieces, strict=True):
+            jax.block_until_ready(records)
+            report(min((first + per_chunk) * budget.every, budget.total) - first * budget.every)
+    records = pieces[0] if len(pieces) == 1 else jax.tree.map(lambda *parts: jnp.concatenate(parts, axis=1),
+                                                               *pieces)
+    return carry[0], _lane_histories(budget, records, initial_probe)
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _lane_histories(budget: _Budget, records: tuple[Any, ...], initial_probe: Any) -> History:
+    # Module-level: compiled once per budget and shapes, whatever the model.
+    return jax.vmap(functools.partial(_history, budget))(records, initial_probe)
+
+
 def train_seeds(model: nn.Module, tx: optax.GradientTransformation, dataset: Dataset, seeds: Sequence[int], *,
                 batch_size: int, epochs: int | None = None, steps: int | None = None,
                 eval_every: int | None = None, num_microbatches: int = 1, probe: Probe | None = None,
-                train_size: int | None = None, unroll: int | bool = 1,
-                data_parallel: bool | None = None) -> TrainResult:
+                train_size: int | None = None, unroll: int | bool = 1, data_parallel: bool | None = None,
+                chunk_steps: int | None = None, progress: Progress | Any = None) -> TrainResult:
     """Trains one run per seed, all seeds vmapped in one jitted program.
 
     Seed ``s`` initializes the model from ``fold_in(key(s), 0)`` and orders the data with
@@ -459,27 +620,44 @@ def train_seeds(model: nn.Module, tx: optax.GradientTransformation, dataset: Dat
         Under a mesh micro-batch ``i`` holds examples ``i, i + k, ...`` (each device keeps its shard)
         instead of a contiguous slice: as random a split of the shuffled batch, but with batch norm a
         different one from a single-device run.
+      chunk_steps: the step loop runs in chunks of whole evaluation intervals, each one call of the same
+        compiled program, of at most ``chunk_steps`` steps (at least one interval; the number of
+        intervals per chunk divides the number of intervals, so every chunk has one shape). Default
+        :data:`DEFAULT_CHUNK_STEPS`; a value at least the budget runs it in one call. The results do not
+        depend on it (bitwise).
+      progress: called with the number of optimizer steps of each chunk once it has run (they add up to
+        the budget), e.g. a tqdm bar's ``update``; an object with an ``update(n)`` method (the bar itself)
+        works too. ``None``: no reporting.
 
     Returns:
       A :class:`TrainResult`; every leaf has a leading axis of ``len(seeds)``.
+
+    Example:
+      >>> import optax
+      >>> from jaxopt_lab.lab import data, models
+      >>> done = []
+      >>> result = train_seeds(models.Logistic(), optax.sgd(0.1), data.load_digits(), [0, 1], batch_size=64,
+      ...                      steps=100, eval_every=10, chunk_steps=40, progress=done.append)
+      >>> done         # 40 steps are 4 intervals, which do not divide the 10: chunks of 2
+      [20, 20, 20, 20, 20]
     """
     seeds = _check_seeds("train_seeds", seeds)
     count = len(dataset.y_train) if train_size is None else int(train_size)
     if not 0 < count <= len(dataset.y_train):
         raise ValueError(f"train_seeds: train_size must lie in [1, {len(dataset.y_train)}], got {train_size!r}")
-    _step_budget("train_seeds", epochs, steps, eval_every, num_batches(count, batch_size))  # before compiling
+    budget = _budget("train_seeds", count, batch_size, epochs, steps, eval_every)  # before compiling
+    _intervals_per_chunk("train_seeds", budget, chunk_steps)
+    _progress_callback("train_seeds", progress)
     train = Batch(jnp.asarray(dataset.x_train[:count]), jnp.asarray(dataset.y_train[:count]))
     test = Batch(jnp.asarray(dataset.x_test), jnp.asarray(dataset.y_test))
     step_fn = _make_step_fn("train_seeds", batch_size, num_microbatches, unroll, data_parallel)
-
-    def one_run(variables: Any, data_key: jax.Array, train: Batch, test: Batch) -> tuple[TrainState, History]:
-        state = _state_from_variables(model, tx, variables)
-        return fit(state, data_key, train, test, batch_size=batch_size, epochs=epochs, steps=steps,
-                   eval_every=eval_every, step_fn=step_fn, probe=probe)
-
     data_keys, init_keys = _seed_keys(seeds)
     variables = _init_variables(model, init_keys, train.images[:1])
-    state, history = jax.jit(jax.vmap(one_run, in_axes=(0, 0, None, None)))(variables, data_keys, train, test)
+    (step, params, opt_state, batch_stats), history = _train_lanes(
+        "train_seeds", model, lambda _: tx, None, variables, data_keys, train, test, None, budget=budget,
+        step_fn=step_fn, probe=probe, chunk_steps=chunk_steps, progress=progress)
+    state = TrainState(step=step, apply_fn=model.apply, params=params, tx=tx, opt_state=opt_state,
+                       batch_stats=batch_stats)
     return TrainResult(state, history)
 
 
@@ -525,7 +703,8 @@ def tune_learning_rate(model: nn.Module, make_tx: Callable[[Any], optax.Gradient
                        dataset: Dataset, seeds: Sequence[int], *, learning_rates: Sequence[float],
                        batch_size: int, steps: int, validation_fraction: float = 0.2,
                        eval_every: int | None = None, num_microbatches: int = 1, unroll: int | bool = 1,
-                       data_parallel: bool | None = None, split_seed: int = 0) -> RateSearch:
+                       data_parallel: bool | None = None, split_seed: int = 0, chunk_steps: int | None = None,
+                       progress: Progress | Any = None) -> RateSearch:
     """Trains every (learning rate, seed) pair in ONE jitted, vmapped program and picks the rate on validation.
 
     A validation split (``validation_fraction`` of the training set, fixed by ``split_seed`` and stratified)
@@ -545,15 +724,21 @@ def tune_learning_rate(model: nn.Module, make_tx: Callable[[Any], optax.Gradient
       steps, eval_every: the budget and evaluation spacing of every run (see :func:`fit`).
       validation_fraction: the share of the training set held out for the choice.
       split_seed: the seed of the validation split.
+      chunk_steps, progress: see :func:`train_seeds`; ``progress`` counts the steps of one run (every rate
+        and seed takes each step together), so a bar's total is ``steps``.
 
-    >>> import optax
-    >>> from jaxopt_lab.lab import data, models
-    >>> search = tune_learning_rate(models.Logistic(), optax.sgd, data.load_digits(), [0, 1],
-    ...                             learning_rates=[1e-3, 0.1], batch_size=64, steps=100)
-    >>> search.learning_rate, [row["diverged"] for row in search.table]
-    (0.1, [0, 0])
-    >>> search.result.history.test_accuracy.shape     # (seeds, evaluation points), on the test set
-    (2, 20)
+    Returns:
+      A :class:`RateSearch`.
+
+    Example:
+      >>> import optax
+      >>> from jaxopt_lab.lab import data, models
+      >>> search = tune_learning_rate(models.Logistic(), optax.sgd, data.load_digits(), [0, 1],
+      ...                             learning_rates=[1e-3, 0.1], batch_size=64, steps=100)
+      >>> search.learning_rate, [row["diverged"] for row in search.table]
+      (0.1, [0, 0])
+      >>> search.result.history.test_accuracy.shape     # (seeds, evaluation points), on the test set
+      (2, 20)
     """
     seeds = _check_seeds("tune_learning_rate", seeds)
     if not callable(make_tx):
@@ -568,27 +753,23 @@ def tune_learning_rate(model: nn.Module, make_tx: Callable[[Any], optax.Gradient
         raise ValueError(f"tune_learning_rate: learning_rates must be one or more finite numbers > 0, "
                          f"got {list(np.atleast_1d(learning_rates))!r}")
     train_idx, valid_idx = validation_split(dataset.y_train, validation_fraction, seed=split_seed)
-    _step_budget("tune_learning_rate", None, steps, eval_every, num_batches(len(train_idx), batch_size))
+    budget = _budget("tune_learning_rate", len(train_idx), batch_size, None, steps, eval_every)
+    _intervals_per_chunk("tune_learning_rate", budget, chunk_steps)
+    _progress_callback("tune_learning_rate", progress)
     train = Batch(jnp.asarray(dataset.x_train[train_idx]), jnp.asarray(dataset.y_train[train_idx]))
     valid = Batch(jnp.asarray(dataset.x_train[valid_idx]), jnp.asarray(dataset.y_train[valid_idx]))
     test = Batch(jnp.asarray(dataset.x_test), jnp.asarray(dataset.y_test))
     step_fn = _make_step_fn("tune_learning_rate", batch_size, num_microbatches, unroll, data_parallel)
-
-    def one_run(variables: Any, data_key: jax.Array, rate: jax.Array, train: Batch, valid: Batch,
-                test: Batch) -> tuple[Any, History]:
-        state = _state_from_variables(model, make_tx(rate), variables)
-        state, history = fit(state, data_key, train, test, batch_size=batch_size, steps=steps,
-                             eval_every=eval_every, step_fn=step_fn, validation=valid)
-        # The state's `tx` closes over the traced rate: return only its arrays; rebuilt outside.
-        return (state.step, state.params, state.opt_state, state.batch_stats), history
 
     data_keys, init_keys = _seed_keys(seeds)
     variables = _init_variables(model, init_keys, train.images[:1])
     seed_of_lane = np.tile(np.arange(len(seeds)), rates.size)
     lanes = lambda tree: jax.tree.map(lambda a: a[seed_of_lane], tree)
     lane_rates = jnp.repeat(jnp.asarray(rates, jnp.float32), len(seeds))  # rate-major: lane = r * S + s
-    program = jax.jit(jax.vmap(one_run, in_axes=(0, 0, 0, None, None, None)))
-    arrays, history = program(lanes(variables), lanes(data_keys), lane_rates, train, valid, test)
+    # `make_tx` gets the traced rate inside the program: the states come back as arrays, rebuilt below.
+    arrays, history = _train_lanes("tune_learning_rate", model, make_tx, lane_rates, lanes(variables),
+                                   lanes(data_keys), train, test, valid, budget=budget, step_fn=step_fn,
+                                   probe=None, chunk_steps=chunk_steps, progress=progress)
 
     per_rate = lambda a: np.asarray(a).reshape(rates.size, len(seeds), *np.shape(a)[1:])
     valid_acc = per_rate(history.validation_accuracy)[..., -1]
