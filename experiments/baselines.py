@@ -128,11 +128,13 @@ def run(ctx: RunContext) -> None:
     rows, histories, descriptions = [], {}, {}
     jobs = [(part, name) for part in cfg.parts for name in part.models]
     datasets = {part.dataset: data.load_dataset(part.dataset) for part in cfg.parts}
-    for part, name in ctx.progress(jobs, desc="training"):
+    for part, name in ctx.progress(jobs, desc="configurations"):
         ds = datasets[part.dataset]
         descriptions[part.dataset] = ds.describe()
-        unit = ctx.cached(f"{part.dataset} {name}", {"config": cfg, "part": part, "model": name},
-                          functools.partial(_train_job, cfg, ds, seeds, part, name, ctx.data_parallel))
+        with ctx.progress(total=part.steps, desc=f"{part.dataset} {name}, steps") as bar:
+            unit = ctx.cached(f"{part.dataset} {name}", {"config": cfg, "part": part, "model": name},
+                              functools.partial(_train_job, cfg, ds, seeds, part, name, ctx.data_parallel,
+                                                bar.update))
         rows.append(unit["row"])
         histories.update({f"{part.dataset}/{name}/{key}": value for key, value in unit["histories"].items()})
 
@@ -149,12 +151,12 @@ FIGURES = ("paper_comparison.png", "training_curves.png")
 
 
 def _train_job(cfg: Config, ds: data.Dataset, seeds: list[int], part: Part, name: str,
-               data_parallel: bool | None) -> dict:
+               data_parallel: bool | None, progress: Any = None) -> dict:
     """One model on one dataset at its tuned rate: its table row and its histories."""
     search = training.tune_learning_rate(MODELS[name](ds.num_classes), make_tx, ds, seeds,
                                          learning_rates=cfg.learning_rates, batch_size=part.batch_size,
                                          steps=part.steps, validation_fraction=cfg.validation_fraction,
-                                         data_parallel=data_parallel)
+                                         data_parallel=data_parallel, progress=progress)
     history = search.result.history
     flat = training.loss_flattened(history.step_loss)
     row = {

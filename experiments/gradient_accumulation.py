@@ -156,10 +156,15 @@ def run(ctx: RunContext) -> None:
     chosen: dict[str, dict[str, Any]] = {}
     b_vs_c: dict[str, dict[str, Any]] = {}
     histories: dict[str, np.ndarray] = {}
-    for model_name in ctx.progress(cfg.models, desc="training"):
-        unit = ctx.cached(model_name, {"config": cfg, "data": ds.describe(), "model": model_name},
-                          functools.partial(_train_model, cfg, ds, seeds, model_name, train_size,
-                                            ctx.data_parallel))
+    # Steps per model: the two rate sweeps (at 128 and at 32) and the four variants.
+    steps_per_model = (1 + STEPS) * cfg.updates + sum(
+        cfg.updates if batch_size == EFFECTIVE_BATCH else STEPS * cfg.updates
+        for batch_size, _, _ in VARIANTS.values())
+    for model_name in ctx.progress(cfg.models, desc="models"):
+        with ctx.progress(total=steps_per_model, desc=f"{model_name}, steps") as bar:
+            unit = ctx.cached(model_name, {"config": cfg, "data": ds.describe(), "model": model_name},
+                              functools.partial(_train_model, cfg, ds, seeds, model_name, train_size,
+                                                ctx.data_parallel, bar.update))
         rows += unit["rows"]
         chosen[model_name], b_vs_c[model_name] = unit["chosen"], unit["b_vs_c"]
         histories.update({f"{model_name}/{variant}/{name}": value
@@ -188,7 +193,7 @@ FIGURE = "loss_curves.png"
 
 
 def _train_model(cfg: Config, ds: data.Dataset, seeds: list[int], model_name: str, train_size: int,
-                 data_parallel: bool | None) -> dict:
+                 data_parallel: bool | None, progress: Any = None) -> dict:
     """One model: the rate sweeps, the four variants trained, their rows, (b) vs (c) and the histories."""
     model = build_model(model_name, ds.num_classes)
     # The values are the same either way; unrolling only sidesteps XLA:CPU's slow conv backward in loops
@@ -198,7 +203,7 @@ def _train_model(cfg: Config, ds: data.Dataset, seeds: list[int], model_name: st
     sweeps = {which: training.tune_learning_rate(
         model, lambda lr: _optimizer(cfg, False, lr), ds, seeds, learning_rates=cfg.learning_rates,
         batch_size=batch_size, steps=steps, validation_fraction=cfg.validation_fraction,
-        data_parallel=data_parallel)
+        data_parallel=data_parallel, progress=progress)
         for which, batch_size, steps in (("128", EFFECTIVE_BATCH, cfg.updates),
                                          ("32", MICRO_BATCH, STEPS * cfg.updates))}
     chosen = {which: {"learning_rate": sw.learning_rate, "table": sw.table} for which, sw in sweeps.items()}
@@ -208,7 +213,8 @@ def _train_model(cfg: Config, ds: data.Dataset, seeds: list[int], model_name: st
         steps = cfg.updates if batch_size == EFFECTIVE_BATCH else STEPS * cfg.updates
         results[variant] = training.train_seeds(
             model, _optimizer(cfg, multi, rate), ds, seeds, steps=steps, batch_size=batch_size,
-            num_microbatches=k, train_size=train_size, unroll=unroll, data_parallel=data_parallel)
+            num_microbatches=k, train_size=train_size, unroll=unroll, data_parallel=data_parallel,
+            progress=progress)
     reference = results["(a) 1 x 128"].state.params
     rows = []
     for variant, (_, _, multi) in VARIANTS.items():

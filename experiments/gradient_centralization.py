@@ -152,12 +152,13 @@ def run(ctx: RunContext) -> None:
                    for m, model in model_for.items()}
     jobs = [(m, o, v) for m in model_for for o in cfg.optimizers for v in VARIANTS]
     rows, histories = [], {}
-    for job in ctx.progress(jobs, desc="training"):
+    for job in ctx.progress(jobs, desc="configurations"):
         model_name, opt_name, variant = job
-        unit = ctx.cached(f"{model_name} {opt_name} {variant}",
-                          {"config": cfg, "data": ds.describe(), "job": list(job)},
-                          functools.partial(_train_job, cfg, ds, seeds, model_for[model_name], job,
-                                            start_means[model_name], ctx.data_parallel))
+        label = f"{model_name} {opt_name} {variant}"
+        with ctx.progress(total=cfg.steps, desc=f"{label}, steps") as bar:
+            unit = ctx.cached(label, {"config": cfg, "data": ds.describe(), "job": list(job)},
+                              functools.partial(_train_job, cfg, ds, seeds, model_for[model_name], job,
+                                                start_means[model_name], ctx.data_parallel, bar.update))
         rows.append(unit["row"])
         histories.update({f"{model_name}/{opt_name}/{variant}/{name}": value
                           for name, value in unit["histories"].items()})
@@ -183,13 +184,13 @@ FIGURES = ("loss_curves.png", "weight_mean_drift.png")
 
 
 def _train_job(cfg: Config, ds: data.Dataset, seeds: list[int], model: Any, job: tuple[str, str, str],
-               start_means: dict[str, np.ndarray], data_parallel: bool | None) -> dict:
+               start_means: dict[str, np.ndarray], data_parallel: bool | None, progress: Any = None) -> dict:
     """One (model, optimizer, variant) at its tuned rate: its table row and its histories."""
     model_name, opt_name, variant = job
     search = training.tune_learning_rate(
         model, functools.partial(optimizer, opt_name, variant), ds, seeds, learning_rates=rates(cfg, opt_name),
         batch_size=cfg.batch_size, steps=cfg.steps, validation_fraction=cfg.validation_fraction,
-        data_parallel=data_parallel)
+        data_parallel=data_parallel, progress=progress)
     result = search.result
     step_loss = np.asarray(result.history.step_loss)
     # |per-output mean at the end - at initialization|, averaged over outputs and seeds, per layer.

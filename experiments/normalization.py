@@ -291,7 +291,7 @@ def _test_sets(ds: data.Dataset, seed: int) -> dict[str, np.ndarray]:
 
 
 def _train_job(cfg: Config, ds: data.Dataset, seeds: list[int], job: tuple[str, Any, int],
-               test_sets: dict[str, np.ndarray], data_parallel: bool | None) -> dict:
+               test_sets: dict[str, np.ndarray], data_parallel: bool | None, progress: Any = None) -> dict:
     """One configuration, trained and evaluated: its record, its histories and what later stages need
     from its trained state (robustness at the reference batch, BN's running vs batch statistics)."""
     kind, what, batch_size = job
@@ -299,7 +299,7 @@ def _train_job(cfg: Config, ds: data.Dataset, seeds: list[int], job: tuple[str, 
     search = training.tune_learning_rate(
         _model(cfg, kind, what, ds.num_classes), optax.adam, ds, seeds, learning_rates=cfg.learning_rates,
         batch_size=batch_size, steps=steps_for(cfg, batch_size, train_size),
-        validation_fraction=cfg.validation_fraction, data_parallel=data_parallel)
+        validation_fraction=cfg.validation_fraction, data_parallel=data_parallel, progress=progress)
     history, state = search.result.history, search.result.state
     unit: dict[str, Any] = {"record": _record(search), "histories": {
         "step_loss": np.asarray(history.step_loss), "eval_steps": np.asarray(history.steps)[0],
@@ -324,11 +324,14 @@ def run(ctx: RunContext) -> None:
     histories: dict[str, np.ndarray] = {}
     mlp: dict = {}
     test_sets = _test_sets(ds, ctx.seed)
-    for job in ctx.progress(_jobs(cfg), desc="training"):
+    train_size = len(ds.y_train) - math.ceil(cfg.validation_fraction * len(ds.y_train))
+    for job in ctx.progress(_jobs(cfg), desc="configurations"):
         kind, what, batch_size = job
-        unit = ctx.cached(f"{kind} {what} batch {batch_size}",
-                          {"config": cfg, "data": ds.describe(), "job": list(job)},
-                          functools.partial(_train_job, cfg, ds, seeds, job, test_sets, ctx.data_parallel))
+        label = f"{kind} {what} batch {batch_size}"
+        with ctx.progress(total=steps_for(cfg, batch_size, train_size), desc=f"{label}, steps") as bar:
+            unit = ctx.cached(label, {"config": cfg, "data": ds.describe(), "job": list(job)},
+                              functools.partial(_train_job, cfg, ds, seeds, job, test_sets, ctx.data_parallel,
+                                                bar.update))
         record = unit["record"]
         histories.update({f"{kind}/{what}/b{batch_size}/{name}": value
                           for name, value in unit["histories"].items()})

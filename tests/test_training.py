@@ -13,7 +13,7 @@ import numpy as np
 import optax
 import pytest
 
-from jaxopt_lab.lab import data, models, training
+from jaxopt_lab.lab import data, fitting, models, training
 
 MLP = models.MLP(widths=(32,))
 
@@ -46,10 +46,10 @@ def test_a_vmapped_seed_equals_its_run_alone(digits, two_seeds):
 
 
 def test_evaluate_seeds_equals_evaluate_per_seed_and_compiles_once_per_state(digits, two_seeds):
-    compiled = training._evaluate_seeds._cache_size()
+    compiled = fitting._evaluate_seeds._cache_size()
     for images in (digits.x_test, digits.x_test[:, ::-1]):  # the test set and a flipped copy
         loss, accuracy = training.evaluate_seeds(two_seeds.state, images, digits.y_test)
-        assert training._evaluate_seeds._cache_size() == compiled + 1
+        assert fitting._evaluate_seeds._cache_size() == compiled + 1
         for i in range(2):
             state = jax.tree.map(lambda a, i=i: a[i], two_seeds.state)
             expected = training.evaluate(state, images, digits.y_test)
@@ -58,7 +58,7 @@ def test_evaluate_seeds_equals_evaluate_per_seed_and_compiles_once_per_state(dig
 
 def test_each_seed_starts_from_create_train_state_and_the_init_compiles_once_per_model(digits):
     model = models.MLP(widths=(24,))  # a model no other test initializes
-    cache_size = lambda: training._init_fast_compile._cache_size() + training._init_default._cache_size()
+    cache_size = lambda: fitting._init_fast_compile._cache_size() + fitting._init_default._cache_size()
     compiled = cache_size()
     runs = {}
     for lr in (0.0, 0.1):
