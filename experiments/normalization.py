@@ -573,12 +573,13 @@ def _bn_reading(cfg: Config, cnn_runs: dict, bn_gap: dict, claims: list[dict], n
     verdict of the claim's row in the table, and the 2-standard-error rule on the statistics gap."""
     small, ref = min(cfg.batch_sizes), cfg.reference_batch
     drop, se = difference(cnn_runs["batch"][ref], cnn_runs["batch"][small])
-    found = next(c["verdict"] for c in claims if c["claim"] == "BN degrades with small batches")
+    row = next(c for c in claims if c["claim"] == "BN degrades with small batches")
+    found = row["verdict"]
     paper = {b: PAPER_ERROR["batch"][b] for b in (small, ref) if b in PAPER_ERROR["batch"]}
     gap_small, gap_ref = bn_gap[small]["gap"], bn_gap[ref]["gap"]
     at_small = {n: cnn_runs[n][small]["mean"] for n in CNN_NORMS}
     text = (f"Reading: BN's test accuracy at batch {ref} minus at batch {small}: {100 * drop:+.1f} ± "
-            f"{100 * se:.1f} points (verdict: {found})")
+            f"{100 * se:.1f} points (verdict: {row.get('shown_verdict', found)})")
     size = None
     if len(paper) == 2:
         paper_drop = paper[small] - paper[ref]
