@@ -1,6 +1,9 @@
 """The ``jaxopt-lab`` command: the registry behind ``list``, usage errors, and one experiment end to end."""
 
 import json
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 
@@ -69,3 +72,11 @@ def test_data_flag_needs_an_existing_npz(tmp_path, capsys):
     assert exc.value.code == 2
     assert "expected a built-in dataset (digits, mnist1d) or an existing .npz file" in capsys.readouterr().err
 
+
+
+def test_an_experiment_file_is_a_script_with_run_s_flags(tmp_path):
+    script = Path(__file__).resolve().parents[1] / "experiments" / "hand_backprop.py"
+    proc = subprocess.run([sys.executable, str(script), "--quick", "--no-progress", "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "hand-backprop" / "metrics.json").is_file() and (tmp_path / "REPORT.md").is_file()

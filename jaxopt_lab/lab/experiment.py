@@ -2,13 +2,17 @@
 
 An experiment is a module in the top-level ``experiments/`` folder (installed as the subpackage
 ``jaxopt_lab.lab.experiments``) that defines
-``EXPERIMENT = Experiment(name, description, run, check_configs)``:
+``EXPERIMENT = Experiment(name, description, run, check_configs, config=Config, check_config=..., plot=...)``:
 
-* ``run(ctx)`` gets its config from ``Config.for_mode(ctx.quick, dataset)``, computes with the library's
-  jitted engines, saves figures through ``ctx.save_figure`` and hands its numbers and its summary to
-  ``ctx.set_metrics`` / ``ctx.set_summary``;
+* ``run(ctx)`` gets its config from ``ctx.resolve_config(Config, dataset)`` (``Config.for_mode(quick,
+  dataset)`` with the ``--set`` overrides), computes with the library's jitted engines, wraps each
+  configuration's work in ``ctx.cached`` (a checkpoint ``--resume`` can reuse), hands its numbers, its
+  histories and its summary to ``ctx.set_metrics`` / ``ctx.save_histories`` / ``ctx.set_summary``, and
+  draws its figures with ``ctx.plot(EXPERIMENT)``: ``plot(ctx, histories, recorded)`` from the saved
+  histories and metrics alone, so ``jaxopt-lab plot NAME`` redraws them without training;
 * ``check_configs()`` builds every config of every mode and dataset without training (usually through
-  :func:`check_modes`) and raises ``ValueError`` naming the one that cannot run.
+  :func:`check_modes` and ``check_config(config, label, dataset)``) and raises ``ValueError`` naming the
+  one that cannot run.
 
 The runner (:mod:`jaxopt_lab.lab.runner`) writes ``metrics.json`` and ``summary.md`` and swaps the finished
 folder into ``OUT/NAME`` atomically. Quick and full runs are told apart in one place: the runner puts
