@@ -1,8 +1,12 @@
-"""The fused Pallas layer/group norm (jaxopt_lab.normalization._pallas), run with interpret=True on any backend.
+"""The fused Pallas layer/group norm (jaxopt_lab.normalization._pallas), interpreted on any backend.
 
 Forward and every gradient are checked against the XLA path of jaxopt_lab.normalization, which has its
-own tests against flax and float64 references.
+own tests against flax and float64 references. With ``JAXOPT_LAB_PALLAS_COMPILED=1`` (what
+``scripts/gpu_check.sh`` sets on a GPU) the same checks run the kernels compiled instead of interpreted;
+without a GPU they then fail, as they should.
 """
+
+import os
 
 import chex
 import jax
@@ -14,6 +18,9 @@ from hypothesis import strategies as st
 
 from jaxopt_lab import normalization as norm
 from jaxopt_lab.normalization import _pallas as pallas_norm
+
+# The kernels under test: interpreted (any backend) unless the compiled run is asked for.
+INTERPRET = os.environ.get("JAXOPT_LAB_PALLAS_COMPILED", "") in ("", "0")
 
 
 def _inputs(shape, dtype=jnp.float32, offset=3.0, seed=0):
@@ -44,7 +51,7 @@ def _assert_matches_xla(ours, reference, x, scale, bias, dy, atol=2e-5, rtol=2e-
 def test_layer_norm_matches_the_xla_path(shape):
     # Tokens (R, C) with R a power of two and not; NHWC with C on the last axis.
     x, scale, bias, dy = _inputs(shape)
-    _assert_matches_xla(lambda x, s, b: pallas_norm.layer_norm(x, s, b, eps=1e-5, interpret=True),
+    _assert_matches_xla(lambda x, s, b: pallas_norm.layer_norm(x, s, b, eps=1e-5, interpret=INTERPRET),
                         lambda x, s, b: norm.layer_norm(x, s, b, eps=1e-5), x, scale, bias, dy)
 
 
@@ -53,7 +60,7 @@ def test_layer_norm_matches_the_xla_path(shape):
 def test_group_norm_matches_the_xla_path(shape, groups):
     # Groups of several channels, one group (layer norm over H, W, C), C groups (instance norm), (N, C).
     x, scale, bias, dy = _inputs(shape)
-    _assert_matches_xla(lambda x, s, b: pallas_norm.group_norm(x, groups, s, b, eps=1e-5, interpret=True),
+    _assert_matches_xla(lambda x, s, b: pallas_norm.group_norm(x, groups, s, b, eps=1e-5, interpret=INTERPRET),
                         lambda x, s, b: norm.group_norm(x, groups, s, b, eps=1e-5), x, scale, bias, dy)
 
 
@@ -63,19 +70,20 @@ class JitTest(chex.TestCase):
     @chex.variants(with_jit=True)
     def test_under_jit(self):
         x, scale, bias, dy = _inputs((2, 2, 4, 8))
-        _assert_matches_xla(self.variant(lambda x, s, b: pallas_norm.group_norm(x, 2, s, b, interpret=True)),
+        group = lambda x, s, b: pallas_norm.group_norm(x, 2, s, b, interpret=INTERPRET)
+        _assert_matches_xla(self.variant(group),
                             lambda x, s, b: norm.group_norm(x, 2, s, b), x, scale, bias, dy)
-        _assert_matches_xla(self.variant(lambda x, s, b: pallas_norm.layer_norm(x, s, b, interpret=True)),
+        _assert_matches_xla(self.variant(lambda x, s, b: pallas_norm.layer_norm(x, s, b, interpret=INTERPRET)),
                             lambda x, s, b: norm.layer_norm(x, s, b), x, scale, bias, dy)
 
 
 def test_bfloat16_inputs_keep_float32_statistics():
     x, scale, bias, dy = _inputs((2, 4, 4, 16), jnp.bfloat16)
-    _assert_matches_xla(lambda x, s, b: pallas_norm.group_norm(x, 4, s, b, interpret=True),
+    _assert_matches_xla(lambda x, s, b: pallas_norm.group_norm(x, 4, s, b, interpret=INTERPRET),
                         lambda x, s, b: norm.group_norm(x, 4, s, b), x, scale, bias, dy, atol=3e-2, rtol=3e-2)
-    _assert_matches_xla(lambda x, s, b: pallas_norm.layer_norm(x, s, b, interpret=True),
+    _assert_matches_xla(lambda x, s, b: pallas_norm.layer_norm(x, s, b, interpret=INTERPRET),
                         lambda x, s, b: norm.layer_norm(x, s, b), x, scale, bias, dy, atol=3e-2, rtol=3e-2)
-    assert pallas_norm.layer_norm(x, scale, bias, interpret=True).dtype == jnp.bfloat16
+    assert pallas_norm.layer_norm(x, scale, bias, interpret=INTERPRET).dtype == jnp.bfloat16
 
 
 def test_large_offset_is_normalized_accurately():
@@ -83,15 +91,16 @@ def test_large_offset_is_normalized_accurately():
     x, _, _, _ = _inputs((4, 8, 8, 16), offset=1e4)
     x64 = np.asarray(x, np.float64).reshape(4, 64, 4, 4)
     want = (x64 - x64.mean((1, 3), keepdims=True)) / np.sqrt(x64.var((1, 3), keepdims=True) + 1e-6)
-    got = pallas_norm.group_norm(x, 4, eps=1e-6, interpret=True)
+    got = pallas_norm.group_norm(x, 4, eps=1e-6, interpret=INTERPRET)
     np.testing.assert_allclose(np.asarray(got, np.float64), want.reshape(x.shape), atol=5e-3)
     assert float(jnp.max(jnp.abs(got))) > 1.0  # not collapsed to zero by a cancelled variance
 
 
 def test_default_parameters_are_identity_affine():
     x, _, _, _ = _inputs((8, 32))
-    np.testing.assert_allclose(pallas_norm.layer_norm(x, interpret=True), norm.layer_norm(x), atol=2e-6)
-    np.testing.assert_allclose(pallas_norm.group_norm(x, 4, interpret=True), norm.group_norm(x, 4), atol=2e-6)
+    np.testing.assert_allclose(pallas_norm.layer_norm(x, interpret=INTERPRET), norm.layer_norm(x), atol=2e-6)
+    np.testing.assert_allclose(pallas_norm.group_norm(x, 4, interpret=INTERPRET), norm.group_norm(x, 4),
+                               atol=2e-6)
 
 
 @settings(max_examples=3, deadline=None)
@@ -103,7 +112,7 @@ def test_group_norm_property(n, spatial, channels_groups, seed):
     # return rounding noise scaled by 1/sigma, which no relative tolerance compares. 4+ elements per group.
     assume(spatial * (spatial + 1) * (channels // groups) >= 4)
     x, scale, bias, dy = _inputs((n, spatial, spatial + 1, channels), seed=seed)
-    _assert_matches_xla(lambda x, s, b: pallas_norm.group_norm(x, groups, s, b, interpret=True),
+    _assert_matches_xla(lambda x, s, b: pallas_norm.group_norm(x, groups, s, b, interpret=INTERPRET),
                         lambda x, s, b: norm.group_norm(x, groups, s, b), x, scale, bias, dy,
                         atol=5e-5, rtol=5e-5)
 
