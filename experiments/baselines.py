@@ -209,8 +209,8 @@ def _paper_figure(ctx: RunContext, rows: list[dict]) -> str:
     stds = [100 * r["test_accuracy"]["std"] for r in ours]
     ax.bar(x - 0.2, means, 0.4, yerr=stds, capsize=3, label="ours (mean ± std over seeds)")
     ax.bar(x + 0.2, [100 * r["paper_accuracy"] for r in ours], 0.4, label="paper (Greydanus & Kobak)")
-    for xi, mean in zip(x, means, strict=True):
-        ax.text(xi - 0.2, mean + 1, f"{mean:.1f}", ha="center", fontsize="small")
+    for xi, mean, std in zip(x, means, stds, strict=True):  # above the error bar, not on it
+        ax.text(xi - 0.2, mean + std + 1.5, f"{mean:.1f}", ha="center", fontsize="small")
     ax.set_xticks(x, [r["model"] for r in ours])
     ax.set_ylabel("MNIST-1D test accuracy (%)")
     ax.set_ylim(0, 105)

@@ -197,19 +197,20 @@ def _plot_trajectories(ctx: RunContext, config: Mapping[str, Any], histories: Ma
             ax.plot(path[:, 0], label=method)
         ax.axhline(-config["escape_margin"] ** (1 / 3), color="k", linestyle=":", label="escaped (x³ ≤ −0.1)")
         ax.set(xlabel="step", ylabel="x", title=f"f(x) = x³, start {start}", xscale="symlog")
+        ax.set_xlim(left=0)  # steps are never negative
         ax.legend(fontsize="x-small")
     fig.tight_layout()
     ctx.save_figure(fig, "cubic_trajectories.png")
 
 
 def _plot_escapes(ctx: RunContext, config: Mapping[str, Any], table: Mapping[str, Any]) -> None:
-    fig, axes = new_figure(1, 3, width=5, height=4)
+    fig, axes = new_figure(1, 3, width=5, height=5)
     for ax, (land, by_opt) in zip(axes.flat, table.items(), strict=True):
         labels, values = [], []
         for name in OPTIMIZER_NAMES:
             for start, by_noise in by_opt[name].items():
                 for level, stats in by_noise.items():
-                    labels.append(f"{name}\n{level}\n{start[:10]}")
+                    labels.append(f"{name}, {START_NAMES[start].replace('_', ' ')}, {level}")
                     values.append((stats["median_steps"], stats["p10_steps"], stats["p90_steps"],
                                    stats["escaped"] / stats["runs"]))
         x = np.arange(len(values))
@@ -221,7 +222,7 @@ def _plot_escapes(ctx: RunContext, config: Mapping[str, Any], table: Mapping[str
             if v[0] is None:
                 ax.plot(xi, config["steps"], "rx")
         ax.set(yscale="log", ylabel="steps to escape (median, 10–90 %)", title=SADDLES[land].formula)
-        ax.set_xticks(x, labels, fontsize=5, rotation=90)
+        ax.set_xticks(x, labels, fontsize=6.5, rotation=90)
     axes[0, 0].plot([], [], "rx", label="never escaped")
     axes[0, 0].legend(fontsize="small")
     fig.tight_layout()
