@@ -240,6 +240,7 @@ def _curves_figure(ctx: RunContext, config: Mapping[str, Any], histories: Mappin
         axes[i, 1].set_title(f"{dataset}: test accuracy (%), mean of seeds", fontsize="medium")
         axes[i, 1].set_xlabel("step")
         axes[i, 1].legend()
+    fig.tight_layout()  # the top row's x labels clear the bottom row's titles
     return ctx.save_figure(fig, "training_curves.png")
 
 
