@@ -9,6 +9,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -64,12 +66,19 @@ def test_every_row_is_consistent(bench_out):
             assert row["met"] is None
         load = row["load_average"]
         assert set(load) == {"before", "after"}
-        if row["group"] == "norms":
+        if row["group"] == "norms" and row["context"] == norms.VJP_CONTEXT:
             assert row["copy_gbps"] > 0 and set(row["gbps"]) == {"ours", "flax", "flax_two_pass"}
             assert set(row["max_abs_error_at_large_offset"]) == set(row["gbps"])
-            for side in ("ours", "flax"):  # fwd+bwd reads x, dy and writes y, dx at least: 4 passes, 2 arrays
+        if row["group"] == "norms":
+            assert row["context"] in (norms.VJP_CONTEXT, norms.LOSS_CONTEXT)
+            assert row["pass_floor"] == norms.PASS_FLOOR and row["pass_floor_reason"]
+            # vjp: reads x, dy and writes y, dx, 2 full-size outputs; loss: reads x 3 times and writes dx.
+            min_arrays = 2 if row["context"] == norms.VJP_CONTEXT else 1
+            for side in ("ours", "flax"):
                 traffic = row["memory_traffic"][side]
-                assert traffic["passes"] >= 4 - 1e-6 and traffic["full_size_buffers"] >= 2
+                assert traffic["passes"] >= norms.PASS_FLOOR - 1e-6
+                assert traffic["full_size_buffers"] >= min_arrays
+                assert row["passes_over_floor"][side] == pytest.approx(traffic["passes"] / norms.PASS_FLOOR)
             if row["anchor"].startswith("flax.linen default"):
                 assert (row["cause"] is None) == bool(row["met"])  # every miss states its cause
                 if row["cause"]:
@@ -99,6 +108,68 @@ def test_bench_covers_the_documented_rows(bench_out):
         assert r["ratio"] == pytest.approx(r["ours_s"] / r["bound_bytes"])
     start, end = meta["load_average"]["start"], meta["load_average"]["end"]
     assert (start is None) == (end is None) and (start is None or len(start) == 3)
+
+
+def test_quick_norms_have_loss_context_rows_for_every_norm_with_and_without_params(bench_out):
+    meta = json.loads((bench_out / "metrics.json").read_text())
+    summary = (bench_out / "summary.md").read_text()
+    loss = [r for r in meta["rows"] if r["group"] == "norms" and r["context"] == norms.LOSS_CONTEXT]
+    every_norm = ("layer_norm", "instance_norm", "group_norm", "batch_norm")
+    # Quick mode: one small shape, float32 only.
+    assert sorted((r["ours"].split()[0], r["params"]) for r in loss) == sorted(
+        (name, params) for name in every_norm for params in ("with params", "x only"))
+    assert {r["shape"] for r in loss} == {"8x16x16x32"}
+    for r in loss:
+        assert r["ours"] == f"{r['ours'].split()[0]} {norms.LOSS_CONTEXT}, {r['params']}"
+        assert r["anchor"] == "flax.linen default (fast variance)" and r["target"] == "ours/anchor <= 1"
+        assert np.all(np.isfinite(r["ratios"])) and np.isfinite([r["ratio_q1"], r["ratio_q3"]]).all()
+        assert all(np.isfinite(v) and v >= 1 for v in r["passes_over_floor"].values())
+        assert set(r["gbps"]) == {"ours", "flax"} and all(v > 0 for v in r["gbps"].values())
+        assert f"| {r['ours'].split()[0]} | {r['params']} | {r['shape']} | {r['ratio']:.3g} |" in summary
+    vjp = [r for r in meta["rows"] if r["group"] == "norms" and r["context"] == norms.VJP_CONTEXT]
+    assert vjp and all(r["ours"].endswith("fwd+bwd (vjp)") for r in vjp)
+
+
+def _plain_norm(x, name, groups, scale, bias):
+    """The textbook formula in jnp (two-pass variance, float32), autodiff's reference."""
+    x = x.astype(jnp.float32)
+    eps = 1e-5 if name == "batch_norm" else 1e-6
+    spatial = tuple(range(1, x.ndim - 1))
+    if name == "group_norm":
+        grouped = x.reshape(*x.shape[:-1], groups, x.shape[-1] // groups)
+        axes = (*spatial, grouped.ndim - 1)
+        mean, var = grouped.mean(axes, keepdims=True), grouped.var(axes, keepdims=True)
+        y = ((grouped - mean) / jnp.sqrt(var + eps)).reshape(x.shape)
+    else:
+        axes = {"layer_norm": (-1,), "instance_norm": spatial, "batch_norm": tuple(range(x.ndim - 1))}[name]
+        y = (x - x.mean(axes, keepdims=True)) / jnp.sqrt(x.var(axes, keepdims=True) + eps)
+    return y if scale is None else y * scale + bias
+
+
+@pytest.mark.parametrize("name", ["layer_norm", "instance_norm", "group_norm", "batch_norm"])
+def test_loss_context_is_the_same_computation_for_ours_and_flax(name):
+    # Both sides of a loss row compute value_and_grad of sum(norm(x)^2): the autodiff of the plain formula.
+    small = dataclasses.replace(benchmarks.BenchConfig.for_mode(True), nhwc_shapes=((2, 4, 4, 32),),
+                                tokens_shapes=(), bf16_shapes=())
+    (case,) = [c for c in norms.norm_cases(small) if c.name == name]
+    kx, ks, kb = jax.random.split(jax.random.key(0), 3)
+    x = jax.random.normal(kx, case.shape) * 2.0 + 5.0
+    paths = norms.loss_context_paths(case, x)
+    assert paths["ours_loss_x"][1] == {} == paths["flax_loss_x"][1]
+    channels = case.shape[-1]
+    params = {"scale": 1 + 0.3 * jax.random.normal(ks, (channels,)), "bias": jax.random.normal(kb, (channels,))}
+
+    def plain_loss(p, x):
+        return jnp.sum(_plain_norm(x, name, case.groups, p.get("scale"), p.get("bias")) ** 2)
+
+    for suffix, p, argnums in (("_loss", params, (0, 1)), ("_loss_x", {}, 1)):
+        expected_value, expected_grads = jax.value_and_grad(plain_loss, argnums=argnums)(p, x)
+        for side in ("ours", "flax"):
+            fn, _ = paths[side + suffix]
+            (value, _aux), grads = fn(p, x)
+            np.testing.assert_allclose(value, expected_value, rtol=1e-5, err_msg=f"{side}{suffix}")
+            for got, want in zip(jax.tree.leaves(grads), jax.tree.leaves(expected_grads), strict=True):
+                np.testing.assert_allclose(got, want, rtol=1e-3, atol=1e-3, err_msg=f"{side}{suffix}")
 
 
 def test_pallas_rows_only_where_the_kernels_compile(monkeypatch):

@@ -1,13 +1,18 @@
-"""The ``norms`` group: forward + backward of our norms against ``flax.linen``'s.
+"""The ``norms`` group: forward + backward of our norms against ``flax.linen``'s, in two contexts.
 
-Each case runs a jitted ``jax.vjp`` (returning y and every cotangent) of layer, instance, group and batch
-norm against ``flax.linen`` with its default one-pass variance (the target: ours <= 1.0x) and with
-``use_fast_variance=False``, on the shapes of :class:`~jaxopt_lab.lab.bench.rows.BenchConfig`. Beside the
-time, a row records the achieved GB/s (4 bytes per element moved at least: read x and dy, write y and dx)
-against a streaming copy of the same array timed alongside, the passes over memory and full-size arrays
-of the compiled HLO (ours and flax's), and the forward's max error at a large common offset against
-float64. A missed row states its gap and its HLO-level cause. Where the fused Pallas kernels compile (a
-GPU), their rows are added.
+* ``vjp``: a jitted ``jax.vjp`` with a given cotangent (returning y and every cotangent) of layer,
+  instance, group and batch norm against ``flax.linen`` with its default one-pass variance (the target:
+  ours <= 1.0x) and with ``use_fast_variance=False``.
+* ``loss``: a jitted ``jax.value_and_grad`` of the scalar ``sum(norm(x) ** 2)``, as in a training step,
+  where XLA fuses the loss's cotangent into the backward; with params (gradient w.r.t. scale, bias and
+  x) and x only (no scale or bias, gradient w.r.t. x), against flax's default.
+
+On the shapes of :class:`~jaxopt_lab.lab.bench.rows.BenchConfig`, all paths of a case timed in one
+interleaved run. Beside the time, a row records the achieved GB/s at the floor's traffic against a
+streaming copy of the same array timed alongside, the passes over memory and full-size arrays of the
+compiled HLO (ours and flax's) and their distance to :data:`PASS_FLOOR`, and (vjp) the forward's max error
+at a large common offset against float64. A missed row states its gap and its HLO-level cause. Where the
+fused Pallas kernels compile (a GPU), their vjp rows are added.
 """
 
 from __future__ import annotations
@@ -27,11 +32,23 @@ from jaxopt_lab.lab.bench import timing as bm
 from jaxopt_lab.lab.bench.rows import BenchConfig, Row, compared_row
 from jaxopt_lab.normalization import _pallas as pallas_norm
 
-__all__ = ["LARGE_OFFSET", "NORM_MECHANISMS", "NormCase", "group_norm_groups", "norm_cases", "norm_cause",
-           "norm_rows", "pallas_path"]
+__all__ = ["LARGE_OFFSET", "LOSS_CONTEXT", "NORM_MECHANISMS", "PASS_FLOOR", "PASS_FLOOR_REASON", "VJP_CONTEXT",
+           "NormCase", "group_norm_groups", "loss_context_paths", "norm_cases", "norm_cause", "norm_rows",
+           "pallas_path"]
 
 LARGE_OFFSET = 1e3  # the accuracy check's common offset (unit spread): one-pass variance fails here
 ANCHOR = "flax.linen default (fast variance)"
+VJP_CONTEXT = "vjp"
+LOSS_CONTEXT = "loss: value_and_grad of sum(y^2)"
+# The passes over x's bytes below which no program of either context can go, and why.
+PASS_FLOOR = 4.0
+PASS_FLOOR_REASON = {
+    VJP_CONTEXT: "read x and dy, write y and dx: every full-size argument and output once",
+    LOSS_CONTEXT: "read x for the statistics, read it again for the loss and the backward's sums (dy = 2y is "
+                  "recomputed, never an input), read it a third time to write dx: each reduction must finish "
+                  "before the next stage, so an array that does not stay in cache is streamed three times, "
+                  "plus dx's write",
+}
 
 # What the compiled HLO and side-by-side prototypes showed about each norm on XLA:CPU (YNNPACK reduction
 # fusions); docs/benchmarks.md has the measurements.
@@ -61,13 +78,14 @@ def group_norm_groups(channels: int) -> int:
 
 @dataclasses.dataclass(frozen=True)
 class NormCase:
-    """One norm row: ours ``(x, params) -> (y, aux)`` and flax's module ``make_flax(use_fast_variance)``."""
+    """One norm row: ours ``(x, params) -> (y, aux)`` and flax's module ``make_flax(use_fast_variance,
+    affine)``; ours without params takes ``{}`` and flax's then has ``use_scale=use_bias=False``."""
 
     name: str
     shape: tuple[int, ...]
     dtype: str
     ours: Apply
-    make_flax: Callable[[bool], Any]
+    make_flax: Callable[[bool, bool], Any]
     groups: int = 0
 
     @property
@@ -80,18 +98,24 @@ def _cases_for_shape(shape: tuple[int, ...], dtype: Any, names: tuple[str, ...])
     channels, groups = shape[-1], group_norm_groups(shape[-1])
     stats = norm.batch_norm_init(channels)
     dtype_name = jnp.dtype(dtype).name
+    # params {} (no scale, no bias) gives None to ours: the "x only" loss context.
     ours: dict[str, Apply] = {
-        "layer_norm": lambda x, p: (norm.layer_norm(x, p["scale"], p["bias"], eps=1e-6), ()),
-        "instance_norm": lambda x, p: (norm.instance_norm(x, p["scale"], p["bias"], eps=1e-6), ()),
-        "group_norm": lambda x, p: (norm.group_norm(x, groups, p["scale"], p["bias"], eps=1e-6), ()),
-        "batch_norm": lambda x, p: norm.batch_norm(x, stats, p["scale"], p["bias"], training=True, eps=1e-5),
+        "layer_norm": lambda x, p: (norm.layer_norm(x, p.get("scale"), p.get("bias"), eps=1e-6), ()),
+        "instance_norm": lambda x, p: (norm.instance_norm(x, p.get("scale"), p.get("bias"), eps=1e-6), ()),
+        "group_norm": lambda x, p: (norm.group_norm(x, groups, p.get("scale"), p.get("bias"), eps=1e-6), ()),
+        "batch_norm": lambda x, p: norm.batch_norm(x, stats, p.get("scale"), p.get("bias"), training=True,
+                                                   eps=1e-5),
     }
-    flax: dict[str, Callable[[bool], Any]] = {
-        "layer_norm": lambda fast: nn.LayerNorm(use_fast_variance=fast, dtype=dtype),
-        "instance_norm": lambda fast: nn.InstanceNorm(use_fast_variance=fast, dtype=dtype),
-        "group_norm": lambda fast: nn.GroupNorm(num_groups=groups, use_fast_variance=fast, dtype=dtype),
-        "batch_norm": lambda fast: nn.BatchNorm(use_running_average=False, epsilon=1e-5,
-                                                use_fast_variance=fast, dtype=dtype),
+    flax: dict[str, Callable[[bool, bool], Any]] = {
+        "layer_norm": lambda fast, affine: nn.LayerNorm(use_fast_variance=fast, use_scale=affine,
+                                                        use_bias=affine, dtype=dtype),
+        "instance_norm": lambda fast, affine: nn.InstanceNorm(use_fast_variance=fast, use_scale=affine,
+                                                              use_bias=affine, dtype=dtype),
+        "group_norm": lambda fast, affine: nn.GroupNorm(num_groups=groups, use_fast_variance=fast,
+                                                        use_scale=affine, use_bias=affine, dtype=dtype),
+        "batch_norm": lambda fast, affine: nn.BatchNorm(use_running_average=False, epsilon=1e-5,
+                                                        use_fast_variance=fast, use_scale=affine,
+                                                        use_bias=affine, dtype=dtype),
     }
     return [NormCase(name, shape, dtype_name, ours[name], flax[name], groups if name == "group_norm" else 0)
             for name in names]
@@ -134,10 +158,33 @@ def _vjp_fn(apply: Apply) -> Any:
     return fwd_bwd
 
 
+def _loss_context_fn(apply: Apply, with_params: bool) -> Any:
+    """Jitted ``value_and_grad`` of ``sum(apply(x, params)[0] ** 2)`` as ``fn(params, x) -> ((loss, aux),
+    grads)``: grads are (dparams, dx) with params, dx alone without."""
+
+    def loss(params, x):
+        y, aux = apply(x, params)
+        return jnp.sum(y**2), aux  # jnp.sum accumulates a bfloat16 y in float32
+
+    return jax.jit(jax.value_and_grad(loss, argnums=(0, 1) if with_params else 1, has_aux=True))
+
+
+def loss_context_paths(case: NormCase, x: jax.Array) -> dict[str, tuple[Any, Any]]:
+    """The loss-context programs of ``case``: ``{"ours"|"flax"} + {"_loss" (with params)|"_loss_x" (x
+    only)}`` -> ``(fn, params)``, ``fn(params, x)`` being :func:`_loss_context_fn` of that side; flax's
+    default module, its initial params shared by both sides."""
+    flax_affine, params = _flax_apply(case.make_flax(True, True), x)
+    flax_x_only, no_params = _flax_apply(case.make_flax(True, False), x)
+    return {"ours_loss": (_loss_context_fn(case.ours, True), params),
+            "flax_loss": (_loss_context_fn(flax_affine, True), params),
+            "ours_loss_x": (_loss_context_fn(case.ours, False), no_params),
+            "flax_loss_x": (_loss_context_fn(flax_x_only, False), no_params)}
+
+
 def _flax_apply(module: nn.Module, x: jax.Array) -> tuple[Apply, Any]:
-    """``module`` as ``(x, params) -> (y, updated state)`` and its initial params."""
+    """``module`` as ``(x, params) -> (y, updated state)`` and its initial params (``{}`` for none)."""
     variables = module.init(jax.random.key(0), x)
-    params, state = variables["params"], {k: v for k, v in variables.items() if k != "params"}
+    params, state = variables.get("params", {}), {k: v for k, v in variables.items() if k != "params"}
 
     def apply(x, p):
         if not state:
@@ -185,12 +232,22 @@ def _max_errors(case: NormCase, paths: dict[str, Apply], params: Any, key: jax.A
             for k, apply in paths.items()}
 
 
+def _floor_distance(traffic: dict[str, Any]) -> dict[str, float]:
+    """Each side's passes over x's bytes as a multiple of :data:`PASS_FLOOR` (1.0: at the floor)."""
+    return {side: t["passes"] / PASS_FLOOR for side, t in traffic.items()}
+
+
+def _context_extras(context: str, traffic: dict[str, Any]) -> dict[str, Any]:
+    return {"context": context, "memory_traffic": traffic, "pass_floor": PASS_FLOOR,
+            "pass_floor_reason": PASS_FLOOR_REASON[context], "passes_over_floor": _floor_distance(traffic)}
+
+
 def _case_rows(cfg: BenchConfig, case: NormCase) -> list[Row]:
     kx, kd = jax.random.split(jax.random.key(1))
     x = (jax.random.normal(kx, case.shape, jnp.float32) * 2.0 + 5.0).astype(case.dtype)
     dy = jax.random.normal(kd, case.shape, jnp.float32).astype(case.dtype)
-    flax_fast, params = _flax_apply(case.make_flax(True), x)
-    flax_two_pass, _ = _flax_apply(case.make_flax(False), x)
+    flax_fast, params = _flax_apply(case.make_flax(True, True), x)
+    flax_two_pass, _ = _flax_apply(case.make_flax(False, True), x)
     paths = {"ours": case.ours, "flax": flax_fast, "flax_two_pass": flax_two_pass}
     pallas = pallas_path(case)
     if pallas is not None:  # the fused kernels, where this process can compile them (a GPU)
@@ -198,38 +255,62 @@ def _case_rows(cfg: BenchConfig, case: NormCase) -> list[Row]:
     # Compiled once, then timed and read (HLO) from the same program.
     compiled = {label: _vjp_fn(apply).lower(x, params, dy).compile() for label, apply in paths.items()}
     fns = {label: functools.partial(fn, x, params, dy) for label, fn in compiled.items()}
+    loss_args: dict[str, tuple[Any, ...]] = {}
+    if cfg.loss_context_at(case.shape, case.dtype):
+        for label, (fn, fn_params) in loss_context_paths(case, x).items():
+            loss_args[label] = (fn_params, x)
+            compiled[label] = fn.lower(fn_params, x).compile()
+            fns[label] = functools.partial(compiled[label], fn_params, x)
     fns["copy"] = functools.partial(bm.streaming_copy, x)  # the bandwidth floor, in the same run
     t = bm.time_interleaved(fns, **cfg.timing())
-    moved = 4 * bm.nbytes(x)
+    moved = int(PASS_FLOOR) * bm.nbytes(x)
     copy_gbps = bm.achieved_gbps(2 * bm.nbytes(x), t["copy"].median)
     gbps = {k: bm.achieved_gbps(moved, t[k].median) for k in ("ours", "flax", "flax_two_pass")}
     # What the compiled fwd+bwd does to memory (not timed): passes over x's bytes, full-size arrays.
     traffic = {k: bm.memory_traffic(compiled[k], (x, params, dy), x).as_dict() for k in ("ours", "flax")}
     errors = _max_errors(case, paths, params, kx)
     pallas_error = errors.pop("pallas", None)
-    extra: dict[str, Any] = {"dtype": case.dtype, "gbps": gbps, "copy_gbps": copy_gbps,
-                             "fraction_of_copy_bandwidth": {k: v / copy_gbps for k, v in gbps.items()},
-                             "memory_traffic": traffic, "max_abs_error_at_large_offset": errors}
+    common: dict[str, Any] = {"dtype": case.dtype, "copy_gbps": copy_gbps}
     if case.groups:
-        extra["groups"] = case.groups
+        common["groups"] = case.groups
+    extra: dict[str, Any] = {**common, "gbps": gbps, **_context_extras(VJP_CONTEXT, traffic),
+                             "fraction_of_copy_bandwidth": {k: v / copy_gbps for k, v in gbps.items()},
+                             "max_abs_error_at_large_offset": errors}
 
     target = bm.Target("max_ratio", 1.0)
     default = bm.Comparison(t["ours"], t["flax"])
     cause = None if default.meets(target) else norm_cause(case.name, default.ratio_quartiles, traffic)
-    rows = [compared_row("norms", f"{case.name} fwd+bwd", ANCHOR, case.label, default, target, cause, **extra)]
+    vjp_name = f"{case.name} fwd+bwd ({VJP_CONTEXT})"
+    rows = [compared_row("norms", vjp_name, ANCHOR, case.label, default, target, cause, **extra)]
     if pallas is not None:
         fused = bm.Comparison(t["pallas"], t["flax"])
         gap = (None if fused.meets(target) else f"{fused.ratio_quartiles[1] - 1:+.0%} by upper quartile "
                "(a fused kernel: the HLO pass counts do not apply to its custom call)")
-        rows.append(compared_row("norms", f"pallas_norm.{case.name} fwd+bwd", ANCHOR, case.label, fused, target,
+        rows.append(compared_row("norms", f"pallas_norm.{vjp_name}", ANCHOR, case.label, fused, target,
                                  gap, **extra, pallas_gbps=bm.achieved_gbps(moved, t["pallas"].median),
                                  pallas_max_abs_error_at_large_offset=pallas_error))
-    rows.append(compared_row("norms", f"{case.name} fwd+bwd", "flax.linen use_fast_variance=False", case.label,
+    rows.append(compared_row("norms", vjp_name, "flax.linen use_fast_variance=False", case.label,
                              bm.Comparison(t["ours"], t["flax_two_pass"]), **extra))
+
+    for suffix, params_label in (("_loss", "with params"), ("_loss_x", "x only")):
+        if "ours" + suffix not in loss_args:
+            continue
+        ours_key, flax_key = "ours" + suffix, "flax" + suffix
+        traffic = {side: bm.memory_traffic(compiled[key], loss_args[key], x).as_dict()
+                   for side, key in (("ours", ours_key), ("flax", flax_key))}
+        loss_gbps = {side: bm.achieved_gbps(moved, t[key].median)
+                     for side, key in (("ours", ours_key), ("flax", flax_key))}
+        comparison = bm.Comparison(t[ours_key], t[flax_key])
+        cause = None if comparison.meets(target) else norm_cause(case.name, comparison.ratio_quartiles, traffic)
+        rows.append(compared_row(
+            "norms", f"{case.name} {LOSS_CONTEXT}, {params_label}", ANCHOR, case.label, comparison, target,
+            cause, **common, **_context_extras(LOSS_CONTEXT, traffic), params=params_label, gbps=loss_gbps,
+            fraction_of_copy_bandwidth={k: v / copy_gbps for k, v in loss_gbps.items()}))
     return rows
 
 
 def norm_rows(cfg: BenchConfig) -> list[Row]:
-    """The ``norms`` group: per case, ours against flax's default (and the Pallas kernels where they
-    compile), then against flax's two-pass variance."""
+    """The ``norms`` group: per case, the vjp against flax's default (and the Pallas kernels where they
+    compile), then against flax's two-pass variance, then (where ``cfg.loss_context_at``) the loss context
+    with params and x only against flax's default."""
     return [row for case in norm_cases(cfg) for row in _case_rows(cfg, case)]

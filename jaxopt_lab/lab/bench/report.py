@@ -9,7 +9,7 @@ import numpy as np
 from matplotlib.figure import Figure
 
 from jaxopt_lab.lab.bench.groups import GROUP_NAMES
-from jaxopt_lab.lab.bench.norms import LARGE_OFFSET
+from jaxopt_lab.lab.bench.norms import LARGE_OFFSET, LOSS_CONTEXT, PASS_FLOOR, PASS_FLOOR_REASON, VJP_CONTEXT
 from jaxopt_lab.lab.bench.rows import BenchConfig, Row
 from jaxopt_lab.lab.plotting import new_figure
 
@@ -31,10 +31,11 @@ def _format_amount(value: float | None, unit: str = "s") -> str:
     return f"{value * 1e3:.3g} ms" if value < 1 else f"{value:.1f} s"
 
 
-def _norms_against_flax_default(rows: Sequence[Row]) -> list[Row]:
-    """The XLA norm rows against flax's default: the ones with bandwidth, traffic and error columns."""
+def _norms_against_flax_default(rows: Sequence[Row], context: str = VJP_CONTEXT) -> list[Row]:
+    """The XLA norm rows of ``context`` against flax's default: the ones with bandwidth and traffic
+    columns (and, for the vjp, error columns)."""
     return [r for r in rows if r.group == "norms" and r.anchor and "default" in r.anchor
-            and not r.ours.startswith("pallas")]
+            and not r.ours.startswith("pallas") and r.extra.get("context") == context]
 
 
 def _plot_ratios(ax: Any, compared: Sequence[Row]) -> None:
@@ -63,7 +64,7 @@ def _plot_bandwidth(ax: Any, norms: Sequence[Row]) -> None:
                width=0.27, label=label)
     ax.set_xticks(x, [f"{r.ours.split()[0]}\n{r.shape}" for r in norms], fontsize=7)
     ax.set_ylabel("achieved GB/s, % of a streaming copy")
-    ax.set_title("norm fwd+bwd against the memory-bandwidth floor")
+    ax.set_title(f"norm fwd+bwd ({VJP_CONTEXT}) against the memory-bandwidth floor")
     ax.legend()
 
 
@@ -99,30 +100,59 @@ def _norm_lines(rows: Sequence[Row]) -> list[str]:
     norms = _norms_against_flax_default(rows)
     if not norms:
         return []
-    lines = ["", "Norms against the memory-bandwidth floor (GB/s; fwd+bwd moves at least 4x the bytes of "
-             "x: read x and dy, write y and dx; the copy reads and writes x once) and, from the compiled "
-             "fwd+bwd, passes over memory (XLA's bytes accessed / bytes of x; 4 is the floor) and "
+    lines = ["", f"Norms ({VJP_CONTEXT}) against the memory-bandwidth floor (GB/s; fwd+bwd moves at least "
+             "4x the bytes of x: read x and dy, write y and dx; the copy reads and writes x once) and, from "
+             "the compiled fwd+bwd, passes over memory (XLA's bytes accessed / bytes of x; 4 is the floor) and "
              "full-size arrays written (2 are the outputs y and dx):", "",
              "| norm | shape | ours | flax default | flax two-pass | streaming copy | ours / copy "
-             "| passes ours / flax | full-size arrays ours / flax "
-             "| max error ours / flax default / two-pass |",
-             "|---|---|---|---|---|---|---|---|---|---|"]
+             f"| passes ours / flax | passes / floor of {PASS_FLOOR:g}, ours / flax "
+             "| full-size arrays ours / flax | max error ours / flax default / two-pass |",
+             "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in norms:
         g, e, m = r.extra["gbps"], r.extra["max_abs_error_at_large_offset"], r.extra["memory_traffic"]
         lines.append(f"| {r.ours.split()[0]} | {r.shape} | {g['ours']:.1f} | {g['flax']:.1f} | "
                      f"{g['flax_two_pass']:.1f} | {r.extra['copy_gbps']:.1f} | "
                      f"{100 * r.extra['fraction_of_copy_bandwidth']['ours']:.0f}% | "
-                     f"{m['ours']['passes']:.1f} / {m['flax']['passes']:.1f} | "
+                     f"{m['ours']['passes']:.1f} / {m['flax']['passes']:.1f} | {_floor_cell(r)} | "
                      f"{m['ours']['full_size_buffers']} / {m['flax']['full_size_buffers']} | "
                      f"{e['ours']:.2g} / {e['flax']:.2g} / {e['flax_two_pass']:.2g} |")
     lines += ["", f"Max error: max |y - y_float64| of the forward pass on the same shape with a common "
               f"offset of {LARGE_OFFSET:g} and unit spread; the float64 reference normalizes the same "
               f"input, so an exact float32 computation would be off by ~1e-7 (its rounding of y), a "
               f"bfloat16 one by ~4e-3."]
+    lines += _loss_context_lines(rows)
     missed = [r for r in rows if r.group == "norms" and r.cause]
     if missed:
         lines += ["", "Norm rows that missed the target, with the gap and its HLO-level cause:", ""]
-        lines += [f"* {r.ours.split()[0]} {r.shape}: {r.cause}." for r in missed]
+        lines += [f"* {r.ours} {r.shape}: {r.cause}." for r in missed]
+    return lines
+
+
+def _floor_cell(r: Row) -> str:
+    distance = r.extra["passes_over_floor"]
+    return f"{distance['ours']:.1f}x / {distance['flax']:.1f}x"
+
+
+def _loss_context_lines(rows: Sequence[Row]) -> list[str]:
+    """The loss-context rows' ratio, HLO traffic and distance to the pass floor, with and without params."""
+    loss = _norms_against_flax_default(rows, LOSS_CONTEXT)
+    if not loss:
+        return []
+    lines = ["", f"Norms in a loss context ({LOSS_CONTEXT}, as in a training step; with params: gradient "
+             f"w.r.t. scale, bias and x; x only: no scale or bias, gradient w.r.t. x) against flax's default. "
+             f"GB/s count {PASS_FLOOR:g}x the bytes of x; the pass floor is {PASS_FLOOR:g}: "
+             f"{PASS_FLOOR_REASON[LOSS_CONTEXT]} (vjp: {PASS_FLOOR_REASON[VJP_CONTEXT]}).", "",
+             "| norm | params | shape | ours/flax | IQR | met | GB/s ours / flax / copy | passes ours / flax "
+             f"| passes / floor of {PASS_FLOOR:g}, ours / flax | full-size arrays ours / flax |",
+             "|---|---|---|---|---|---|---|---|---|---|"]
+    for r in loss:
+        g, m = r.extra["gbps"], r.extra["memory_traffic"]
+        iqr = "-" if r.ratio_iqr is None else f"{r.ratio_iqr[0]:.3g}-{r.ratio_iqr[1]:.3g}"
+        lines.append(f"| {r.ours.split()[0]} | {r.extra['params']} | {r.shape} | {r.ratio:.3g} | {iqr} | "
+                     f"{'met' if r.met else '**missed**'} | {g['ours']:.1f} / {g['flax']:.1f} / "
+                     f"{r.extra['copy_gbps']:.1f} | {m['ours']['passes']:.1f} / {m['flax']['passes']:.1f} | "
+                     f"{_floor_cell(r)} | {m['ours']['full_size_buffers']} / "
+                     f"{m['flax']['full_size_buffers']} |")
     return lines
 
 

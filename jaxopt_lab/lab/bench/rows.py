@@ -41,6 +41,11 @@ class BenchConfig:
                    tokens_shapes=((64, 1024),), bf16_shapes=((32, 32, 32, 64),), sweep_steps=1000,
                    end_to_end=True)
 
+    def loss_context_at(self, shape: tuple[int, ...], dtype: str) -> bool:
+        """Whether the norms get loss-context rows on this case: every case in full mode; in quick mode
+        only the first NHWC shape in float32 (each loss row adds four compiled programs)."""
+        return not self.quick or (shape == self.nhwc_shapes[0] and dtype == "float32")
+
     def timing(self) -> dict[str, Any]:
         """The keyword arguments of :func:`jaxopt_lab.lab.bench.timing.time_interleaved`."""
         return {"repeats": self.repeats, "warmup": self.warmup, "min_sample_s": self.min_sample_s}
