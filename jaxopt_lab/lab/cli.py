@@ -1,5 +1,6 @@
-"""The ``jaxopt-lab`` command: ``list``, ``run NAME... | all``, ``config NAME``, ``plot NAME``, ``report``,
-``bench``.
+"""The jaxopt-lab command: run the experiments, steer and re-plot them, report, benchmark.
+
+Commands: ``list``, ``run NAME... | all``, ``config NAME``, ``plot NAME``, ``report``, ``bench``.
 
 A thin layer over the runner (:mod:`jaxopt_lab.lab.runner`), the report (:mod:`jaxopt_lab.lab.report`) and
 the benchmark suite (:mod:`jaxopt_lab.lab.bench`); how errors, warnings and Ctrl-C look is
