@@ -89,7 +89,7 @@ def check_config(cfg: Config, label: str, data_name: str | None = None) -> None:
         raise ValueError(f"{label}: needs >= 1 seed, >= 20 updates and >= 1 learning rate")
     for name in SUPPORTED_DATA if data_name is None else (data_name,):
         ds = data.load_dataset(name)
-        swept = len(ds.y_train) - math.ceil(cfg.validation_fraction * len(ds.y_train))
+        swept = training.examples_after_validation(len(ds.y_train), cfg.validation_fraction)
         train_size = (len(ds.y_train) // EFFECTIVE_BATCH) * EFFECTIVE_BATCH
         for model_name in cfg.models:
             model = build_model(model_name, ds.num_classes)

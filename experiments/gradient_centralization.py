@@ -112,7 +112,7 @@ def check_config(cfg: Config, label: str, data_name: str | None = None) -> None:
         raise ValueError(f"{label}: needs >= 1 seed, >= 1 rate and more than 2 x smoothing_steps steps")
     for name in SUPPORTED_DATA if data_name is None else (data_name,):
         ds = data.load_dataset(name)
-        train_size = len(ds.y_train) - math.ceil(cfg.validation_fraction * len(ds.y_train))
+        train_size = training.examples_after_validation(len(ds.y_train), cfg.validation_fraction)
         for model_name, model in model_zoo(ds.num_classes, cfg).items():
             for opt in cfg.optimizers:
                 for variant in VARIANTS:

@@ -137,7 +137,7 @@ def check_config(cfg: Config, label: str, data_name: str | None = None) -> None:
                          f"multiple of 20 and min_epochs >= 0")
     for name in SUPPORTED_DATA if data_name is None else (data_name,):
         ds = data.load_dataset(name)
-        train_size = len(ds.y_train) - math.ceil(cfg.validation_fraction * len(ds.y_train))
+        train_size = training.examples_after_validation(len(ds.y_train), cfg.validation_fraction)
         models_at: dict[tuple[str, Any], list[int]] = {}
         for kind, what, batch_size in _jobs(cfg):  # each model once, with every batch size it trains at
             models_at.setdefault((kind, what), []).append(batch_size)
@@ -295,7 +295,7 @@ def _train_job(cfg: Config, ds: data.Dataset, seeds: list[int], job: tuple[str, 
     """One configuration, trained and evaluated: its record, its histories and what later stages need
     from its trained state (robustness at the reference batch, BN's running vs batch statistics)."""
     kind, what, batch_size = job
-    train_size = len(ds.y_train) - math.ceil(cfg.validation_fraction * len(ds.y_train))
+    train_size = training.examples_after_validation(len(ds.y_train), cfg.validation_fraction)
     search = training.tune_learning_rate(
         _model(cfg, kind, what, ds.num_classes), optax.adam, ds, seeds, learning_rates=cfg.learning_rates,
         batch_size=batch_size, steps=steps_for(cfg, batch_size, train_size),
@@ -324,7 +324,7 @@ def run(ctx: RunContext) -> None:
     histories: dict[str, np.ndarray] = {}
     mlp: dict = {}
     test_sets = _test_sets(ds, ctx.seed)
-    train_size = len(ds.y_train) - math.ceil(cfg.validation_fraction * len(ds.y_train))
+    train_size = training.examples_after_validation(len(ds.y_train), cfg.validation_fraction)
     for job in ctx.progress(_jobs(cfg), desc="configurations"):
         kind, what, batch_size = job
         label = f"{kind} {what} batch {batch_size}"
@@ -489,7 +489,7 @@ def _figure_curves(ctx: RunContext, config: Mapping[str, Any], curves: dict) -> 
 def _summary(ctx, cfg, ds, cnn_runs, mlp, rnn, robust, groups, bn_gap, claims, figures) -> str:
     sizes = sorted(cfg.batch_sizes)
     ref = cfg.reference_batch
-    train_size = len(ds.y_train) - math.ceil(cfg.validation_fraction * len(ds.y_train))
+    train_size = training.examples_after_validation(len(ds.y_train), cfg.validation_fraction)
     budget = {b: steps_for(cfg, b, train_size) for b in sizes}
     lines = [f"# {NAME} — which norm wins at which batch size, in RNNs and under contrast changes", "",
              f"Data: {ds.describe()}; {cfg.validation_fraction:.0%} of the training set held out to choose "

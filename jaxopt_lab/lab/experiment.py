@@ -51,6 +51,7 @@ __all__ = [
     "check_modes",
     "check_training_config",
     "code_version",
+    "configured",
     "environment",
     "mark_verdict",
     "mode_line",
@@ -157,13 +158,18 @@ class Experiment:
             if overrides:
                 raise OverrideError(f"--set: {self.name} has no config to set")
             return None
-        config = apply_overrides(self.config.for_mode(quick, data), overrides)
+        config = configured(self.config, quick, data, overrides)
         if overrides:
             self.check_config(config, f"{self.name} with --set {' '.join(overrides)}", data)
         return config
 
 
 HISTORIES_FILE = "histories.npz"
+
+
+def configured(config_type: Any, quick: bool, data: str | None, overrides: Sequence[str]) -> Any:
+    """``config_type.for_mode(quick, data)`` with the ``--set`` overrides (``KEY=VALUE``) applied."""
+    return apply_overrides(config_type.for_mode(quick, data), overrides)
 
 ConfigT = TypeVar("ConfigT")
 ConfigT_co = TypeVar("ConfigT_co", covariant=True)
@@ -218,7 +224,7 @@ class RunContext:
 
     def resolve_config(self, config_type: Any, data: str | None = None) -> Any:
         """The run's config: ``config_type.for_mode(quick, data)`` with the ``--set`` overrides applied."""
-        return apply_overrides(config_type.for_mode(self.quick, data), self.overrides)
+        return configured(config_type, self.quick, data, self.overrides)
 
     def progress(self, iterable: Iterable[Any] | None = None, *, total: int | None = None,
                  desc: str | None = None) -> Any:

@@ -95,6 +95,7 @@ __all__ = [
     "diverged_at",
     "evaluate",
     "evaluate_seeds",
+    "examples_after_validation",
     "fit",
     "initial_variables",
     "loss_flattened",
@@ -297,6 +298,15 @@ class RateSearch(NamedTuple):
     table: list[dict[str, Any]]
     result: TrainResult
     validation_size: int
+
+
+def examples_after_validation(num_examples: int, fraction: float) -> int:
+    """How many of ``num_examples`` training examples :func:`validation_split` leaves to train on.
+
+    >>> examples_after_validation(40, 0.2), len(validation_split(np.repeat(np.arange(4), 10), 0.2)[0])
+    (32, 32)
+    """
+    return num_examples - math.ceil(fraction * num_examples)
 
 
 def validation_split(labels: Any, fraction: float, *, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
