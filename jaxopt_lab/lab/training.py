@@ -84,6 +84,9 @@ from jaxopt_lab.lab.fitting import (
 
 __all__ = [
     "DEFAULT_CHUNK_STEPS",
+    "ENDPOINT_FLOOR",
+    "ENDPOINT_TOLERANCE",
+    "ENDPOINT_WINDOW",
     "Batch",
     "Flatness",
     "History",
@@ -93,6 +96,7 @@ __all__ = [
     "create_train_state",
     "cross_entropy",
     "diverged_at",
+    "endpoint_rule",
     "evaluate",
     "evaluate_seeds",
     "examples_after_validation",
@@ -152,11 +156,15 @@ def _progress_callback(owner: str, progress: Any) -> Progress | None:
     return update
 
 
-def _train_lanes(owner: str, model: nn.Module, make_tx: Callable[[Any], optax.GradientTransformation],
-                 tx_args: Any, variables: Any, data_keys: jax.Array, train: Batch, test: Batch,
-                 validation: Batch | None, *, budget: Budget, step_fn: TrainStep, probe: Probe | None,
-                 chunk_steps: int | None, progress: Any) -> tuple[tuple[Any, ...], History]:
-    """Every lane's run (leading lane axis on ``tx_args``, ``variables``, ``data_keys``), vmapped, in chunks.
+LaneTrainer = Callable[..., tuple[tuple[Any, ...], History]]
+
+
+def _lane_trainer(owner: str, model: nn.Module, make_tx: Callable[[Any], optax.GradientTransformation], *,
+                  budget: Budget, step_fn: TrainStep, probe: Probe | None,
+                  chunk_steps: int | None) -> LaneTrainer:
+    """``train(tx_args, variables, data_keys, train, test, validation, progress)``: every lane's run (leading
+    lane axis on ``tx_args``, ``variables``, ``data_keys``), vmapped, in chunks. One jitted program serves
+    every call with the same number of lanes (a rate search that widens its grid reuses it).
 
     The step loop runs ``k`` evaluation intervals per call of ONE jitted, vmapped program
     (:func:`_intervals_per_chunk`); the carry (each lane's arrays and batch order) goes from one call to the
@@ -165,11 +173,9 @@ def _train_lanes(owner: str, model: nn.Module, make_tx: Callable[[Any], optax.Gr
     step and evaluation code on the same values as one call would, and the history is concatenated
     (exact), so the result does not depend on the chunking.
 
-    Returns:
-      ``((step, params, opt_state, batch_stats), history)``, every leaf with the lane axis. The optimizer's
-      state is returned as arrays: ``make_tx`` may close over a traced value (the learning rate).
+    ``train`` returns ``((step, params, opt_state, batch_stats), history)``, every leaf with the lane axis.
+    The optimizer's state comes back as arrays: ``make_tx`` may close over a traced value (the rate).
     """
-    report = _progress_callback(owner, progress)
     per_chunk = _intervals_per_chunk(owner, budget, chunk_steps)
     arrays = lambda state: (jnp.asarray(state.step), state.params, state.opt_state, state.batch_stats)
 
@@ -186,23 +192,30 @@ def _train_lanes(owner: str, model: nn.Module, make_tx: Callable[[Any], optax.Gr
                                                  budget=budget, step_fn=step_fn, probe=probe)
         return (arrays(state), order), records
 
-    # The initial state (the optimizer's init, zeros and copies) runs op by op: no program to compile.
-    state_arrays, initial_probe = jax.vmap(start)(variables, tx_args)
-    orders = jnp.broadcast_to(initial_order(budget), (data_keys.shape[0], budget.per_epoch, budget.batch_size))
-    carry = (state_arrays, orders)
     program = jax.jit(jax.vmap(chunk, in_axes=(0, 0, 0, None, None, None, None)))
-    firsts = range(0, budget.intervals, per_chunk)
-    pieces = []
-    for first in firsts:  # dispatched asynchronously: the calls queue up behind the running one
-        carry, records = program(carry, data_keys, tx_args, np.int32(first), train, test, validation)
-        pieces.append(records)
-    if report is not None:
-        for first, records in zip(firsts, pieces, strict=True):
-            jax.block_until_ready(records)
-            report(min((first + per_chunk) * budget.every, budget.total) - first * budget.every)
-    records = pieces[0] if len(pieces) == 1 else jax.tree.map(lambda *parts: jnp.concatenate(parts, axis=1),
-                                                               *pieces)
-    return carry[0], _lane_histories(budget, records, initial_probe)
+
+    def train_lanes(tx_args: Any, variables: Any, data_keys: jax.Array, train: Batch, test: Batch,
+                    validation: Batch | None, progress: Any) -> tuple[tuple[Any, ...], History]:
+        report = _progress_callback(owner, progress)
+        # The initial state (the optimizer's init, zeros and copies) runs op by op: no program to compile.
+        state_arrays, initial_probe = jax.vmap(start)(variables, tx_args)
+        orders = jnp.broadcast_to(initial_order(budget), (data_keys.shape[0], budget.per_epoch,
+                                                          budget.batch_size))
+        carry = (state_arrays, orders)
+        firsts = range(0, budget.intervals, per_chunk)
+        pieces = []
+        for first in firsts:  # dispatched asynchronously: the calls queue up behind the running one
+            carry, records = program(carry, data_keys, tx_args, np.int32(first), train, test, validation)
+            pieces.append(records)
+        if report is not None:
+            for first, records in zip(firsts, pieces, strict=True):
+                jax.block_until_ready(records)
+                report(min((first + per_chunk) * budget.every, budget.total) - first * budget.every)
+        records = pieces[0] if len(pieces) == 1 else jax.tree.map(
+            lambda *parts: jnp.concatenate(parts, axis=1), *pieces)
+        return carry[0], _lane_histories(budget, records, initial_probe)
+
+    return train_lanes
 
 
 @functools.partial(jax.jit, static_argnums=0)
@@ -272,9 +285,10 @@ def train_seeds(model: nn.Module, tx: optax.GradientTransformation, dataset: Dat
     step_fn = _make_step_fn("train_seeds", batch_size, num_microbatches, unroll, data_parallel)
     data_keys, init_keys = seed_keys(seeds)
     variables = variables_for_keys(model, init_keys, train.images[:1])
-    (step, params, opt_state, batch_stats), history = _train_lanes(
-        "train_seeds", model, lambda _: tx, None, variables, data_keys, train, test, None, budget=budget,
-        step_fn=step_fn, probe=probe, chunk_steps=chunk_steps, progress=progress)
+    trainer = _lane_trainer("train_seeds", model, lambda _: tx, budget=budget, step_fn=step_fn, probe=probe,
+                            chunk_steps=chunk_steps)
+    (step, params, opt_state, batch_stats), history = trainer(None, variables, data_keys, train, test, None,
+                                                              progress)
     state = TrainState(step=step, apply_fn=model.apply, params=params, tx=tx, opt_state=opt_state,
                        batch_stats=batch_stats)
     return TrainResult(state, history)
@@ -285,19 +299,23 @@ class RateSearch(NamedTuple):
 
     Attributes:
       learning_rate: the chosen rate.
-      table: one dict per rate, in the order given: ``learning_rate``, ``validation_accuracy`` and
-        ``validation_loss`` (``{"mean", "std", "values"}`` over seeds, at the end of training),
-        ``final_train_loss`` (the same, the last evaluation interval's mean training loss), ``diverged``
-        (how many seeds' loss became NaN/inf) and ``chosen``.
+      table: one dict per rate tried, in increasing order of rate: ``learning_rate``,
+        ``validation_accuracy`` and ``validation_loss`` (``{"mean", "std", "values"}`` over seeds, at the
+        end of training), ``final_train_loss`` (the same, the last evaluation interval's mean training
+        loss), ``diverged`` (how many seeds' loss became NaN/inf), ``added`` (True for a rate the search
+        added beyond the given grid) and ``chosen``.
       result: the chosen rate's runs (leading seeds axis), trained on the training set minus the
         validation split; ``history.test_*`` are on the test set, ``history.validation_*`` on the split.
       validation_size: examples in the validation split (carved from the training set).
+      at_edge: ``"lowest"`` or ``"highest"`` when the chosen rate is still the lowest or highest rate tried
+        (the search stopped at its limit), else ``None``: the choice is bracketed by rates on both sides.
     """
 
     learning_rate: float
     table: list[dict[str, Any]]
     result: TrainResult
     validation_size: int
+    at_edge: str | None = None
 
 
 def examples_after_validation(num_examples: int, fraction: float) -> int:
@@ -332,6 +350,7 @@ def tune_learning_rate(model: nn.Module, make_tx: Callable[[Any], optax.Gradient
                        batch_size: int, steps: int, validation_fraction: float = 0.2,
                        eval_every: int | None = None, num_microbatches: int = 1, unroll: int | bool = 1,
                        data_parallel: bool | None = None, split_seed: int = 0, chunk_steps: int | None = None,
+                       widen: int = 0, widen_factor: float = 3.0,
                        progress: Progress | Any = None) -> RateSearch:
     """Trains every (learning rate, seed) pair in ONE jitted, vmapped program and picks the rate on validation.
 
@@ -345,6 +364,12 @@ def tune_learning_rate(model: nn.Module, make_tx: Callable[[Any], optax.Gradient
     validation accuracy over seeds at the end of training, then the lower mean validation loss. The test
     set is evaluated for the returned runs' history but never consulted for the choice.
 
+    A rate chosen at the edge of its grid may be under-tuned: the optimum may lie beyond it. With
+    ``widen=n``, while the chosen rate is the lowest (highest) rate tried, the search trains one more rate,
+    ``widen_factor`` times below (above) it, and chooses again, at most ``n`` times; ``at_edge`` says
+    whether the final choice is still at an edge. The added rates' runs are one more program of
+    ``len(seeds)`` lanes, compiled once and reused.
+
     Args:
       model, dataset, seeds, batch_size, num_microbatches, unroll, data_parallel: see :func:`train_seeds`.
       make_tx: ``learning_rate -> optax.GradientTransformation``.
@@ -353,7 +378,9 @@ def tune_learning_rate(model: nn.Module, make_tx: Callable[[Any], optax.Gradient
       validation_fraction: the share of the training set held out for the choice.
       split_seed: the seed of the validation split.
       chunk_steps, progress: see :func:`train_seeds`; ``progress`` counts the steps of one run (every rate
-        and seed takes each step together), so a bar's total is ``steps``.
+        and seed takes each step together), so a bar's total is ``steps`` (plus ``steps`` per added rate).
+      widen: the most rates the search may add beyond the grid's edges (0: the grid as given).
+      widen_factor: the ratio between an edge rate and the rate added beyond it (> 1).
 
     Returns:
       A :class:`RateSearch`.
@@ -363,10 +390,14 @@ def tune_learning_rate(model: nn.Module, make_tx: Callable[[Any], optax.Gradient
       >>> from jaxopt_lab.lab import data, models
       >>> search = tune_learning_rate(models.Logistic(), optax.sgd, data.load_digits(), [0, 1],
       ...                             learning_rates=[1e-3, 0.1], batch_size=64, steps=100)
-      >>> search.learning_rate, [row["diverged"] for row in search.table]
-      (0.1, [0, 0])
+      >>> search.learning_rate, [row["diverged"] for row in search.table], search.at_edge
+      (0.1, [0, 0], 'highest')
       >>> search.result.history.test_accuracy.shape     # (seeds, evaluation points), on the test set
       (2, 20)
+      >>> wider = tune_learning_rate(models.Logistic(), optax.sgd, data.load_digits(), [0, 1],
+      ...                            learning_rates=[1e-3, 0.1], batch_size=64, steps=100, widen=3)
+      >>> [row["learning_rate"] for row in wider.table][-1] > 0.1, wider.at_edge
+      (True, None)
     """
     seeds = check_seeds("tune_learning_rate", seeds)
     if not callable(make_tx):
@@ -380,6 +411,13 @@ def tune_learning_rate(model: nn.Module, make_tx: Callable[[Any], optax.Gradient
     if rates.size == 0 or not np.all(np.isfinite(rates)) or np.any(rates <= 0):
         raise ValueError(f"tune_learning_rate: learning_rates must be one or more finite numbers > 0, "
                          f"got {list(np.atleast_1d(learning_rates))!r}")
+    if len(set(rates.tolist())) != rates.size:
+        raise ValueError(f"tune_learning_rate: learning_rates must be distinct, got {rates.tolist()}")
+    if isinstance(widen, bool) or not isinstance(widen, int) or widen < 0:
+        raise ValueError(f"tune_learning_rate: widen must be an int >= 0 (rates to add at most), got {widen!r}")
+    if isinstance(widen_factor, bool) or not isinstance(widen_factor, (int, float)) or not widen_factor > 1 \
+            or not math.isfinite(widen_factor):
+        raise ValueError(f"tune_learning_rate: widen_factor must be a finite number > 1, got {widen_factor!r}")
     train_idx, valid_idx = validation_split(dataset.y_train, validation_fraction, seed=split_seed)
     budget = make_budget("tune_learning_rate", len(train_idx), batch_size, None, steps, eval_every)
     _intervals_per_chunk("tune_learning_rate", budget, chunk_steps)
@@ -388,33 +426,102 @@ def tune_learning_rate(model: nn.Module, make_tx: Callable[[Any], optax.Gradient
     valid = Batch(jnp.asarray(dataset.x_train[valid_idx]), jnp.asarray(dataset.y_train[valid_idx]))
     test = Batch(jnp.asarray(dataset.x_test), jnp.asarray(dataset.y_test))
     step_fn = _make_step_fn("tune_learning_rate", batch_size, num_microbatches, unroll, data_parallel)
-
+    trainer = _lane_trainer("tune_learning_rate", model, make_tx, budget=budget, step_fn=step_fn, probe=None,
+                            chunk_steps=chunk_steps)
     data_keys, init_keys = seed_keys(seeds)
     variables = variables_for_keys(model, init_keys, train.images[:1])
-    seed_of_lane = np.tile(np.arange(len(seeds)), rates.size)
-    lanes = lambda tree: jax.tree.map(lambda a: a[seed_of_lane], tree)
-    lane_rates = jnp.repeat(jnp.asarray(rates, jnp.float32), len(seeds))  # rate-major: lane = r * S + s
-    # `make_tx` gets the traced rate inside the program: the states come back as arrays, rebuilt below.
-    arrays, history = _train_lanes("tune_learning_rate", model, make_tx, lane_rates, lanes(variables),
-                                   lanes(data_keys), train, test, valid, budget=budget, step_fn=step_fn,
-                                   probe=None, chunk_steps=chunk_steps, progress=progress)
+    n_seeds = len(seeds)
 
-    per_rate = lambda a: np.asarray(a).reshape(rates.size, len(seeds), *np.shape(a)[1:])
-    valid_acc = per_rate(history.validation_accuracy)[..., -1]
-    valid_loss = per_rate(history.validation_loss)[..., -1]
-    train_loss = per_rate(history.train_loss)[..., -1]
-    diverged = (~np.isfinite(per_rate(history.step_loss))).any(axis=-1).sum(axis=1)
-    mean_loss = np.where(np.isfinite(valid_loss), valid_loss, np.inf).mean(axis=1)
-    best = min(range(rates.size), key=lambda r: (diverged[r], -valid_acc[r].mean(), mean_loss[r]))
-    table = [{"learning_rate": float(rate), "validation_accuracy": mean_std(valid_acc[r]),
-              "validation_loss": mean_std(valid_loss[r]), "final_train_loss": mean_std(train_loss[r]),
-              "diverged": int(diverged[r]), "chosen": r == best} for r, rate in enumerate(rates)]
-    chosen = slice(best * len(seeds), (best + 1) * len(seeds))
-    step, params, opt_state, batch_stats = jax.tree.map(lambda a: a[chosen], arrays)
-    state = TrainState(step=step, apply_fn=model.apply, params=params, tx=make_tx(float(rates[best])),
+    def train_rates(block: np.ndarray) -> list[_RateRuns]:
+        """Every (rate, seed) of ``block`` in one call: rate-major lanes, lane = r * S + s."""
+        seed_of_lane = np.tile(np.arange(n_seeds), block.size)
+        lanes = lambda tree: jax.tree.map(lambda a: a[seed_of_lane], tree)
+        lane_rates = jnp.repeat(jnp.asarray(block, jnp.float32), n_seeds)
+        arrays, history = trainer(lane_rates, lanes(variables), lanes(data_keys), train, test, valid, progress)
+        of_rate = lambda tree, r: jax.tree.map(lambda a: a[r * n_seeds:(r + 1) * n_seeds], tree)
+        return [_RateRuns.of(float(rate), of_rate(arrays, r), of_rate(history, r))
+                for r, rate in enumerate(block)]
+
+    runs = train_rates(rates)
+    given = {runs_.rate for runs_ in runs}
+    for _ in range(widen):
+        edge = _edge(runs, _best(runs))
+        if edge is None:
+            break
+        extreme = min(r.rate for r in runs) if edge == "lowest" else max(r.rate for r in runs)
+        added = extreme / widen_factor if edge == "lowest" else extreme * widen_factor
+        runs += train_rates(np.asarray([added]))
+    best = _best(runs)
+    ordered = sorted(runs, key=lambda r: r.rate)
+    table = [{"learning_rate": r.rate, "validation_accuracy": mean_std(r.valid_acc),
+              "validation_loss": mean_std(r.valid_loss), "final_train_loss": mean_std(r.train_loss),
+              "diverged": r.diverged, "added": r.rate not in given, "chosen": r is best} for r in ordered]
+    step, params, opt_state, batch_stats = best.arrays
+    state = TrainState(step=step, apply_fn=model.apply, params=params, tx=make_tx(best.rate),
                        opt_state=opt_state, batch_stats=batch_stats)
-    result = TrainResult(state, jax.tree.map(lambda a: a[chosen], history))
-    return RateSearch(float(rates[best]), table, result, len(valid_idx))
+    return RateSearch(best.rate, table, TrainResult(state, best.history), len(valid_idx), _edge(runs, best))
+
+
+class _RateRuns(NamedTuple):
+    """One rate's runs of :func:`tune_learning_rate` (every seed) and what the choice reads from them."""
+
+    rate: float
+    arrays: tuple[Any, ...]
+    history: History
+    valid_acc: np.ndarray
+    valid_loss: np.ndarray
+    train_loss: np.ndarray
+    diverged: int
+
+    @classmethod
+    def of(cls, rate: float, arrays: tuple[Any, ...], history: History) -> _RateRuns:
+        return cls(rate, arrays, history, np.asarray(history.validation_accuracy)[:, -1],
+                   np.asarray(history.validation_loss)[:, -1], np.asarray(history.train_loss)[:, -1],
+                   int((~np.isfinite(np.asarray(history.step_loss))).any(axis=-1).sum()))
+
+    def rank(self) -> tuple[int, float, float]:
+        """Fewest diverged seeds, then the best mean validation accuracy, then the lower validation loss."""
+        loss = np.where(np.isfinite(self.valid_loss), self.valid_loss, np.inf).mean()
+        return self.diverged, -float(self.valid_acc.mean()), float(loss)
+
+
+def _best(runs: Sequence[_RateRuns]) -> _RateRuns:
+    # Ties go to the rate tried first (the given grid before the added rates), as before widening existed.
+    return min(runs, key=_RateRuns.rank)
+
+
+def _edge(runs: Sequence[_RateRuns], chosen: _RateRuns) -> str | None:
+    """``"lowest"``/``"highest"`` when ``chosen`` is the lowest/highest rate of ``runs`` (and not the only
+    one), else ``None``."""
+    if len(runs) == 1:
+        return "lowest"  # one rate is both edges; say it is unbracketed (a widening search adds below first)
+    if chosen.rate == min(r.rate for r in runs):
+        return "lowest"
+    if chosen.rate == max(r.rate for r in runs):
+        return "highest"
+    return None
+
+
+ENDPOINT_WINDOW = 0.2
+"""The share of the last training steps :func:`loss_flattened` judges."""
+ENDPOINT_TOLERANCE = 0.05
+"""How much the loss may change over the window, relative to its level, and still count as flat."""
+ENDPOINT_FLOOR = 0.01
+"""A loss level (nats) at or below which the training loss counts as flat whatever its relative change."""
+
+
+def endpoint_rule(window_fraction: float = ENDPOINT_WINDOW, tolerance: float = ENDPOINT_TOLERANCE,
+                  floor: float = ENDPOINT_FLOOR) -> str:
+    """The endpoint rule of :func:`loss_flattened` with these arguments, in words, for summaries (the rule as
+    applied, so a summary can state it exactly).
+
+    >>> endpoint_rule()[:60]
+    'flattened when, over the last 20% of steps, the median of th'
+    """
+    return (f"flattened when, over the last {window_fraction:.0%} of steps, the median of the seed-mean step "
+            f"loss in the window's last quarter differs from the median in its first quarter by at most "
+            f"{tolerance:.0%} of the window's median loss, or when that median is at most {floor:g} nats "
+            "(medians, so that single spikes, e.g. Adam's, do not decide it)")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -422,46 +529,56 @@ class Flatness:
     """:func:`loss_flattened`'s verdict with its evidence; true in a boolean context when flattened.
 
     Attributes:
-      flattened: the training loss changed by less than the tolerance over the window.
-      relative_change: the change of the loss over the window (a least-squares line through the seed-mean
-        step losses, its rise over the window) divided by the mean loss in the window; NaN if a run diverged.
-      absolute_change: the same change in loss units.
-      window_steps: the steps the line was fitted to (the last ``window_fraction`` of training).
+      flattened: the rule of :func:`endpoint_rule` held.
+      relative_change: ``absolute_change / level``; NaN if a run diverged.
+      absolute_change: the median loss of the window's last quarter minus that of its first quarter (nats).
+      window_steps: the steps judged (the last ``window_fraction`` of training).
+      level: the median loss over the window (nats); NaN if a run diverged.
+      floor: the level at or below which the loss counts as flat.
     """
 
     flattened: bool
     relative_change: float
     absolute_change: float
     window_steps: int
+    level: float = math.nan
+    floor: float = ENDPOINT_FLOOR
 
     def __bool__(self) -> bool:
         return self.flattened
 
     def describe(self) -> str:
-        """E.g. ``"yes (last 400 steps: -1.3%, -0.004 nats)"``, for summaries."""
+        """E.g. ``"yes (last 400 steps: -1.3%, -0.004 nats)"``, for summaries. A relative change beyond
+        +-100% means nothing next to its level, so it is not shown; the evidence is then the level itself."""
         if not math.isfinite(self.relative_change):
             return f"no (a run diverged; last {self.window_steps} steps)"
         verdict = "yes" if self.flattened else "no"
-        return (f"{verdict} (last {self.window_steps} steps: {100 * self.relative_change:+.1f}%, "
-                f"{self.absolute_change:+.3f} nats)")
+        if self.level <= self.floor:
+            return f"{verdict} (loss {self.level:.1e} <= floor {self.floor:g} nats)"
+        percent = f"{100 * self.relative_change:+.1f}%, " if abs(self.relative_change) <= 1 else ""
+        return f"{verdict} (last {self.window_steps} steps: {percent}{self.absolute_change:+.3f} nats)"
 
 
-def loss_flattened(step_loss: Any, *, window_fraction: float = 0.2, tolerance: float = 0.05,
-                   atol: float = 0.01) -> Flatness:
+def loss_flattened(step_loss: Any, *, window_fraction: float = ENDPOINT_WINDOW,
+                   tolerance: float = ENDPOINT_TOLERANCE, floor: float = ENDPOINT_FLOOR) -> Flatness:
     """Whether the training loss had flattened by the end: the endpoint evidence of a step budget.
 
-    Averages ``step_loss`` (``(steps,)``, or ``(seeds, steps)`` averaged over seeds), fits a least-squares
-    line to its last ``window_fraction`` of steps, and calls it flattened when the line's change over that
-    window is within ``tolerance`` of the window's mean loss, or within ``atol`` nats (a loss near zero
-    whose relative change is large but whose absolute change is negligible). A diverged run (NaN/inf)
-    never counts as flattened.
+    The rule, as :func:`endpoint_rule` states it: average ``step_loss`` over seeds (``(steps,)`` or
+    ``(seeds, steps)``), take the last ``window_fraction`` of steps, and compare the median loss of the
+    window's last quarter with that of its first quarter. Flattened when the change is at most
+    ``tolerance`` of the window's median loss, or when that median is at most ``floor`` nats (a loss near
+    zero whose relative change is large but meaningless). Medians make one spike (Adam's near a minimum)
+    unable to decide it. A diverged run (NaN/inf) never counts as flattened.
 
     >>> import numpy as np
     >>> steps = np.arange(1000)
     >>> bool(loss_flattened(2.0 * np.exp(-steps / 50) + 0.3)), bool(loss_flattened(2.0 - steps / 1000))
     (True, False)
     >>> loss_flattened(2.0 - steps / 1000).describe()
-    'no (last 200 steps: -18.1%, -0.199 nats)'
+    'no (last 200 steps: -13.6%, -0.150 nats)'
+    >>> spiky = 0.3 + np.where(steps % 97 == 0, 5.0, 0.0)   # flat, with a spike every 97 steps
+    >>> bool(loss_flattened(spiky))
+    True
     """
     losses = np.asarray(step_loss, dtype=np.float64)
     if losses.ndim not in (1, 2) or losses.shape[-1] < 2:
@@ -469,19 +586,19 @@ def loss_flattened(step_loss: Any, *, window_fraction: float = 0.2, tolerance: f
                          f"got shape {losses.shape}")
     if not 0.0 < window_fraction <= 1.0:
         raise ValueError(f"loss_flattened: window_fraction must lie in (0, 1], got {window_fraction!r}")
-    if not tolerance >= 0 or not atol >= 0:
-        raise ValueError(f"loss_flattened: tolerance and atol must be >= 0, got {tolerance!r}, {atol!r}")
+    if not tolerance >= 0 or not floor >= 0:
+        raise ValueError(f"loss_flattened: tolerance and floor must be >= 0, got {tolerance!r}, {floor!r}")
     curve = losses.reshape(-1, losses.shape[-1]).mean(axis=0)
-    window = max(2, math.ceil(window_fraction * curve.size))
+    window = max(4, math.ceil(window_fraction * curve.size)) if curve.size >= 4 else curve.size
     tail = curve[-window:]
-    if not np.isfinite(tail).all() or not np.isfinite(curve).all():
-        return Flatness(False, math.nan, math.nan, window)
-    slope = np.polyfit(np.arange(window, dtype=np.float64), tail, 1)[0]
-    change = float(slope * (window - 1))
-    level = float(abs(tail.mean()))
+    if not np.isfinite(curve).all():
+        return Flatness(False, math.nan, math.nan, window, math.nan, floor)
+    quarter = max(1, window // 4)
+    change = float(np.median(tail[-quarter:]) - np.median(tail[:quarter]))
+    level = float(abs(np.median(tail)))
     relative = change / level if level > 0 else (0.0 if change == 0 else math.inf)
-    flattened = abs(change) <= max(tolerance * level, atol)
-    return Flatness(bool(flattened), float(relative), change, window)
+    flattened = level <= floor or abs(change) <= tolerance * level
+    return Flatness(bool(flattened), float(relative), change, window, level, floor)
 
 
 def diverged_at(step_loss: Any) -> list[int | None]:
