@@ -465,3 +465,20 @@ def test_bad_widening_arguments_raise_value_error(digits, kwargs, message):
     args = dict(learning_rates=[0.1], batch_size=64, steps=10) | kwargs
     with pytest.raises(ValueError, match=message):
         training.tune_learning_rate(MLP, optax.sgd, digits, [0], **args)
+
+
+def test_replicate_seeds_train_at_the_chosen_rate_without_influencing_it(digits):
+    args = dict(learning_rates=[0.03, 0.3], batch_size=64, steps=40)
+    alone = training.tune_learning_rate(MLP, optax.sgd, digits, [0, 1], **args)
+    both = training.tune_learning_rate(MLP, optax.sgd, digits, [0, 1], replicate_seeds=[7, 8], **args)
+    assert both.table == alone.table and both.learning_rate == alone.learning_rate and both.replicas == 2
+    history = both.result.history
+    assert history.test_accuracy.shape[0] == 4
+    chex.assert_trees_all_close(history.step_loss[:2], alone.result.history.step_loss)
+    # The replicas are what a search over the chosen rate alone gives those seeds (same split, same code).
+    direct = training.tune_learning_rate(MLP, optax.sgd, digits, [7, 8], **(args | dict(
+        learning_rates=[alone.learning_rate])))
+    chex.assert_trees_all_close(history.step_loss[2:], direct.result.history.step_loss, rtol=1e-5)
+    assert not np.allclose(history.step_loss[2:], history.step_loss[:2])  # other seeds, other runs
+    with pytest.raises(ValueError, match="disjoint"):
+        training.tune_learning_rate(MLP, optax.sgd, digits, [0, 1], replicate_seeds=[1, 2], **args)

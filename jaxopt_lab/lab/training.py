@@ -309,6 +309,8 @@ class RateSearch(NamedTuple):
       validation_size: examples in the validation split (carved from the training set).
       at_edge: ``"lowest"`` or ``"highest"`` when the chosen rate is still the lowest or highest rate tried
         (the search stopped at its limit), else ``None``: the choice is bracketed by rates on both sides.
+      replicas: how many of ``result``'s runs (the last ones) are ``replicate_seeds`` trained at the chosen
+        rate after the choice; the first ``len(seeds)`` are the search's own.
     """
 
     learning_rate: float
@@ -316,6 +318,7 @@ class RateSearch(NamedTuple):
     result: TrainResult
     validation_size: int
     at_edge: str | None = None
+    replicas: int = 0
 
 
 def examples_after_validation(num_examples: int, fraction: float) -> int:
@@ -350,7 +353,7 @@ def tune_learning_rate(model: nn.Module, make_tx: Callable[[Any], optax.Gradient
                        batch_size: int, steps: int, validation_fraction: float = 0.2,
                        eval_every: int | None = None, num_microbatches: int = 1, unroll: int | bool = 1,
                        data_parallel: bool | None = None, split_seed: int = 0, chunk_steps: int | None = None,
-                       widen: int = 0, widen_factor: float = 3.0,
+                       widen: int = 0, widen_factor: float = 3.0, replicate_seeds: Sequence[int] = (),
                        progress: Progress | Any = None) -> RateSearch:
     """Trains every (learning rate, seed) pair in ONE jitted, vmapped program and picks the rate on validation.
 
@@ -370,6 +373,11 @@ def tune_learning_rate(model: nn.Module, make_tx: Callable[[Any], optax.Gradient
     whether the final choice is still at an edge. The added rates' runs are one more program of
     ``len(seeds)`` lanes, compiled once and reused.
 
+    ``replicate_seeds`` are a second, disjoint seed set trained at the chosen rate on the same split after
+    the choice (they never influence it): a replication of whatever the search's seeds show, at the cost of
+    one more rate's runs. Their runs follow the search's in ``result``
+    (:func:`jaxopt_lab.lab.verdicts.seed_sets` splits the two sets apart again).
+
     Args:
       model, dataset, seeds, batch_size, num_microbatches, unroll, data_parallel: see :func:`train_seeds`.
       make_tx: ``learning_rate -> optax.GradientTransformation``.
@@ -381,6 +389,7 @@ def tune_learning_rate(model: nn.Module, make_tx: Callable[[Any], optax.Gradient
         and seed takes each step together), so a bar's total is ``steps`` (plus ``steps`` per added rate).
       widen: the most rates the search may add beyond the grid's edges (0: the grid as given).
       widen_factor: the ratio between an edge rate and the rate added beyond it (> 1).
+      replicate_seeds: seeds disjoint from ``seeds`` to train at the chosen rate (default none).
 
     Returns:
       A :class:`RateSearch`.
@@ -398,8 +407,17 @@ def tune_learning_rate(model: nn.Module, make_tx: Callable[[Any], optax.Gradient
       ...                            learning_rates=[1e-3, 0.1], batch_size=64, steps=100, widen=3)
       >>> [row["learning_rate"] for row in wider.table][-1] > 0.1, wider.at_edge
       (True, None)
+      >>> replicated = tune_learning_rate(models.Logistic(), optax.sgd, data.load_digits(), [0, 1],
+      ...                                 learning_rates=[1e-3, 0.1], batch_size=64, steps=100,
+      ...                                 replicate_seeds=[2, 3])
+      >>> replicated.result.history.test_accuracy.shape, replicated.replicas   # seeds 0, 1, then 2, 3
+      ((4, 20), 2)
     """
     seeds = check_seeds("tune_learning_rate", seeds)
+    replicate_seeds = [] if len(replicate_seeds) == 0 else check_seeds("tune_learning_rate", replicate_seeds)
+    if set(replicate_seeds) & set(seeds) or len(set(replicate_seeds)) != len(replicate_seeds):
+        raise ValueError(f"tune_learning_rate: replicate_seeds must be distinct and disjoint from seeds "
+                         f"{seeds}, got {replicate_seeds}")
     if not callable(make_tx):
         raise TypeError(f"tune_learning_rate: make_tx must be callable learning_rate -> "
                         f"optax.GradientTransformation, got {type(make_tx).__name__}")
@@ -428,12 +446,12 @@ def tune_learning_rate(model: nn.Module, make_tx: Callable[[Any], optax.Gradient
     step_fn = _make_step_fn("tune_learning_rate", batch_size, num_microbatches, unroll, data_parallel)
     trainer = _lane_trainer("tune_learning_rate", model, make_tx, budget=budget, step_fn=step_fn, probe=None,
                             chunk_steps=chunk_steps)
-    data_keys, init_keys = seed_keys(seeds)
-    variables = variables_for_keys(model, init_keys, train.images[:1])
-    n_seeds = len(seeds)
 
-    def train_rates(block: np.ndarray) -> list[_RateRuns]:
+    def train_rates(block: np.ndarray, seeds: list[int]) -> list[_RateRuns]:
         """Every (rate, seed) of ``block`` in one call: rate-major lanes, lane = r * S + s."""
+        data_keys, init_keys = seed_keys(seeds)
+        variables = variables_for_keys(model, init_keys, train.images[:1])
+        n_seeds = len(seeds)
         seed_of_lane = np.tile(np.arange(n_seeds), block.size)
         lanes = lambda tree: jax.tree.map(lambda a: a[seed_of_lane], tree)
         lane_rates = jnp.repeat(jnp.asarray(block, jnp.float32), n_seeds)
@@ -442,7 +460,7 @@ def tune_learning_rate(model: nn.Module, make_tx: Callable[[Any], optax.Gradient
         return [_RateRuns.of(float(rate), of_rate(arrays, r), of_rate(history, r))
                 for r, rate in enumerate(block)]
 
-    runs = train_rates(rates)
+    runs = train_rates(rates, seeds)
     given = {runs_.rate for runs_ in runs}
     for _ in range(widen):
         edge = _edge(runs, _best(runs))
@@ -450,16 +468,22 @@ def tune_learning_rate(model: nn.Module, make_tx: Callable[[Any], optax.Gradient
             break
         extreme = min(r.rate for r in runs) if edge == "lowest" else max(r.rate for r in runs)
         added = extreme / widen_factor if edge == "lowest" else extreme * widen_factor
-        runs += train_rates(np.asarray([added]))
+        runs += train_rates(np.asarray([added]), seeds)
     best = _best(runs)
     ordered = sorted(runs, key=lambda r: r.rate)
     table = [{"learning_rate": r.rate, "validation_accuracy": mean_std(r.valid_acc),
               "validation_loss": mean_std(r.valid_loss), "final_train_loss": mean_std(r.train_loss),
               "diverged": r.diverged, "added": r.rate not in given, "chosen": r is best} for r in ordered]
-    step, params, opt_state, batch_stats = best.arrays
+    arrays, history = best.arrays, best.history
+    if replicate_seeds:  # after the choice, which they must not influence
+        (replica,) = train_rates(np.asarray([best.rate]), replicate_seeds)
+        arrays, history = jax.tree.map(lambda a, b: jnp.concatenate([a, b]), (arrays, history),
+                                       (replica.arrays, replica.history))
+    step, params, opt_state, batch_stats = arrays
     state = TrainState(step=step, apply_fn=model.apply, params=params, tx=make_tx(best.rate),
                        opt_state=opt_state, batch_stats=batch_stats)
-    return RateSearch(best.rate, table, TrainResult(state, best.history), len(valid_idx), _edge(runs, best))
+    return RateSearch(best.rate, table, TrainResult(state, history), len(valid_idx), _edge(runs, best),
+                      len(replicate_seeds))
 
 
 class _RateRuns(NamedTuple):
