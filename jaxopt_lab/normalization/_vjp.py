@@ -197,9 +197,15 @@ def _trailing_norm_bwd(axes, eps, dtype, residuals, cotangents):
     dy, dmean, dvar = cotangents
     shape, lead = centered.shape, centered.ndim - len(axes)
     rows, cols = math.prod(shape[:lead]), math.prod(shape[lead:])
-    dy = _dense(dy).astype(centered.dtype).reshape(rows, cols)
-    offset, rstd = offset.reshape(rows, 1), rstd.reshape(rows, 1)
-    x_hat = (centered.reshape(rows, cols) - offset) * rstd
+    # With a scale, the per-row sums are matrix-vector products on a (rows, cols) view. Without one the
+    # backward stays in x's shape, reducing over axes: x_hat is then the forward's very expression (its
+    # output when there is no bias either), which XLA computes once, where the view made it a second
+    # full-size array in a training step's program (docs/benchmarks.md, the loss context).
+    flat = scale is not None
+    view, stat_shape = ((rows, cols), (rows, 1)) if flat else (shape, rstd.shape)
+    dy = _dense(dy).astype(centered.dtype).reshape(view)
+    offset, rstd = offset.reshape(stat_shape), rstd.reshape(stat_shape)
+    x_hat = (centered.reshape(view) - offset) * rstd
     dy_x_hat = dy * x_hat
     # Highest precision: the products sum float32 values (TPUs' default would round them to bfloat16).
     matvec = functools.partial(jnp.dot, precision=lax.Precision.HIGHEST)
@@ -214,7 +220,7 @@ def _trailing_norm_bwd(axes, eps, dtype, residuals, cotangents):
     dscale = None if scale is None else to_param(dy_x_hat, scale)
     dbias = None if bias is None else to_param(dy, bias)
     if scale is None:
-        sum_g, sum_g_x_hat, g = jnp.sum(dy, 1, keepdims=True), jnp.sum(dy_x_hat, 1, keepdims=True), dy
+        sum_g, sum_g_x_hat, g = jnp.sum(dy, axes, keepdims=True), jnp.sum(dy_x_hat, axes, keepdims=True), dy
     else:  # the gradient reaching x_hat is g = dy * scale
         s = jnp.broadcast_to(scale, (1,) * lead + shape[lead:]).reshape(cols)
         sum_g, sum_g_x_hat, g = matvec(dy, s)[:, None], matvec(dy_x_hat, s)[:, None], dy * s
