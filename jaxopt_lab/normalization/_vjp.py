@@ -197,15 +197,15 @@ def _trailing_norm_bwd(axes, eps, dtype, residuals, cotangents):
     dy, dmean, dvar = cotangents
     shape, lead = centered.shape, centered.ndim - len(axes)
     rows, cols = math.prod(shape[:lead]), math.prod(shape[lead:])
-    # With a scale, the per-row sums are matrix-vector products on a (rows, cols) view. Without one the
-    # backward stays in x's shape, reducing over axes: x_hat is then the forward's very expression (its
-    # output when there is no bias either), which XLA computes once, where the view made it a second
-    # full-size array in a training step's program (docs/benchmarks.md, the loss context).
-    flat = scale is not None
-    view, stat_shape = ((rows, cols), (rows, 1)) if flat else (shape, rstd.shape)
-    dy = _dense(dy).astype(centered.dtype).reshape(view)
-    offset, rstd = offset.reshape(stat_shape), rstd.reshape(stat_shape)
-    x_hat = (centered.reshape(view) - offset) * rstd
+    dy = _dense(dy).astype(centered.dtype).reshape(rows, cols)
+    if scale is None and bias is None and jnp.dtype(dtype) == centered.dtype:
+        # The forward's output is x_hat itself: taken in x's shape, as the forward computed it, XLA shares
+        # the array; on the (rows, cols) view it was a second full-size array in a training step's program
+        # (docs/benchmarks.md, loss context, x only). Otherwise the view's own expression fuses better.
+        x_hat = ((centered - offset) * rstd).reshape(rows, cols)
+    else:
+        x_hat = (centered.reshape(rows, cols) - offset.reshape(rows, 1)) * rstd.reshape(rows, 1)
+    rstd = rstd.reshape(rows, 1)
     dy_x_hat = dy * x_hat
     # Highest precision: the products sum float32 values (TPUs' default would round them to bfloat16).
     matvec = functools.partial(jnp.dot, precision=lax.Precision.HIGHEST)
@@ -220,7 +220,7 @@ def _trailing_norm_bwd(axes, eps, dtype, residuals, cotangents):
     dscale = None if scale is None else to_param(dy_x_hat, scale)
     dbias = None if bias is None else to_param(dy, bias)
     if scale is None:
-        sum_g, sum_g_x_hat, g = jnp.sum(dy, axes, keepdims=True), jnp.sum(dy_x_hat, axes, keepdims=True), dy
+        sum_g, sum_g_x_hat, g = jnp.sum(dy, 1, keepdims=True), jnp.sum(dy_x_hat, 1, keepdims=True), dy
     else:  # the gradient reaching x_hat is g = dy * scale
         s = jnp.broadcast_to(scale, (1,) * lead + shape[lead:]).reshape(cols)
         sum_g, sum_g_x_hat, g = matvec(dy, s)[:, None], matvec(dy_x_hat, s)[:, None], dy * s
