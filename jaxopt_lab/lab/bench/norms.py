@@ -58,20 +58,28 @@ PASS_FLOOR_REASON = {
 # What the compiled HLO and side-by-side prototypes showed about each norm on XLA:CPU (YNNPACK reduction
 # fusions); docs/benchmarks.md has the measurements.
 NORM_MECHANISMS = {
-    "layer_norm": "the common case (statistics over trailing axes) has a backward that reads the saved "
-                  "x - shift and writes dy * x_hat once, its per-row sums with scale matrix-vector products, "
-                  "so no full-size broadcast is written; the general path (mask, other axes) writes x - "
-                  "shift, the broadcasts of scale and 1/sigma, x_hat and dy * x_hat",
+    "layer_norm": "the common case (statistics over trailing axes) takes the row's mean before its centered "
+                  "sums (one reduction and one dependent stage more than flax's one-pass variance) and writes "
+                  "x - shift for them; its backward reads that saved x - shift and writes dy * x_hat once, its "
+                  "per-row sums with scale matrix-vector products, so no full-size broadcast is written, and "
+                  "without scale or bias takes x_hat as the forward computed it; the general path (mask, other "
+                  "axes) writes x - shift, the broadcasts of scale and 1/sigma, x_hat and dy * x_hat",
     "group_norm": "the common case reduces per (n, channel) first, then over each group, and its backward "
                   "reads the saved x - shift, so no reduction takes a broadcast operand; the remaining "
                   "full-size arrays are y, dx, x - shift (and bf16 dy in float32) (docs/normalization.md)",
     "instance_norm": "its statistics and backward have the shape of flax's; see docs/benchmarks.md",
     "batch_norm": "its statistics and backward have the shape of flax's; see docs/benchmarks.md",
 }
-# What our extra reductions compute (ours against flax's default one-pass variance).
-EXTRA_REDUCTIONS = ("the accuracy shift (per statistic the mean of up to 64 spread samples, which keeps the "
-                    "one-pass variance exact at large offsets, where flax's default loses every digit: see the "
-                    "max-error column)")
+# What our extra reductions compute (ours against flax's default one-pass variance), per norm.
+_SAMPLED_SHIFT = ("the accuracy shift (per statistic the mean of up to 64 spread samples, which keeps the "
+                  "one-pass variance exact at large offsets, where flax's default loses every digit: see the "
+                  "max-error column)")
+EXTRA_REDUCTIONS = {
+    "layer_norm": "the accuracy shift (the row's mean, summed before the centered sums, a dependent stage that "
+                  "flax's one-pass E[x^2] - E[x]^2 does not have; it keeps y exact at large offsets, where "
+                  "flax's default loses every digit: see the max-error column)",
+    "instance_norm": _SAMPLED_SHIFT, "group_norm": _SAMPLED_SHIFT, "batch_norm": _SAMPLED_SHIFT,
+}
 
 Apply = Callable[[Any, Any], Any]  # (x, params) -> (y, aux)
 
@@ -243,7 +251,7 @@ def norm_cause(name: str, quartiles: tuple[float, float], traffic: dict[str, Any
     if ours["passes"] <= 1.02 * flax["passes"] and ours["full_size_buffers"] <= flax["full_size_buffers"]:
         extra = ours["reductions"] - flax["reductions"]
         return text + ("Ours moves no more memory than flax, so the gap is compute, not traffic: " + (
-            f"{extra} more reduction{'s' if extra > 1 else ''}, {EXTRA_REDUCTIONS}" if extra > 0 else
+            f"{extra} more reduction{'s' if extra > 1 else ''}, {EXTRA_REDUCTIONS[name]}" if extra > 0 else
             "the same reductions; XLA:CPU's code for equal work"))
     return text + NORM_MECHANISMS[name]
 
