@@ -5,7 +5,9 @@
 #   3. runs the test suite;
 #   4. runs the Pallas kernels' tests compiled (not interpreted) against the XLA path;
 #   5. runs `jaxopt-lab bench --group norms`: the Pallas kernels, the XLA path and flax side by side;
-#   6. runs every experiment in quick mode.
+#   6. prints, per norm, dtype, shape and context, the kernel against the XLA path and flax, and the keys of
+#      jaxopt_lab.normalization._pallas.VERIFIED those figures justify (pallas_decision.md);
+#   7. runs every experiment in quick mode.
 # Every step's output is kept in the folder; the script stops at the first step that fails.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -40,7 +42,15 @@ JAXOPT_LAB_PALLAS_COMPILED=1 .venv-gpu/bin/python -m pytest -q -p no:cacheprovid
 step "bench: norms"
 .venv-gpu/bin/jaxopt-lab bench --group norms --out "$OUT" 2>&1 | tee "$OUT/bench.log"
 
+step "decide: the kernels against the XLA path and flax, and the VERIFIED keys they justify"
+.venv-gpu/bin/python - "$OUT/bench/metrics.json" <<'PY' | tee "$OUT/pallas_decision.md"
+import json, sys
+import jax
+from jaxopt_lab.lab.bench.norms import pallas_decision
+print(pallas_decision(json.loads(open(sys.argv[1]).read())["rows"], jax.default_backend()), end="")
+PY
+
 step "quick experiments"
 .venv-gpu/bin/jaxopt-lab run all --quick --no-progress --out "$OUT" 2>&1 | tee "$OUT/run_all_quick.log"
 
-step "done: $OUT/bench/summary.md, $OUT/REPORT.md"
+step "done: $OUT/pallas_decision.md, $OUT/bench/summary.md, $OUT/REPORT.md"

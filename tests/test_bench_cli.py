@@ -17,6 +17,7 @@ import pytest
 from jaxopt_lab.lab import bench as benchmarks
 from jaxopt_lab.lab import cli
 from jaxopt_lab.lab.bench import groups, norms, suite
+from jaxopt_lab.lab.bench import timing as bm
 from jaxopt_lab.lab.bench.timing import Target
 from jaxopt_lab.lab.registry import available_experiments
 from jaxopt_lab.normalization import _pallas as pallas_norm
@@ -182,6 +183,53 @@ def test_pallas_rows_only_where_the_kernels_compile(monkeypatch):
     assert norms.pallas_path(cases["batch_norm", (8, 16, 16, 32)]) is None  # no kernel for it
     odd = dataclasses.replace(group, shape=(8, 7, 7, 32))  # H*W = 49: not a Triton block size
     assert norms.pallas_path(odd) is None
+
+
+def test_kernel_rows_of_every_context_where_the_kernels_run(monkeypatch):
+    # As on a GPU, with the kernels interpreted: the group norm case gets the kernel against flax and against
+    # the XLA path in the vjp and both loss contexts, and the decision table lists all three.
+    monkeypatch.setattr(pallas_norm, "available", lambda backend=None: True)
+    monkeypatch.setattr(pallas_norm, "DISPATCH_INTERPRETED", True)
+    tiny = benchmarks.BenchConfig(quick=True, repeats=2, warmup=0, min_sample_s=0.0,
+                                  nhwc_shapes=((2, 4, 4, 8),), tokens_shapes=(), bf16_shapes=(), sweep_steps=1)
+    (case,) = [c for c in norms.norm_cases(tiny) if c.name == "group_norm"]
+    rows = [r.as_dict() for r in norms._case_rows(tiny, case)]
+    kernel = [r for r in rows if r["ours"].startswith(norms.KERNEL)]
+    assert {(r["context"], r.get("params"), r["anchor"]) for r in kernel} == {
+        (context, params, anchor) for context, params in ((norms.VJP_CONTEXT, None),
+                                                          (norms.LOSS_CONTEXT, "with params"),
+                                                          (norms.LOSS_CONTEXT, "x only"))
+        for anchor in (norms.ANCHOR, norms.XLA_ANCHOR)}
+    assert all(r["kernel"] == "group_norm" and r["ratio"] > 0 for r in kernel)
+    assert kernel[0]["pallas_max_abs_error_at_large_offset"] < 1e-3  # the kernel's forward is accurate
+    assert norms.pallas_decision(rows, "gpu").count("| group_norm | float32 | 2x4x4x8 |") == 3
+
+
+def test_pallas_decision_names_the_norms_and_dtypes_whose_kernel_met_every_row():
+    # Kernel rows as a GPU bench writes them (timings made up): layer norm's kernel beats the XLA path in both
+    # contexts, group norm's loses its loss row, so only layer norm is justified.
+    cases = {c.name: c for c in norms.norm_cases(benchmarks.BenchConfig.for_mode(True)) if c.dtype == "float32"}
+
+    def timings(pallas, loss_pallas):
+        return {key: bm.Timing(np.array(value, float), 1) for key, value in (
+            ("pallas", pallas), ("xla", [2.0] * 4), ("flax", [3.0] * 4), ("pallas_loss", loss_pallas),
+            ("xla_loss", [2.0] * 4), ("flax_loss", [3.0] * 4))}
+
+    rows = []
+    for name, loss_pallas in (("layer_norm", [1.5] * 4), ("group_norm", [2.2] * 4)):
+        t = timings([1.0] * 4, loss_pallas)
+        vjp = norms._kernel_rows(t, "", f"{name} fwd+bwd (vjp)", cases[name], context=norms.VJP_CONTEXT,
+                                 dtype="float32")
+        loss = norms._kernel_rows(t, "_loss", f"{name} {norms.LOSS_CONTEXT}, with params", cases[name],
+                                  context=norms.LOSS_CONTEXT, dtype="float32", params="with params")
+        rows += [r.as_dict() for r in vjp + loss]
+    assert {r["anchor"] for r in rows} == {norms.ANCHOR, norms.XLA_ANCHOR}
+    text = norms.pallas_decision(rows, "gpu")
+    assert text.endswith("Justified VERIFIED keys (met in every row of that norm and dtype): "
+                         "Verified('layer_norm', 'gpu', 'float32')\n")
+    assert ("| group_norm | float32 | 8x16x16x32 | loss: value_and_grad of sum(y^2), with params "
+            "| 1.10 (1.10-1.10) | 0.73 (0.73-0.73) | **missed** |") in text
+    assert norms.pallas_decision([], "gpu").startswith("No kernel rows")
 
 
 def test_every_group_name_has_its_rows_function_and_a_cli_choice():

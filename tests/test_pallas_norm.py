@@ -6,6 +6,7 @@ own tests against flax and float64 references. With ``JAXOPT_LAB_PALLAS_COMPILED
 without a GPU they then fail, as they should.
 """
 
+import functools
 import os
 
 import chex
@@ -152,3 +153,127 @@ def test_compiled_kernels_need_a_gpu(monkeypatch):
     monkeypatch.setattr(pallas_norm, "available", lambda backend=None: True)
     with pytest.raises(ValueError, match="does not fit the compiled kernel"):
         pallas_norm.group_norm(jnp.ones((2, 3, 3, 4)), 2)  # H*W = 9: unsupported, checked before compiling
+
+
+# --- the dispatch of jaxopt_lab.normalization to the kernels ------------------------------------------
+
+BACKEND = jax.default_backend()
+
+
+def _uses_kernel(fn, *args) -> bool:
+    """Whether tracing ``fn(*args)`` reaches a Pallas kernel."""
+    return "pallas_call" in str(jax.make_jaxpr(fn)(*args))
+
+
+@pytest.fixture
+def verified(monkeypatch):
+    """Layer and group norm verified in float32 on this backend, the dispatch running the kernels as the
+    rest of this file does (interpreted unless JAXOPT_LAB_PALLAS_COMPILED=1)."""
+    entries = {pallas_norm.Verified(name, BACKEND, "float32"): "test" for name in pallas_norm.KERNELS}
+    monkeypatch.setattr(pallas_norm, "VERIFIED", entries)
+    monkeypatch.setattr(pallas_norm, "DISPATCH_INTERPRETED", INTERPRET)
+
+
+def test_nothing_dispatches_off_gpu_or_unverified(monkeypatch):
+    x = jnp.ones((8, 16, 16, 32))
+    if not pallas_norm.available():  # this process's own VERIFIED record cannot route a CPU to the kernels
+        assert not _uses_kernel(norm.layer_norm, x) and not _uses_kernel(lambda x: norm.group_norm(x, 4), x)
+    monkeypatch.setattr(pallas_norm, "VERIFIED", {})
+    assert not _uses_kernel(norm.layer_norm, x) and not _uses_kernel(lambda x: norm.group_norm(x, 4), x)
+    # A CPU entry does not make the kernels compile there; a GPU without an entry does not dispatch.
+    monkeypatch.setattr(pallas_norm, "VERIFIED", {pallas_norm.Verified("layer_norm", "cpu", "float32"): "x"})
+    assert not pallas_norm.dispatches("layer_norm", (64, 1024), jnp.float32, backend="cpu")
+    assert not pallas_norm.dispatches("layer_norm", (64, 1024), jnp.float32, backend="gpu")
+    monkeypatch.setattr(pallas_norm, "VERIFIED", {pallas_norm.Verified("layer_norm", "gpu", "float32"): "x"})
+    monkeypatch.setattr(pallas_norm, "available", lambda backend=None: backend == "gpu")
+    assert pallas_norm.dispatches("layer_norm", (64, 1024), jnp.float32, backend="gpu")
+    assert not pallas_norm.dispatches("layer_norm", (64, 1024), jnp.bfloat16, backend="gpu")  # not verified
+    assert not pallas_norm.dispatches("group_norm", (8, 16, 16, 64), jnp.float32, 32, backend="gpu")
+    assert not pallas_norm.dispatches("layer_norm", (64, 1000), jnp.float32, backend="gpu")  # unsupported
+
+
+def _float64_vjp(x, scale, bias, dy, groups):
+    """(y, dx, dscale, dbias) of channels-last group norm (``groups=None``: layer norm) in float64."""
+    x, scale, bias, dy = (np.asarray(a, np.float64) for a in (x, scale, bias, dy))
+    shape = x.shape
+    grouped = (*shape[:-1], 1, shape[-1]) if groups is None else (*shape[:-1], groups, shape[-1] // groups)
+    axes = (x.ndim,) if groups is None else (*range(1, x.ndim - 1), x.ndim)
+    xg, g = x.reshape(grouped), (dy * scale).reshape(grouped)
+    rstd = 1.0 / np.sqrt(xg.var(axes, keepdims=True) + 1e-5)
+    x_hat = (xg - xg.mean(axes, keepdims=True)) * rstd
+    dx = rstd * (g - g.mean(axes, keepdims=True) - x_hat * (g * x_hat).mean(axes, keepdims=True))
+    x_hat = x_hat.reshape(shape)
+    lead = tuple(range(x.ndim - 1))
+    return x_hat * scale + bias, dx.reshape(shape), (dy * x_hat).sum(lead), dy.sum(lead)
+
+
+@pytest.mark.usefixtures("verified")
+@pytest.mark.parametrize(("shape", "groups"), [((4, 8, 8, 16), None), ((64, 128), None), ((2, 4, 4, 16), 4),
+                                               ((4, 12), 3)])
+def test_verified_auto_path_takes_the_kernel_and_matches_xla_and_float64(shape, groups):
+    x, scale, bias, dy = _inputs(shape)
+
+    def ours(x, s, b, implementation=None):
+        if groups is None:
+            return norm.layer_norm(x, s, b, eps=1e-5, implementation=implementation)
+        return norm.group_norm(x, groups, s, b, eps=1e-5, implementation=implementation)
+
+    # Forward and backward both run the kernels; "xla" stays on the XLA path.
+    assert _uses_kernel(lambda *a: _fwd_and_grads(ours, *a), x, scale, bias, dy)
+    assert "_bwd" in str(jax.make_jaxpr(lambda *a: _fwd_and_grads(ours, *a))(x, scale, bias, dy))
+    xla = functools.partial(ours, implementation="xla")
+    assert not _uses_kernel(lambda *a: _fwd_and_grads(xla, *a), x, scale, bias, dy)
+    _assert_matches_xla(ours, xla, x, scale, bias, dy)
+    for name, got, want in zip(("y", "dx", "dscale", "dbias"), _fwd_and_grads(ours, x, scale, bias, dy),
+                               _float64_vjp(x, scale, bias, dy, groups), strict=True):
+        np.testing.assert_allclose(np.asarray(got, np.float64), want, atol=1e-4, rtol=2e-5, err_msg=name)
+
+
+@pytest.mark.usefixtures("verified")
+def test_flax_modules_take_the_verified_kernel():
+    from jaxopt_lab import nn as jnn
+
+    x = jnp.ones((2, 4, 4, 16)).at[:, 0].set(3.0)
+    for module in (jnn.LayerNorm(), jnn.GroupNorm(num_groups=4)):
+        variables = module.init(jax.random.key(0), x)
+        assert _uses_kernel(lambda v, x: module.apply(v, x), variables, x)  # noqa: B023 (called at once)
+        xla = (norm.layer_norm(x, eps=1e-6, implementation="xla") if isinstance(module, jnn.LayerNorm)
+               else norm.group_norm(x, 4, eps=1e-6, implementation="xla"))
+        np.testing.assert_allclose(module.apply(variables, x), xla, atol=2e-5)
+
+
+@pytest.mark.usefixtures("verified")
+@pytest.mark.parametrize("call", [
+    lambda x: norm.layer_norm(x[..., :12]),                                   # C = 12: not a power of two
+    lambda x: norm.group_norm(x[:, :3, :3], 4),                               # H*W = 9
+    lambda x: norm.layer_norm(x.astype(jnp.bfloat16)),                        # bfloat16 is not verified
+    lambda x: norm.layer_norm(x, mask=x > 0),
+    lambda x: norm.layer_norm(x, reduction_axes=(1, 2, 3)),
+    lambda x: norm.layer_norm(x, jnp.ones((4, 16)), feature_axes=(2, 3)),
+    lambda x: norm.group_norm(x, 4, reduction_axes=(2, 3)),
+    lambda x: norm.layer_norm(x.astype(jnp.complex64)),
+    lambda x: norm.layer_norm(x, implementation="xla"),
+], ids=["odd-C", "odd-HW", "bf16", "mask", "axes", "feature-axes", "gn-axes", "complex", "xla"])
+def test_calls_the_kernel_does_not_fit_take_the_xla_path(call):
+    x = jax.random.normal(jax.random.key(3), (2, 4, 4, 16))
+    assert not _uses_kernel(call, x)
+
+
+def test_explicit_pallas_is_checked_before_anything_runs(monkeypatch):
+    x = jnp.ones((2, 4, 4, 16))
+    with pytest.raises(ValueError, match=r"must be None \(automatic\), 'xla' or 'pallas', got 'triton'"):
+        norm.layer_norm(x, implementation="triton")
+    if not pallas_norm.available():
+        with pytest.raises(ValueError, match=r"layer_norm: implementation='pallas' needs a GPU backend"):
+            norm.layer_norm(x, implementation="pallas")
+    monkeypatch.setattr(pallas_norm, "DISPATCH_INTERPRETED", True)  # as if the kernels could run here
+    with pytest.raises(ValueError, match=r"group_norm: implementation='pallas'.* with 4 groups does not fit"):
+        norm.group_norm(x[:, :3, :3], 4, implementation="pallas")
+    with pytest.raises(ValueError, match=r"implementation='pallas' needs the kernel's layout: no mask"):
+        norm.layer_norm(x, mask=x > 0, implementation="pallas")
+    with pytest.raises(ValueError, match=r"layout: real input of at most 32 bits"):
+        norm.layer_norm(x.astype(jnp.complex64), implementation="pallas")
+    # Asked for explicitly, the kernel runs without a VERIFIED entry.
+    assert _uses_kernel(lambda x: norm.group_norm(x, 4, implementation="pallas"), x)
+    with pytest.raises(ValueError, match=r"dispatches: num_groups is needed for group_norm"):
+        pallas_norm.dispatches("group_norm", x.shape, x.dtype)

@@ -66,7 +66,7 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxopt_lab.normalization import _vjp
+from jaxopt_lab.normalization import _pallas, _vjp
 from jaxopt_lab.normalization._checks import (
     BATCH_AXIS_MESSAGE,
     Axes,
@@ -78,11 +78,13 @@ from jaxopt_lab.normalization._checks import (
     feature_param,
     resolve_groups,
 )
+from jaxopt_lab.normalization._pallas import Implementation
 from jaxopt_lab.normalization._statistics import Moments, affine, real_dtype, standardize, statistics_dtype
 
 __all__ = [
     "Axes",
     "BatchNormStats",
+    "Implementation",
     "batch_norm",
     "batch_norm_init",
     "group_norm",
@@ -98,10 +100,23 @@ class BatchNormStats(NamedTuple):
     var: jax.Array
 
 
+def _not_kernel_layout(x: jax.Array, mask: Any, axis_name: str | None, default_axes: bool, dtype: Any
+                       ) -> str | None:
+    """Why a call does not fit the Pallas kernels' layout (``_pallas.takes_kernel``), or None when it does."""
+    if statistics_dtype(x.dtype) != jnp.float32 or jnp.iscomplexobj(x):
+        return f"real input of at most 32 bits (statistics in float32), got dtype {x.dtype}"
+    if not jnp.issubdtype(dtype, jnp.floating):
+        return f"a floating-point output dtype, got {dtype}"
+    if mask is not None or axis_name is not None:
+        return "no mask and no axis_name"
+    return None if default_axes else "the default reduction and feature axes"
+
+
 def layer_norm(x: jax.typing.ArrayLike, scale: jax.typing.ArrayLike | None = None,
                bias: jax.typing.ArrayLike | None = None, *, eps: float = 1e-5, reduction_axes: Axes = -1,
                feature_axes: Axes = -1, mask: jax.typing.ArrayLike | None = None, axis_name: str | None = None,
-               axis_index_groups: Any = None, dtype: Any = None) -> jax.Array:
+               axis_index_groups: Any = None, dtype: Any = None, implementation: Implementation | None = None
+               ) -> jax.Array:
     """Layer normalization: statistics over the last axis of each sample.
 
     Each sample (and position) is standardized with the mean and biased variance of its own values over
@@ -122,6 +137,12 @@ def layer_norm(x: jax.typing.ArrayLike, scale: jax.typing.ArrayLike | None = Non
         cover every device's part, in one collective.
       axis_index_groups: with ``axis_name``, groups of device indices pooled separately (``lax.psum``'s).
       dtype: dtype of the output; by default the input's.
+      implementation: ``None`` (automatic) takes the fused Pallas kernel of
+        :mod:`~jaxopt_lab.normalization._pallas` where it is verified faster for this backend and dtype
+        (``_pallas.dispatches``; nowhere yet) and the call fits it (the last axis, no ``mask`` or
+        ``axis_name``, input of at most 32 bits), else the XLA path. ``"xla"`` always takes the XLA path;
+        ``"pallas"`` the kernel, raising a ``ValueError`` where it cannot run (no GPU, unsupported shape).
+        The choice is made at trace time for ``jax.default_backend()``.
 
     Returns:
       The normalized array, shape of ``x``.
@@ -146,8 +167,20 @@ def layer_norm(x: jax.typing.ArrayLike, scale: jax.typing.ArrayLike | None = Non
     features = canonical_axes(fn, "feature_axes", feature_axes, x.ndim)
     scale = feature_param(fn, "scale", scale, features, x.shape)
     bias = feature_param(fn, "bias", bias, features, x.shape)
-    return _vjp.normalize(x, scale, bias, axes, eps, dtype or x.dtype, mask=check_mask(fn, mask, x.shape),
-                          axis_name=axis_name, axis_index_groups=axis_index_groups)[0]
+    mask = check_mask(fn, mask, x.shape)
+    dtype = dtype or x.dtype
+    last = (x.ndim - 1,)
+    if _pallas.takes_kernel(fn, "layer_norm", implementation, x, None,
+                            _not_kernel_layout(x, mask, axis_name, axes == features == last, dtype)):
+        return _pallas.layer_norm(x, *_kernel_params(x, scale, bias), eps=eps, dtype=dtype,
+                                  interpret=_pallas.DISPATCH_INTERPRETED)
+    return _vjp.normalize(x, scale, bias, axes, eps, dtype, mask=mask, axis_name=axis_name,
+                          axis_index_groups=axis_index_groups)[0]
+
+
+def _kernel_params(x: jax.Array, *params: jax.Array | None) -> tuple[jax.Array | None, ...]:
+    """Per-channel parameters ``(1.., C)`` as the kernels' ``(C,)``, varying like ``x`` (``_vjp.normalize``)."""
+    return tuple(None if p is None else _vjp.varying_like(x, p.reshape(-1)) for p in params)
 
 
 def instance_norm(x: jax.typing.ArrayLike, scale: jax.typing.ArrayLike | None = None,
@@ -202,7 +235,8 @@ def group_norm(x: jax.typing.ArrayLike, num_groups: int | None = None,
                scale: jax.typing.ArrayLike | None = None, bias: jax.typing.ArrayLike | None = None, *,
                group_size: int | None = None, eps: float = 1e-5, reduction_axes: Axes | None = None,
                mask: jax.typing.ArrayLike | None = None, axis_name: str | None = None,
-               axis_index_groups: Any = None, dtype: Any = None) -> jax.Array:
+               axis_index_groups: Any = None, dtype: Any = None, implementation: Implementation | None = None
+               ) -> jax.Array:
     """Group normalization: statistics over ``*spatial`` and each group of channels.
 
     Channels ``[g * C/G, (g + 1) * C/G)`` form group ``g`` (the layout of Flax and PyTorch). One group is
@@ -222,6 +256,9 @@ def group_norm(x: jax.typing.ArrayLike, num_groups: int | None = None,
       axis_name: a mapped axis over which ``x`` is split (see :func:`layer_norm`).
       axis_index_groups: with ``axis_name``, groups of device indices pooled separately.
       dtype: dtype of the output; by default the input's.
+      implementation: ``None`` (automatic), ``"xla"`` or ``"pallas"``, as in :func:`layer_norm`; the
+        kernel's layout is the default ``reduction_axes`` of ``(N, *spatial, C)`` without ``mask`` or
+        ``axis_name``.
 
     Returns:
       The normalized array, shape of ``x``.
@@ -250,6 +287,11 @@ def group_norm(x: jax.typing.ArrayLike, num_groups: int | None = None,
     mask = check_mask(fn, mask, x.shape)
     scale, bias = (feature_param(fn, name, p, (x.ndim - 1,), x.shape)
                    for name, p in (("scale", scale), ("bias", bias)))
+    default_axes = x.ndim >= 2 and axes == tuple(range(1, x.ndim))
+    if _pallas.takes_kernel(fn, "group_norm", implementation, x, groups,
+                            _not_kernel_layout(x, mask, axis_name, default_axes, dtype or x.dtype)):
+        return _pallas.group_norm(x, groups, *_kernel_params(x, scale, bias), eps=eps, dtype=dtype or x.dtype,
+                                  interpret=_pallas.DISPATCH_INTERPRETED)
     if _vjp.group_norm_fast_path(x, axes, mask, axis_name):
         scale, bias = _vjp.varying_like(x, scale), _vjp.varying_like(x, bias)
         return _vjp.group_norm_core(x, scale, bias, groups, eps, dtype or x.dtype)

@@ -19,12 +19,15 @@ variance, statistics in float32, output in the input's dtype); the tests check b
 
 The kernels use only the portable ``pl.pallas_call`` API with ``BlockSpec`` tiling, so they compile with
 Pallas' Triton backend on GPUs and run anywhere with ``interpret=True`` (how the tests run them on CPU).
-They are *not* a default: :func:`available` says whether this process can compile them (a GPU backend),
-and :func:`supported` whether a shape fits Triton's constraints (power-of-two block sizes, a normalization
-group small enough for one program). Everywhere else the XLA path of :mod:`jaxopt_lab.normalization` is
-the one to use::
-
-    use_pallas = pallas_norm.available() and pallas_norm.supported(x.shape, num_groups)
+``jaxopt_lab.normalization.layer_norm`` and ``group_norm`` take them only where they are verified to be
+faster, never by trying them and falling back on an error (a Triton lowering error would surface inside
+the caller's ``jit``, after the choice). With ``implementation=None`` (the default) a call takes the kernel
+when :func:`dispatches` says so: this process can compile them (:func:`available`: a GPU backend), the
+``(norm, backend, dtype)`` is in :data:`VERIFIED`, and the shape fits Triton's constraints
+(:func:`supported`: power-of-two block sizes, a normalization group small enough for one program).
+:data:`VERIFIED` is empty until a GPU session verifies the kernels (``scripts/gpu_check.sh`` prints the
+figures that decide), so every backend takes the XLA path today. ``implementation="pallas"`` asks for the
+kernel explicitly and raises a ``ValueError`` where it cannot run; ``implementation="xla"`` never takes it.
 
 >>> import jax.numpy as jnp
 >>> from jaxopt_lab.normalization import _pallas as pallas_norm
@@ -41,7 +44,9 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any
+from collections.abc import Mapping
+from types import MappingProxyType
+from typing import Any, Literal, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -50,7 +55,9 @@ from jax.experimental import pallas as pl
 
 from jaxopt_lab.normalization._checks import check_eps
 
-__all__ = ["MAX_BLOCK_ELEMENTS", "available", "group_norm", "layer_norm", "supported"]
+__all__ = ["DISPATCH_INTERPRETED", "IMPLEMENTATIONS", "KERNELS", "MAX_BLOCK_ELEMENTS", "VERIFIED",
+           "Implementation", "Verified", "available", "dispatches", "group_norm", "layer_norm", "supported",
+           "takes_kernel"]
 
 # The most elements one program instance holds (one normalization group, or a block of layer norm rows).
 # A Triton program keeps its block in registers / shared memory; 64K float32 is its practical ceiling.
@@ -71,6 +78,93 @@ def available(backend: str | None = None) -> bool:
     except ImportError:  # pragma: no cover - a jaxlib without the Triton lowering
         return False
     return True
+
+
+Implementation = Literal["xla", "pallas"]
+IMPLEMENTATIONS: tuple[str, ...] = ("xla", "pallas")
+KERNELS = ("layer_norm", "group_norm")
+
+
+class Verified(NamedTuple):
+    """A ``(norm, backend, dtype)`` where ``implementation=None`` takes the kernel (a key of :data:`VERIFIED`).
+
+    ``norm`` is ``"layer_norm"`` or ``"group_norm"``, ``backend`` what ``jax.default_backend()`` returns
+    (``"gpu"``), ``dtype`` the name of ``x``'s dtype (``"float32"``, ``"bfloat16"``).
+    """
+
+    norm: str
+    backend: str
+    dtype: str
+
+
+# Where the automatic choice takes the kernels. An entry is added by a GPU session that verified it, and
+# only then: the kernels' tests passed compiled on that backend (scripts/gpu_check.sh, step "Pallas
+# kernels compiled") and `jaxopt-lab bench --group norms` timed the kernel at most 1.0x the XLA path by
+# the upper quartile on every supported shape of that norm and dtype, in both contexts (vjp and loss).
+# The value records that evidence: device, jax/jaxlib versions, commit, the ratios. Empty: no GPU has
+# verified the kernels yet, so every backend takes the XLA path.
+VERIFIED: Mapping[Verified, str] = MappingProxyType({})
+
+# What the dispatch passes as ``interpret``: False compiles the kernels (the only setting for real use).
+# Tests set it, together with a VERIFIED entry for their backend, to route the automatic path through the
+# interpreted kernels on a CPU.
+DISPATCH_INTERPRETED = False
+
+
+def dispatches(norm: str, shape: tuple[int, ...], dtype: Any, num_groups: int | None = None, *,
+               backend: str | None = None) -> bool:
+    """Whether ``implementation=None`` takes the kernel for a call of ``norm`` on ``x`` of this shape and dtype.
+
+    True only where this process can run the kernels (:func:`available`; or :data:`DISPATCH_INTERPRETED`),
+    ``Verified(norm, backend, dtype)`` is in :data:`VERIFIED` and the shape is :func:`supported`. The caller
+    also needs the kernel's layout: no ``mask`` or ``axis_name``, the default axes (see
+    ``jaxopt_lab.normalization.layer_norm``). ``backend`` defaults to ``jax.default_backend()``, which the
+    choice is made for at trace time.
+
+    >>> import jax.numpy as jnp
+    >>> from jaxopt_lab.normalization import _pallas as pallas_norm
+    >>> pallas_norm.dispatches("layer_norm", (64, 1024), jnp.float32, backend="cpu")
+    False
+    """
+    if norm not in KERNELS:
+        raise ValueError(f"dispatches: norm must be one of {KERNELS}, got {norm!r}")
+    if (norm == "group_norm") != (num_groups is not None):
+        raise ValueError(f"dispatches: num_groups is needed for group_norm and only for it, got {num_groups!r} "
+                         f"for {norm!r}")
+    backend = jax.default_backend() if backend is None else backend
+    return (Verified(norm, backend, jnp.dtype(dtype).name) in VERIFIED
+            and (DISPATCH_INTERPRETED or available(backend)) and supported(tuple(shape), num_groups))
+
+
+def takes_kernel(fn: str, norm: str, implementation: Any, x: jax.Array, num_groups: int | None,
+                 not_kernel_layout: str | None) -> bool:
+    """Whether a call of ``fn`` takes the kernel; checks ``implementation`` (None, ``"xla"``, ``"pallas"``).
+
+    ``not_kernel_layout`` is why the call's arguments do not fit the kernel (a mask, other axes, ...), None
+    when they do. ``None`` asks :func:`dispatches`; ``"pallas"`` raises a ``ValueError`` naming why the
+    kernel cannot run, before anything is traced, instead of falling back.
+    """
+    if implementation is not None and implementation not in IMPLEMENTATIONS:
+        raise ValueError(f"{fn}: implementation must be None (automatic), 'xla' or 'pallas', "
+                         f"got {implementation!r}")
+    if implementation == "xla":
+        return False
+    if implementation is None:
+        return not_kernel_layout is None and dispatches(norm, x.shape, x.dtype, num_groups)
+    if not_kernel_layout is not None:
+        raise ValueError(f"{fn}: implementation='pallas' needs the kernel's layout: {not_kernel_layout}")
+    if not (DISPATCH_INTERPRETED or available()):
+        raise ValueError(f"{fn}: implementation='pallas' needs a GPU backend (this process has "
+                         f"{jax.default_backend()!r}); use implementation=None or 'xla'")
+    if not supported(x.shape, num_groups):
+        raise ValueError(f"{fn}: implementation='pallas': shape {x.shape}"
+                         + ("" if num_groups is None else f" with {num_groups} groups")
+                         + f" does not fit the compiled kernel ({_SHAPE_RULE[norm]})")
+    return True
+
+
+_SHAPE_RULE = {"layer_norm": f"C a power of two <= {MAX_BLOCK_ELEMENTS}",
+               "group_norm": f"H*W and C/G powers of two, H*W*C/G <= {MAX_BLOCK_ELEMENTS}"}
 
 
 def _is_power_of_two(n: int) -> bool:
@@ -117,6 +211,15 @@ def _check(fn: str, x: Any, scale: Any, bias: Any, eps: float, min_ndim: int) ->
         params.append(p)
     check_eps(fn, eps)
     return x, params[0], params[1]
+
+
+def _check_dtype(fn: str, dtype: Any, x: jax.Array) -> jnp.dtype:
+    """The output dtype: ``x``'s by default, else a floating-point ``dtype``."""
+    if dtype is None:
+        return x.dtype
+    if not jnp.issubdtype(dtype, jnp.floating):
+        raise TypeError(f"{fn}: dtype must be a floating-point dtype (of the output), got {dtype!r}")
+    return jnp.dtype(dtype)
 
 
 def _check_interpret(fn: str, interpret: bool) -> None:
@@ -186,7 +289,7 @@ def _row_block(rows: int, channels: int) -> int:
     return block
 
 
-def _ln_forward(x2, scale, bias, eps, interpret):
+def _ln_forward(x2, scale, bias, eps, interpret, dtype):
     rows, channels = x2.shape
     block = _row_block(rows, channels)
     row_spec = pl.BlockSpec((block, channels), lambda i: (i, 0))
@@ -197,7 +300,7 @@ def _ln_forward(x2, scale, bias, eps, interpret):
         grid=(rows // block,),
         in_specs=[row_spec, param_spec, param_spec],
         out_specs=[row_spec, stat_spec, stat_spec],
-        out_shape=[jax.ShapeDtypeStruct(x2.shape, x2.dtype),
+        out_shape=[jax.ShapeDtypeStruct(x2.shape, dtype),
                    jax.ShapeDtypeStruct((rows, 1), jnp.float32), jax.ShapeDtypeStruct((rows, 1), jnp.float32)],
         interpret=interpret, name="layer_norm_fwd", **_compiler_params(interpret, block * channels),
     )(x2, scale.reshape(1, channels), bias.reshape(1, channels))
@@ -225,17 +328,17 @@ def _ln_backward(x2, scale, mean, rstd, dy2, interpret):
     return dx, dscale.sum(0), dbias.sum(0)  # the one reduce of the per-program partial sums
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _layer_norm(x2, scale, bias, eps, interpret):
-    return _ln_forward(x2, scale, bias, eps, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _layer_norm(x2, scale, bias, eps, interpret, dtype):
+    return _ln_forward(x2, scale, bias, eps, interpret, dtype)[0]
 
 
-def _layer_norm_fwd(x2, scale, bias, eps, interpret):
-    y, mean, rstd = _ln_forward(x2, scale, bias, eps, interpret)
+def _layer_norm_fwd(x2, scale, bias, eps, interpret, dtype):
+    y, mean, rstd = _ln_forward(x2, scale, bias, eps, interpret, dtype)
     return y, (x2, scale, bias, mean, rstd)
 
 
-def _layer_norm_bwd(eps, interpret, residuals, dy):
+def _layer_norm_bwd(eps, interpret, dtype, residuals, dy):
     x2, scale, bias, mean, rstd = residuals
     dx, dscale, dbias = _ln_backward(x2, scale, mean, rstd, dy, interpret)
     return dx, dscale.astype(scale.dtype), dbias.astype(bias.dtype)
@@ -245,22 +348,23 @@ _layer_norm.defvjp(_layer_norm_fwd, _layer_norm_bwd)
 
 
 def layer_norm(x: jax.typing.ArrayLike, scale: jax.typing.ArrayLike | None = None,
-               bias: jax.typing.ArrayLike | None = None, *, eps: float = 1e-5,
+               bias: jax.typing.ArrayLike | None = None, *, eps: float = 1e-5, dtype: Any = None,
                interpret: bool = False) -> jax.Array:
     """Layer norm over the last axis, fused forward and backward (``jax.custom_vjp``) in Pallas.
 
-    Same result as ``jaxopt_lab.normalization.layer_norm(x, scale, bias, eps=eps)``. ``scale`` and
-    ``bias`` of shape ``(C,)`` default to ones and zeros. ``interpret=True`` runs the kernels in Pallas'
-    interpreter (any backend, slow: for tests); otherwise a GPU is needed (see :func:`available`) and
-    the shape must be :func:`supported`.
+    Same result as ``jaxopt_lab.normalization.layer_norm(x, scale, bias, eps=eps, dtype=dtype)``.
+    ``scale`` and ``bias`` of shape ``(C,)`` default to ones and zeros; ``dtype`` (of the output) to
+    ``x``'s. ``interpret=True`` runs the kernels in Pallas' interpreter (any backend, slow: for tests);
+    otherwise a GPU is needed (see :func:`available`) and the shape must be :func:`supported`.
     """
     fn = "pallas_norm.layer_norm"
     x, scale, bias = _check(fn, x, scale, bias, eps, 1)
+    dtype = _check_dtype(fn, dtype, x)
     _check_interpret(fn, interpret)
     if not interpret and not supported(x.shape):
-        raise ValueError(f"{fn}: shape {x.shape} does not fit the compiled kernel (C must be a power of two "
-                         f"<= {MAX_BLOCK_ELEMENTS}); use jaxopt_lab.normalization.layer_norm")
-    y = _layer_norm(x.reshape(-1, x.shape[-1]), scale, bias, float(eps), interpret)
+        raise ValueError(f"{fn}: shape {x.shape} does not fit the compiled kernel "
+                         f"({_SHAPE_RULE['layer_norm']}); use jaxopt_lab.normalization.layer_norm")
+    y = _layer_norm(x.reshape(-1, x.shape[-1]), scale, bias, float(eps), interpret, dtype)
     return y.reshape(x.shape)
 
 
@@ -269,7 +373,7 @@ def layer_norm(x: jax.typing.ArrayLike, scale: jax.typing.ArrayLike | None = Non
 # its (M, C/G) group, read straight from the NHWC layout (no transpose).
 
 
-def _gn_forward(x4, scale2, bias2, eps, interpret):
+def _gn_forward(x4, scale2, bias2, eps, interpret, dtype):
     n, m, groups, size = x4.shape
     group_spec = pl.BlockSpec((None, m, None, size), lambda i, g: (i, 0, g, 0))
     param_spec = pl.BlockSpec((None, size), lambda i, g: (g, 0))
@@ -279,7 +383,7 @@ def _gn_forward(x4, scale2, bias2, eps, interpret):
         grid=(n, groups),
         in_specs=[group_spec, param_spec, param_spec],
         out_specs=[group_spec, stat_spec, stat_spec],
-        out_shape=[jax.ShapeDtypeStruct(x4.shape, x4.dtype),
+        out_shape=[jax.ShapeDtypeStruct(x4.shape, dtype),
                    jax.ShapeDtypeStruct((n, groups, 1), jnp.float32),
                    jax.ShapeDtypeStruct((n, groups, 1), jnp.float32)],
         interpret=interpret, name="group_norm_fwd", **_compiler_params(interpret, m * size),
@@ -306,17 +410,17 @@ def _gn_backward(x4, scale2, mean, rstd, dy4, interpret):
     return dx, dscale.sum(0), dbias.sum(0)  # (G, C/G) each: the one reduce over the batch
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4))
-def _group_norm(x4, scale2, bias2, eps, interpret):
-    return _gn_forward(x4, scale2, bias2, eps, interpret)[0]
+@functools.partial(jax.custom_vjp, nondiff_argnums=(3, 4, 5))
+def _group_norm(x4, scale2, bias2, eps, interpret, dtype):
+    return _gn_forward(x4, scale2, bias2, eps, interpret, dtype)[0]
 
 
-def _group_norm_fwd(x4, scale2, bias2, eps, interpret):
-    y, mean, rstd = _gn_forward(x4, scale2, bias2, eps, interpret)
+def _group_norm_fwd(x4, scale2, bias2, eps, interpret, dtype):
+    y, mean, rstd = _gn_forward(x4, scale2, bias2, eps, interpret, dtype)
     return y, (x4, scale2, bias2, mean, rstd)
 
 
-def _group_norm_bwd(eps, interpret, residuals, dy):
+def _group_norm_bwd(eps, interpret, dtype, residuals, dy):
     x4, scale2, bias2, mean, rstd = residuals
     dx, dscale, dbias = _gn_backward(x4, scale2, mean, rstd, dy, interpret)
     return dx, dscale.astype(scale2.dtype), dbias.astype(bias2.dtype)
@@ -326,16 +430,17 @@ _group_norm.defvjp(_group_norm_fwd, _group_norm_bwd)
 
 
 def group_norm(x: jax.typing.ArrayLike, num_groups: int, scale: jax.typing.ArrayLike | None = None,
-               bias: jax.typing.ArrayLike | None = None, *, eps: float = 1e-5,
+               bias: jax.typing.ArrayLike | None = None, *, eps: float = 1e-5, dtype: Any = None,
                interpret: bool = False) -> jax.Array:
     """Group norm of channels-last ``x`` ``(N, *spatial, C)``, fused forward and backward in Pallas.
 
-    Same result as ``jaxopt_lab.normalization.group_norm(x, num_groups, scale, bias, eps=eps)``: channels
-    ``[g * C/G, (g + 1) * C/G)`` form group ``g``, statistics over ``*spatial`` and the group. ``(N, C)``
-    is allowed. ``interpret`` as in :func:`layer_norm`.
+    Same result as ``jaxopt_lab.normalization.group_norm(x, num_groups, scale, bias, eps=eps,
+    dtype=dtype)``: channels ``[g * C/G, (g + 1) * C/G)`` form group ``g``, statistics over ``*spatial``
+    and the group. ``(N, C)`` is allowed. ``dtype`` and ``interpret`` as in :func:`layer_norm`.
     """
     fn = "pallas_norm.group_norm"
     x, scale, bias = _check(fn, x, scale, bias, eps, 2)
+    dtype = _check_dtype(fn, dtype, x)
     _check_interpret(fn, interpret)
     channels = x.shape[-1]
     if isinstance(num_groups, bool) or not isinstance(num_groups, int) or num_groups < 1:
@@ -345,9 +450,9 @@ def group_norm(x: jax.typing.ArrayLike, num_groups: int, scale: jax.typing.Array
                          f"num_groups={num_groups}")
     if not interpret and not supported(x.shape, num_groups):
         raise ValueError(f"{fn}: shape {x.shape} with {num_groups} groups does not fit the compiled kernel "
-                         f"(H*W and C/G powers of two, H*W*C/G <= {MAX_BLOCK_ELEMENTS}); use "
-                         f"jaxopt_lab.normalization.group_norm")
+                         f"({_SHAPE_RULE['group_norm']}); use jaxopt_lab.normalization.group_norm")
     size = channels // num_groups
     x4 = x.reshape(x.shape[0], math.prod(x.shape[1:-1]), num_groups, size)
-    y = _group_norm(x4, scale.reshape(num_groups, size), bias.reshape(num_groups, size), float(eps), interpret)
+    y = _group_norm(x4, scale.reshape(num_groups, size), bias.reshape(num_groups, size), float(eps), interpret,
+                    dtype)
     return y.reshape(x.shape)

@@ -23,6 +23,7 @@ from typing import Any
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.custom_derivatives import CustomVJPPrimal, SymbolicZero
 
 from jaxopt_lab.normalization import _statistics
 from jaxopt_lab.normalization._statistics import affine, group_moments, standardize, statistics_dtype
@@ -87,7 +88,32 @@ def normalize_core(x: jax.Array, scale: jax.Array | None, bias: jax.Array | None
     return y, moments.mean, moments.var
 
 
+# normalize_core and trailing_norm_core return (y, mean, var) and are registered with symbolic zeros: the
+# norms differentiate only y, and a dense zero cotangent of the statistics would cost the backward a
+# full-size term (x * 0 is not folded away for floats). Their forwards then see CustomVJPPrimal arguments.
+
+
+def _primal_values(*args: Any) -> tuple[Any, ...]:
+    """The values of a ``symbolic_zeros=True`` forward's arguments (each array a ``CustomVJPPrimal``)."""
+    return jax.tree.map(lambda a: a.value, args, is_leaf=lambda a: isinstance(a, CustomVJPPrimal))
+
+
+def _dense(cotangent: Any) -> jax.Array:
+    return jnp.zeros(cotangent.shape, cotangent.dtype) if isinstance(cotangent, SymbolicZero) else cotangent
+
+
+def _statistics_cotangent(dmean: Any, dvar: Any, x_hat: jax.Array, rstd: jax.Array, count: int
+                          ) -> jax.Array | None:
+    """dx's share from the cotangents of the returned mean and variance (reshaped like ``rstd``), None when
+    both are symbolic zeros. d mean / dx = 1 / count, d var / dx = 2 (x - mean) / count."""
+    if isinstance(dmean, SymbolicZero) and isinstance(dvar, SymbolicZero):
+        return None
+    dmean, dvar = (_dense(v).reshape(rstd.shape) for v in (dmean, dvar))
+    return (dmean + 2.0 * dvar * x_hat / rstd) / count
+
+
 def _normalize_fwd(x, scale, bias, axes, eps, dtype):
+    x, scale, bias = _primal_values(x, scale, bias)
     y, moments = normalize_impl(x, scale, bias, axes, eps, dtype)
     rstd = lax.rsqrt(moments.var + eps)
     return (y, moments.mean, moments.var), (x, scale, bias, moments.shift, moments.offset, rstd)
@@ -96,7 +122,7 @@ def _normalize_fwd(x, scale, bias, axes, eps, dtype):
 def _normalize_bwd(axes, eps, dtype, residuals, cotangents):
     x, scale, bias, shift, offset, rstd = residuals
     dy, dmean, dvar = cotangents
-    dy = dy.astype(rstd.dtype)
+    dy = _dense(dy).astype(rstd.dtype)
     x_hat = ((x.astype(rstd.dtype) - shift) - offset) * rstd
     count = math.prod(x.shape[a] for a in axes)
     # Parameter axes: those scale/bias vary over. Sum dy and dy * x_hat first over the statistics axes
@@ -116,13 +142,13 @@ def _normalize_bwd(axes, eps, dtype, residuals, cotangents):
     mean_g = jnp.sum(sum_dy, param_axes_in_stats, keepdims=True) / count
     mean_g_x_hat = jnp.sum(sum_dy_x_hat, param_axes_in_stats, keepdims=True) / count
     dx = rstd * (dy - mean_g - x_hat * mean_g_x_hat)
-    # Cotangents of the returned statistics (zero unless a caller differentiates through them):
-    # d mean / dx = 1 / count, d var / dx = 2 (x - mean) / count.
-    dx = dx + (dmean + 2.0 * dvar * x_hat / rstd) / count
+    statistics = _statistics_cotangent(dmean, dvar, x_hat, rstd, count)
+    if statistics is not None:  # a caller differentiates through the returned mean or variance
+        dx = dx + statistics
     return dx.astype(x.dtype), dscale, dbias
 
 
-normalize_core.defvjp(_normalize_fwd, _normalize_bwd)
+normalize_core.defvjp(_normalize_fwd, _normalize_bwd, symbolic_zeros=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -158,6 +184,7 @@ def trailing_norm_core(x: jax.Array, scale: jax.Array | None, bias: jax.Array | 
 
 
 def _trailing_norm_fwd(x, scale, bias, axes, eps, dtype):
+    x, scale, bias = _primal_values(x, scale, bias)
     y, moments = normalize_impl(x, scale, bias, axes, eps, dtype)
     centered = x.astype(moments.shift.dtype) - moments.shift  # standardize's, the same array (CSE)
     # The empty array carries x's dtype (dx's).
@@ -170,9 +197,15 @@ def _trailing_norm_bwd(axes, eps, dtype, residuals, cotangents):
     dy, dmean, dvar = cotangents
     shape, lead = centered.shape, centered.ndim - len(axes)
     rows, cols = math.prod(shape[:lead]), math.prod(shape[lead:])
-    dy = dy.astype(centered.dtype).reshape(rows, cols)
-    offset, rstd = offset.reshape(rows, 1), rstd.reshape(rows, 1)
-    x_hat = (centered.reshape(rows, cols) - offset) * rstd
+    dy = _dense(dy).astype(centered.dtype).reshape(rows, cols)
+    if scale is None and bias is None and jnp.dtype(dtype) == centered.dtype:
+        # The forward's output is x_hat itself: taken in x's shape, as the forward computed it, XLA shares
+        # the array; on the (rows, cols) view it was a second full-size array in a training step's program
+        # (docs/benchmarks.md, loss context, x only). Otherwise the view's own expression fuses better.
+        x_hat = ((centered - offset) * rstd).reshape(rows, cols)
+    else:
+        x_hat = (centered.reshape(rows, cols) - offset.reshape(rows, 1)) * rstd.reshape(rows, 1)
+    rstd = rstd.reshape(rows, 1)
     dy_x_hat = dy * x_hat
     # Highest precision: the products sum float32 values (TPUs' default would round them to bfloat16).
     matvec = functools.partial(jnp.dot, precision=lax.Precision.HIGHEST)
@@ -192,12 +225,13 @@ def _trailing_norm_bwd(axes, eps, dtype, residuals, cotangents):
         s = jnp.broadcast_to(scale, (1,) * lead + shape[lead:]).reshape(cols)
         sum_g, sum_g_x_hat, g = matvec(dy, s)[:, None], matvec(dy_x_hat, s)[:, None], dy * s
     dx = rstd * (g - sum_g / cols - x_hat * (sum_g_x_hat / cols))
-    # Cotangents of the returned statistics, as _normalize_bwd's.
-    dx = dx + (dmean.reshape(rows, 1) + 2.0 * dvar.reshape(rows, 1) * x_hat / rstd) / cols
+    statistics = _statistics_cotangent(dmean, dvar, x_hat, rstd, cols)
+    if statistics is not None:  # as _normalize_bwd's
+        dx = dx + statistics
     return dx.reshape(shape).astype(x_dtype.dtype), dscale, dbias
 
 
-trailing_norm_core.defvjp(_trailing_norm_fwd, _trailing_norm_bwd)
+trailing_norm_core.defvjp(_trailing_norm_fwd, _trailing_norm_bwd, symbolic_zeros=True)
 
 
 # --------------------------------------------------------------------------------------------------
