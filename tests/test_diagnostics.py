@@ -100,8 +100,8 @@ def test_gradient_noise_along_is_the_std_of_a_batch_mean_without_replacement():
     c, d = np.linspace(-1.0, 1.0, n), 3.0 * np.cos(np.arange(n))
     data = {"c": jnp.asarray(c, jnp.float32), "d": jnp.asarray(d, jnp.float32)}
     loss = lambda w, b: jnp.mean(b["c"] * w[0] + b["d"] * w[1])
-    std = diagnostics.gradient_noise_along(loss, jnp.zeros(2), data, batch, [[2.0, 0.0], [0.0, 1.0], [1.0, 1.0]],
-                                           num_batches=4000)
+    directions = [[2.0, 0.0], [0.0, 1.0], [1.0, 1.0]]
+    std = diagnostics.gradient_noise_along(loss, jnp.zeros(2), data, batch, directions, num_batches=4000)
     shrink = np.sqrt((n - batch) / (n - 1) / batch)
     np.testing.assert_allclose(std[:2], [c.std() * shrink, d.std() * shrink], rtol=0.05)
     # along (1, 1) / sqrt(2): the std of (c_i + d_i) / sqrt(2)'s batch mean

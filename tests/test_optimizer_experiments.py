@@ -130,7 +130,8 @@ def test_saddle_points(tmp_path):
     for land, starts in start_names.items():
         for optimizer in ("sgd", "momentum", "rmsprop", "adam"):
             for start in starts:
-                for noise in ("noise=0", f"noise={config['gradient_noise']:g}", f"batch={config['batch_size']}"):
+                noises = ("noise=0", f"noise={config['gradient_noise']:g}", f"batch={config['batch_size']}")
+                for noise in noises:
                     prefix = f"{land}/{optimizer}/{start}/{noise}"
                     expected |= {f"{prefix}/loss": seeds + steps,
                                  f"{prefix}/trajectory": seeds + steps + (dims[land],),
