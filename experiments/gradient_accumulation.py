@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from matplotlib.ticker import FuncFormatter
 
 from jaxopt_lab.lab import data, models, training
 from jaxopt_lab.lab.bench import timing as bench_timing
@@ -375,12 +376,26 @@ def _figure(ctx, model_names, histories) -> str:
                              linestyle="--" if variant.startswith(("(b)", "(c)")) else "-")
         ax.set_title(model_name, fontsize="medium")
         ax.set_xlabel("training examples seen")
+        ax.xaxis.set_major_formatter(FuncFormatter(lambda value, _: f"{value / 1000:g}k" if value else "0"))
+        if ax.get_legend() is not None:  # one legend for every panel, below them: none covers a curve
+            ax.get_legend().remove()
     axes[0, 0].set_ylabel("training loss per update (mean of seeds)")
+    fig.legend(*axes[0, 0].get_legend_handles_labels(), loc="lower center", ncol=len(VARIANTS),
+               fontsize="small")
+    fig.tight_layout(rect=(0, 0.08, 1, 1))
     return ctx.save_figure(fig, "loss_curves.png")
 
 
 def _ratio(judged: Mapping[str, Any]) -> str:
     return f"{10 ** judged['log10_ratio_to_floor']:.2g}x"
+
+
+def _ratio_span(judged: list[Mapping[str, Any]]) -> str:
+    """``0.05x to 8.7x`` (geometric means over seeds, as ratios to the floor); one value alone if one."""
+    ratios = sorted(10 ** j["log10_ratio_to_floor"] for j in judged)
+    if not ratios:
+        return "none"
+    return f"{ratios[0]:.2g}x" + ("" if len(ratios) == 1 else f" to {ratios[-1]:.2g}x")
 
 
 def _floor_reading(floor_table: Mapping[str, Mapping[str, Any]]) -> str:
@@ -394,15 +409,16 @@ def _floor_reading(floor_table: Mapping[str, Mapping[str, Any]]) -> str:
         judged = {(m, v): floor_table[m][f"{v} to (a)"] for m in names for v in ("(b)", "(c)")}
         above = [f"{v} on {m} ({_ratio(j)} the floor)" for (m, v), j in judged.items() if j["outcome"] == ABOVE]
         at = [f"{v} on {m}" for (m, v), j in judged.items() if j["outcome"] != ABOVE]
+        ratios = _ratio_span([j for j in judged.values() if j["outcome"] != ABOVE])
         floors = [floor_table[m]["floor"]["geometric_mean"] for m in names]
         span = f"{min(floors):.1e}" + ("" if len(floors) == 1 else f" to {max(floors):.1e}")
         stay = "" if not at else " " + ", ".join(at) + " stay at the floor."
         if group == "without":
             text.append(reading(str(not above), {
                 "True": "Without batch norm (b) and (c) end within two standard errors of the chaos floor "
-                        f"({span}): by this rule no farther from (a) than (a) itself ends when only the order "
-                        "of its batch's sums changes, so nothing here separates their distance from float "
-                        "rounding amplified by training.",
+                        f"({span}; their distances are {ratios} it): by this rule no farther from (a) than "
+                        "(a) itself ends when only the order of its batch's sums changes, so nothing here "
+                        "separates their distance from float rounding amplified by training.",
                 "False": "Without batch norm " + ", ".join(above) + " end farther from (a) than the chaos "
                          f"floor ({span}), beyond two standard errors: reordering (a)'s sums does not "
                          "reproduce the rounding of those paths (MultiSteps keeps a running mean of the "
@@ -420,8 +436,8 @@ def _floor_reading(floor_table: Mapping[str, Mapping[str, Any]]) -> str:
     b_vs_c = {m: floor_table[m]["(b) to (c)"] for m in floor_table}
     apart = [f"{m} ({_ratio(j)} the floor)" for m, j in b_vs_c.items() if j["outcome"] == ABOVE]
     text.append(reading(str(not apart), {
-        "True": "(b) and (c) (the same micro-batches, the same statistics) are within the chaos floor of each "
-                "other for every model.",
+        "True": "(b) and (c) (the same micro-batches, the same statistics) end within two standard errors of "
+                f"the chaos floor from each other for every model ({_ratio_span(list(b_vs_c.values()))} it).",
         "False": "(b) and (c) (the same micro-batches, the same statistics) end farther apart than the chaos "
                  "floor for " + ", ".join(apart) + ": the two paths differ by more than reordered sums do."}))
     plain = [floor_table[m]["(d) to (a)"] for m in floor_table]

@@ -447,11 +447,18 @@ def _claim2_reading(ratios: dict, steps: dict) -> str:
             "False": " On x³ from the stable side the normalisation does *not* help: the gradient 3x² fades as "
                      "the run nears the flat point, √v remembers the larger past gradients, and the run creeps "
                      "towards 0 like GD (x ~ 1/(3·lr·t))."})
-        through = [n for n in OPTIMIZER_NAMES if cubic[n]["none"] is not None]
-        text += reading(str(through == ["momentum"]), {
-            "True": " Only momentum's velocity carries a noise-free run through x = 0; noise (claim 1) frees "
-                    "the others.",
-            "False": " Noise-free, " + (", ".join(through) or "no method") + " got through x = 0."})
+        through = {kind: [n for n in OPTIMIZER_NAMES if cubic[n][kind] is not None] for kind in NOISE_KINDS}
+        text += reading(str(through["none"] == ["momentum"]), {
+            "True": " Only momentum's velocity carries a noise-free run through x = 0.",
+            "False": " Noise-free, " + (", ".join(through["none"]) or "no method") + " got through x = 0."})
+        freed = {kind: [n for n in through[kind] if n not in through["none"]]
+                 for kind in ("isotropic", "mini-batch")}
+        text += (" Of the others, isotropic noise frees " + (", ".join(freed["isotropic"]) or "none")
+                 + "; real mini-batch noise frees " + (", ".join(freed["mini-batch"]) or "none")
+                 + reading(str(bool(freed["isotropic"]) and not freed["mini-batch"]), {
+                     "True": ": each example's gradient 3u_i²x² shrinks with the full one as x nears 0, so the "
+                             "mini-batches only rescale the creep.",
+                     "False": "."}))
     return text
 
 

@@ -7,7 +7,6 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
-import pytest
 
 from jaxopt_lab.lab import models, training
 from jaxopt_lab.lab.bench import timing as bench_timing
@@ -65,8 +64,8 @@ def test_the_footprint_of_a_multisteps_step_holds_its_accumulator_whatever_its_t
     multi, params_bytes = _step_memory(True, 32)
     plain, _ = _step_memory(False, 32)
     for memory in (multi, plain):
-        assert memory["total_bytes"] == (memory["argument_bytes"] + memory["output_bytes"] + memory["temp_bytes"]
-                                         - memory["alias_bytes"])
+        parts = memory["argument_bytes"] + memory["output_bytes"] + memory["temp_bytes"]
+        assert memory["total_bytes"] == parts - memory["alias_bytes"]
     # MultiSteps carries a parameter-sized accumulator in and out of every call.
     assert multi["argument_bytes"] - plain["argument_bytes"] >= params_bytes
     assert multi["output_bytes"] - plain["output_bytes"] >= params_bytes
