@@ -93,6 +93,38 @@ def test_escape_steps_match_gradient_descent_on_the_hyperbolic_saddle(lr, start)
     assert out["sgd"].reached[0] and abs(int(out["sgd"].stop_step[0]) - expected) <= 1
 
 
+def test_gradient_noise_along_is_the_std_of_a_batch_mean_without_replacement():
+    # loss = mean(c_i * w0 + d_i * w1): per-example gradients (c_i, d_i), so a batch gradient is the batch
+    # means, whose std without replacement is std(c) / sqrt(B) * sqrt((n - B) / (n - 1)).
+    n, batch = 64, 8
+    c, d = np.linspace(-1.0, 1.0, n), 3.0 * np.cos(np.arange(n))
+    data = {"c": jnp.asarray(c, jnp.float32), "d": jnp.asarray(d, jnp.float32)}
+    loss = lambda w, b: jnp.mean(b["c"] * w[0] + b["d"] * w[1])
+    directions = [[2.0, 0.0], [0.0, 1.0], [1.0, 1.0]]
+    std = diagnostics.gradient_noise_along(loss, jnp.zeros(2), data, batch, directions, num_batches=4000)
+    shrink = np.sqrt((n - batch) / (n - 1) / batch)
+    np.testing.assert_allclose(std[:2], [c.std() * shrink, d.std() * shrink], rtol=0.05)
+    # along (1, 1) / sqrt(2): the std of (c_i + d_i) / sqrt(2)'s batch mean
+    np.testing.assert_allclose(std[2], (c + d).std() / np.sqrt(2) * shrink, rtol=0.05)
+    # a batch of every example: the same mean every time, up to the summation order's rounding
+    assert diagnostics.gradient_noise_along(loss, jnp.zeros(2), data, n, [[1.0, 0.0]])[0] < 1e-7
+
+
+@pytest.mark.parametrize(("kwargs", "message"), [
+    ({"params": jnp.zeros((2, 1))}, "params must be 1-D"),
+    ({"directions": [[1.0, 0.0, 0.0]]}, r"directions \(k, 2\)"),
+    ({"directions": [[0.0, 0.0]]}, "must be non-zero"),
+    ({"batch_size": 9}, r"batch_size must lie in \[1, 8\]"),
+])
+def test_gradient_noise_along_rejects_bad_arguments(kwargs, message):
+    args = {"params": jnp.zeros(2), "directions": [[1.0, 0.0]], "batch_size": 2}
+    args.update(kwargs)
+    loss = lambda w, b: jnp.mean(b["c"]) * jnp.sum(w)
+    with pytest.raises(ValueError, match=message):
+        diagnostics.gradient_noise_along(loss, args["params"], {"c": jnp.ones(8)}, args["batch_size"],
+                                         args["directions"])
+
+
 def test_no_escape_is_minus_one_and_nan_never_counts():
     np.testing.assert_array_equal(diagnostics.escape_steps([[0.0, 0.0, np.nan], [0.0, -0.5, np.nan]], 0.0, 0.1),
                                   [-1, 1])

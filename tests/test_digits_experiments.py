@@ -112,4 +112,17 @@ def test_gradient_accumulation_on_an_npz_file(tmp_path):
     assert np.median(metrics["b_vs_c_max_abs_param_diff"]["MLP, batch norm"]["values"]) < 1e-5  # (b) == (c)
     assert set(metrics["timing"]) == {"(a) 1 x 128", "(b) MultiSteps 4 x 32", "(c) micro-batched 4 x 32",
                                       "(d) plain 32"}
+    for t in metrics["timing"].values():  # the footprint of one call: arguments + outputs + temp - aliased
+        assert t["total_bytes"] == t["argument_bytes"] + t["output_bytes"] + t["temp_bytes"] - t["alias_bytes"]
     assert "jax-ml/jax#12868" in summary
+    # The chaos floor: (a) with its batch reordered ends a rounding-sized distance from (a), for every model;
+    # batch norm's micro-batch statistics put (b) and (c) far beyond it.
+    floor = metrics["chaos_floor"]
+    assert set(floor) == set(config["models"])
+    for judged in floor.values():
+        assert len(judged["floor"]["values"]) == config["seeds"] and max(judged["floor"]["values"]) < 1e-4
+        assert {judged[k]["outcome"] for k in ("(b) to (a)", "(c) to (a)", "(b) to (c)", "(d) to (a)")} <= {
+            "above the floor", "below the floor", "at the floor"}
+    bn = floor["MLP, batch norm"]
+    assert bn["(b) to (a)"]["outcome"] == bn["(c) to (a)"]["outcome"] == "above the floor"
+    assert "**The chaos floor.**" in summary and "distance_to_a.png" in summary

@@ -88,6 +88,18 @@ def test_the_normalization_step_budget_covers_min_epochs_at_every_batch_size():
         normalization.check_config(dataclasses.replace(cfg, steps=510), "FULL", "digits")
 
 
+@pytest.mark.parametrize(("change", "message"), [
+    ({"batch_size": 200}, "batch_size=200 must be at most examples=128"),
+    ({"examples": 0}, "examples must be a positive int"),
+    ({"noise_batches": 2.5}, "noise_batches must be a positive int"),
+    ({"residual_std": -1.0}, "residual_std must be >= 0"),
+])
+def test_the_saddle_check_rejects_a_bad_data_set_or_batch(change, message):
+    saddle_points = _module("saddle-points")
+    with pytest.raises(ValueError, match=rf"FULL: {message}"):
+        saddle_points.check_config(dataclasses.replace(saddle_points.Config.for_mode(False), **change), "FULL")
+
+
 def _record(accuracy, loss, seeds=3):
     values = [accuracy + 0.001 * i for i in range(seeds)]
     stats = {"mean": sum(values) / seeds, "std": 0.001, "values": values}

@@ -109,9 +109,17 @@ def test_saddle_points(tmp_path):
     meta, summary = _run("saddle-points", tmp_path)
     verdicts = meta["metrics"]["verdicts"]
     assert verdicts["claim1_trapped_without_noise"]  # on the stable manifold nothing escapes without noise
-    hyperbolic = verdicts["claim1_noise"]["hyperbolic"]
-    assert all(v["with_noise"] == v["runs"] for v in hyperbolic.values())  # and noise frees every run there
+    hyperbolic, net = verdicts["claim1_noise"]["hyperbolic"], verdicts["claim1_noise"]["two_weight_net"]
+    assert all(v["isotropic"] == v["runs"] for v in hyperbolic.values())  # isotropic noise frees every run
+    # The net's real mini-batch noise runs along its stable manifold: no run escapes, and the verdict says so.
+    assert all(v["mini-batch"] == 0 and v["isotropic"] == v["runs"] for v in net.values())
+    assert verdicts["claim1_sgd_outcome_against_no_noise"]["two_weight_net"] == {
+        "isotropic": "supported", "mini-batch": "no run escaped"}
+    assert verdicts["claim1_shown_verdict"] == "not supported (quick: not conclusive)"
+    noise = meta["metrics"]["data_sets"]["two_weight_net"]["gradient_noise_std"]["mini-batch"]
+    assert noise["unstable"] == 0.0 < noise["stable"]
     assert "Claim 1" in summary and "Claim 2" in summary and "Escape criterion" in summary
+    assert "With real mini-batch noise no SGD run leaves the stable manifold" in summary
 
     config = meta["config"]
     seeds, steps = (config["noise_seeds"],), (config["steps"] + 1,)
@@ -122,8 +130,9 @@ def test_saddle_points(tmp_path):
     for land, starts in start_names.items():
         for optimizer in ("sgd", "momentum", "rmsprop", "adam"):
             for start in starts:
-                for noise in ("0", f"{config['gradient_noise']:g}"):
-                    prefix = f"{land}/{optimizer}/{start}/noise={noise}"
+                noises = ("noise=0", f"noise={config['gradient_noise']:g}", f"batch={config['batch_size']}")
+                for noise in noises:
+                    prefix = f"{land}/{optimizer}/{start}/{noise}"
                     expected |= {f"{prefix}/loss": seeds + steps,
                                  f"{prefix}/trajectory": seeds + steps + (dims[land],),
                                  f"{prefix}/stop_step": seeds, f"{prefix}/escape_step": seeds}
@@ -131,7 +140,12 @@ def test_saddle_points(tmp_path):
     _assert_shapes(histories, expected)
     # The escape table is read from the stored escape steps (-1: never escaped).
     adam = histories[f"hyperbolic/adam/on_manifold/noise={config['gradient_noise']:g}/escape_step"]
-    assert (adam >= 0).sum() == verdicts["claim1_noise"]["hyperbolic"]["adam"]["with_noise"]
+    assert (adam >= 0).sum() == verdicts["claim1_noise"]["hyperbolic"]["adam"]["isotropic"]
+    # A mini-batch run stops at its escape like the others: its loss on all examples is NaN after it.
+    prefix = f"two_weight_net/sgd/off_manifold/batch={config['batch_size']}"
+    escape = histories[f"{prefix}/escape_step"]
+    assert (escape >= 0).all() and (histories[f"{prefix}/stop_step"] == escape).all()
+    assert np.isnan(histories[f"{prefix}/loss"][0, escape[0] + 1:]).all()
     # A trajectory ends at its stop step (NaN after it), where its loss history ends too.
     prefix = "hyperbolic/sgd/off_manifold/noise=0"
     stop = int(histories[f"{prefix}/stop_step"][0])

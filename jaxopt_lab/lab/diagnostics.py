@@ -7,7 +7,8 @@ label can always be checked. :func:`loss_noise` quantifies how jagged a curve is
 by ``diagnose`` and to tell full-batch from mini-batch curves). :func:`lr_range_test` runs the exponential
 learning-rate ramp of Smith (2017), "Cyclical Learning Rates for Training Neural Networks", §3.3, vmapped
 over seeds on the sweep engine, and :func:`suggest_learning_rate` reads a rate off it. :func:`escape_steps`
-finds when a run left a saddle.
+finds when a run left a saddle, and :func:`gradient_noise_along` how much mini-batch noise points along
+given directions (off a saddle's stable manifold, or along it).
 
 >>> import numpy as np
 >>> diagnose(np.array([10.0, 5.0, 2.5, 1.2, 0.6, 0.3, 0.15, 0.07]), target=0.1).label
@@ -36,6 +37,7 @@ __all__ = [
     "LRRangeTest",
     "diagnose",
     "escape_steps",
+    "gradient_noise_along",
     "loss_noise",
     "lr_range_test",
     "suggest_learning_rate",
@@ -166,6 +168,50 @@ def escape_steps(losses: Any, saddle_value: float, margin: float) -> np.ndarray:
         raise ValueError(f"escape_steps: margin must be > 0, got {margin!r}")
     escaped = losses <= saddle_value - margin  # NaN compares False
     return np.where(escaped.any(axis=-1), escaped.argmax(axis=-1), -1)
+
+
+def gradient_noise_along(loss_fn: sweep.LossFn, params: Any, data: Any, batch_size: int, directions: Any, *,
+                         num_batches: int = 1000, seed: int = 0) -> np.ndarray:
+    """Standard deviation, over mini-batches, of the mini-batch gradient's component along each direction.
+
+    Each mini-batch is ``batch_size`` examples drawn without replacement, as a step of
+    :func:`jaxopt_lab.lab.sweep.run_sweep` draws them; the ``num_batches`` gradients are one vmapped call.
+
+    Args:
+      loss_fn: ``(params, batch) -> scalar``, the mean of per-example losses over ``batch``.
+      params: a 1-D array (the point where the noise is measured).
+      data: a pytree of arrays with a shared leading examples axis.
+      batch_size: examples per mini-batch (at most the number of examples).
+      directions: ``(k, params.size)``; each row is normalized to unit length.
+
+    Returns:
+      ``(k,)``: the noise's standard deviation along each direction.
+
+    >>> loss = lambda w, batch: jnp.mean(batch["c"] * w[0] ** 2 + batch["d"] * w[1])
+    >>> data = {"c": jnp.linspace(0.0, 2.0, 64), "d": jnp.zeros(64)}
+    >>> gradient_noise_along(loss, jnp.array([1.0, 0.0]), data, 8, [[0.0, 1.0]]).tolist()  # d = 0: none
+    [0.0]
+    """
+    params = jnp.asarray(params)
+    unit = np.asarray(directions, dtype=np.float64)
+    if params.ndim != 1 or unit.ndim != 2 or unit.shape[1] != params.size:
+        raise ValueError(f"gradient_noise_along: params must be 1-D and directions (k, {params.size}), got "
+                         f"{params.shape} and {unit.shape}")
+    if not np.all(np.linalg.norm(unit, axis=1) > 0):
+        raise ValueError("gradient_noise_along: every direction must be non-zero")
+    num_examples = jax.tree.leaves(data)[0].shape[0]
+    if not 1 <= batch_size <= num_examples:
+        raise ValueError(f"gradient_noise_along: batch_size must lie in [1, {num_examples}], "
+                         f"got {batch_size!r}")
+    unit_rows = jnp.asarray(unit / np.linalg.norm(unit, axis=1, keepdims=True), params.dtype)
+
+    def batch_gradient(key: jax.Array) -> jax.Array:
+        idx = jax.random.permutation(key, num_examples)[:batch_size]
+        return jax.grad(loss_fn)(params, jax.tree.map(lambda a: a[idx], data))
+
+    keys = jax.random.split(jax.random.PRNGKey(seed), num_batches)
+    grads = jax.jit(jax.vmap(batch_gradient))(keys)
+    return np.asarray(jnp.std(grads @ unit_rows.T, axis=0), dtype=np.float64)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -13,6 +13,25 @@ Saddles (the course notes (docs/claims.md) c):
   fitted to (x, y) = (1, 1) — a saddle of a real model at a = b = 0 with Hessian [[0, -2], [-2, 0]]:
   stable manifold a = -b, escape along a = b towards the minima a b = 1.
 
+Each saddle is also the mean of per-example losses over a data set (:func:`saddle_examples`), so that a
+mini-batch gradient carries the noise real sampling gives, not an assumed one:
+
+* ``two_weight_net``: the net's squared error example by example, ``(y_i - a b x_i)^2`` with
+  ``mean(x^2) = mean(x y) = 1`` and ``mean(y^2) = 1 + s^2``: the mean is ``(1 - a b)^2 + s^2``, the
+  landscape plus the residual variance ``s^2`` that no (a, b) can fit. Every per-example loss depends on
+  (a, b) through ``a b`` alone, so its gradient is ``c_i (b, a)``: on the stable manifold a = -b that is
+  ``c_i (-a, a)``, along the manifold. This holds for every data set: each example's loss is unchanged by
+  ``(a, b) -> (-b, -a)``, and the manifold is that symmetry's fixed line, which no gradient of a symmetric
+  loss can leave.
+* ``hyperbolic``: ``u_i^2 x^2 - w_i^2 y^2`` with ``mean(u^2) = mean(w^2) = 1``: each example has the saddle,
+  its own curvatures, and the stable manifold y = 0.
+* ``cubic``: ``u_i^2 x^3`` with ``mean(u^2) = 1``: each example has the flat point at 0.
+
+In all three the examples share the saddle point and its stable manifold, as the examples of the net must.
+Per-example losses with their own linear terms, ``f(theta) + g_i . theta`` with ``mean(g) = 0`` (saddles at
+scattered points), would give a gradient noise ``g_i`` that does not depend on ``theta``: the additive
+Gaussian stand-in of the sweeps is that case.
+
 Synthetic regression (the course notes (docs/claims.md), defined openly because the course notes' notebook is
 not available):
 ``y = X w* + b* + noise`` with ``X ~ N(0, I)``, ``w* ~ N(0, weight_scale^2 I)``, ``b* ~ N(0, weight_scale^2)``,
@@ -36,14 +55,19 @@ __all__ = [
     "SADDLES",
     "Regression",
     "Saddle",
+    "SaddleExamples",
     "cubic",
+    "cubic_examples",
     "hyperbolic",
+    "hyperbolic_examples",
     "init_linear",
     "linear_model",
     "make_regression",
     "mse_loss",
     "regression_curvature",
+    "saddle_examples",
     "two_weight_net",
+    "two_weight_net_examples",
 ]
 
 
@@ -83,6 +107,88 @@ SADDLES: dict[str, Saddle] = {
     "two_weight_net": Saddle("two_weight_net", "(1 - ab)^2", two_weight_net, (0.0, 0.0), 1.0,
                              (1.0, -1.0), (1.0, 1.0)),
 }
+
+
+def two_weight_net_examples(theta: jax.Array, batch: dict[str, jax.Array]) -> jax.Array:
+    """Mean over ``batch = {"x", "y"}`` of ``(y_i - a b x_i)^2``: the two-weight net's squared error."""
+    return jnp.mean((batch["y"] - theta[0] * theta[1] * batch["x"]) ** 2)
+
+
+def hyperbolic_examples(theta: jax.Array, batch: dict[str, jax.Array]) -> jax.Array:
+    """Mean over ``batch = {"u", "w"}`` of ``u_i^2 x^2 - w_i^2 y^2``."""
+    return jnp.mean(batch["u"] ** 2 * theta[0] ** 2 - batch["w"] ** 2 * theta[1] ** 2)
+
+
+def cubic_examples(theta: jax.Array, batch: dict[str, jax.Array]) -> jax.Array:
+    """Mean over ``batch = {"u"}`` of ``u_i^2 x^3``."""
+    return jnp.mean(batch["u"] ** 2 * theta[0] ** 3)
+
+
+class SaddleExamples(NamedTuple):
+    """A data set whose per-example losses average to a saddle's landscape plus a constant ``offset``."""
+
+    saddle: Saddle
+    loss: Any  # (theta, batch) -> the mean of the per-example losses over the batch
+    data: dict[str, jax.Array]  # arrays with a leading examples axis
+    value: float  # the mean loss over all examples at the saddle point: saddle.value + offset
+    offset: float  # the mean loss minus the landscape: s^2 for the net, 0 for the others
+    per_example: str  # the per-example loss, for summaries
+
+
+def _unit_mean_square(rng: np.random.Generator, num_examples: int) -> np.ndarray:
+    """Standard normal draws rescaled so that their mean square is exactly 1 (in float64)."""
+    z = rng.standard_normal(num_examples)
+    return z / np.sqrt(np.mean(z ** 2))
+
+
+def _net_examples(rng: np.random.Generator, n: int, residual_std: float) -> tuple:
+    x = _unit_mean_square(rng, n)
+    residual = rng.standard_normal(n)
+    residual -= np.mean(residual * x) * x  # orthogonal to x, so mean(x y) = mean(x^2) = 1
+    residual *= residual_std / np.sqrt(np.mean(residual ** 2))
+    return {"x": x, "y": x + residual}, two_weight_net_examples, residual_std ** 2, "(y_i - a b x_i)^2"
+
+
+def _hyperbolic_examples(rng: np.random.Generator, n: int, residual_std: float) -> tuple:
+    del residual_std  # the net's only
+    data = {"u": _unit_mean_square(rng, n), "w": _unit_mean_square(rng, n)}
+    return data, hyperbolic_examples, 0.0, "u_i^2 x^2 - w_i^2 y^2"
+
+
+def _cubic_examples(rng: np.random.Generator, n: int, residual_std: float) -> tuple:
+    del residual_std
+    return {"u": _unit_mean_square(rng, n)}, cubic_examples, 0.0, "u_i^2 x^3"
+
+
+# saddle name -> (rng, num_examples, residual_std) -> (data, per-example loss, offset, formula)
+_EXAMPLES = {"two_weight_net": _net_examples, "hyperbolic": _hyperbolic_examples, "cubic": _cubic_examples}
+
+
+def saddle_examples(name: str, num_examples: int, seed: int, *, residual_std: float = 0.5) -> SaddleExamples:
+    """A data set of ``num_examples`` whose per-example losses average to the saddle ``name``'s landscape.
+
+    The moments the module docstring states hold exactly in float64 (the features are rescaled, the
+    net's residual made orthogonal to ``x``) and to float32 rounding in the returned arrays;
+    ``residual_std`` is the net's ``s``. Drawn with ``numpy.random.default_rng(seed)``.
+
+    >>> ex = saddle_examples("two_weight_net", 256, seed=0)
+    >>> ex.per_example, round(ex.offset, 4), round(ex.value, 4)
+    ('(y_i - a b x_i)^2', 0.25, 1.25)
+    >>> theta = jnp.array([0.3, 0.7])
+    >>> bool(jnp.isclose(ex.loss(theta, ex.data), two_weight_net(theta) + ex.offset, rtol=1e-5))
+    True
+    """
+    if name not in SADDLES:
+        raise ValueError(f"saddle_examples: unknown saddle {name!r}; expected one of {sorted(SADDLES)}")
+    if isinstance(num_examples, bool) or not isinstance(num_examples, int) or num_examples < 2:
+        raise ValueError(f"saddle_examples: num_examples must be an int >= 2, got {num_examples!r}")
+    if not residual_std >= 0:
+        raise ValueError(f"saddle_examples: residual_std must be >= 0, got {residual_std!r}")
+    data, loss, offset, formula = _EXAMPLES[name](np.random.default_rng(seed), num_examples, residual_std)
+    saddle = SADDLES[name]
+    data = {key: jnp.asarray(value, jnp.float32) for key, value in data.items()}
+    value = float(loss(jnp.asarray(saddle.point, jnp.float32), data))
+    return SaddleExamples(saddle, loss, data, value, float(offset), formula)
 
 
 class Regression(NamedTuple):

@@ -12,7 +12,7 @@ measures only the dispatch.
 What a compiled function does to memory is read from XLA itself, not timed: :func:`memory_traffic`
 (``cost_analysis()`` bytes accessed over the bytes of one array, i.e. how many times the program
 streams an array of that size, and how many full-size arrays the optimized HLO writes) and
-:func:`compiled_memory` (``memory_analysis()``: temporary and argument bytes).
+:func:`compiled_memory` (``memory_analysis()``: temporary, argument and output bytes, and their total).
 
 Memory-bound operations (normalizations) are also set against the bandwidth of a plain streaming op
 (read an array, write one of the same size) measured in the same run on the same device, so a number
@@ -327,17 +327,24 @@ def memory_traffic(fn: Callable[..., Any], args: tuple[Any, ...], array: Any) ->
 
 
 def compiled_memory(fn: Callable[..., Any], args: tuple[Any, ...]) -> dict[str, int]:
-    """XLA's ``memory_analysis()`` of ``fn(*args)``: temporary, argument, output and alias bytes.
+    """XLA's ``memory_analysis()`` of ``fn(*args)``: temporary, argument, output and alias bytes, and the total.
 
-    ``temp_bytes`` is what the program allocates beyond its arguments and outputs (activations kept for
-    the backward, intermediate buffers), the figure micro-batching exists to reduce. ``fn`` may be a
-    jitted or plain function, or an already compiled program.
+    ``temp_bytes`` is what the program allocates beyond its argument and output buffers (activations kept
+    for the backward, intermediate buffers), the figure micro-batching exists to reduce. It is not all the
+    scratch the program uses: XLA's buffer assignment may place a temporary inside an output buffer whose
+    value is written only after that temporary is dead, and such a temporary is counted in
+    ``output_bytes``. So a program with large late-written outputs can report little or no temp (an
+    ``optax.MultiSteps`` step: parameters, optimizer state and accumulator are all selected at its end).
+    ``total_bytes`` = arguments + outputs + temp - aliased (donated) bytes is the whole footprint of one
+    call. ``fn`` may be a jitted or plain function, or an already compiled program.
     """
     stats = _compiled(fn, args).memory_analysis()
     if stats is None:
         raise ValueError("compiled_memory: this backend gives no memory_analysis() for compiled programs")
-    return {"temp_bytes": int(stats.temp_size_in_bytes), "argument_bytes": int(stats.argument_size_in_bytes),
-            "output_bytes": int(stats.output_size_in_bytes), "alias_bytes": int(stats.alias_size_in_bytes)}
+    sizes = {f"{name}_bytes": int(getattr(stats, f"{name}_size_in_bytes"))
+             for name in ("temp", "argument", "output", "alias")}
+    total = sizes["argument_bytes"] + sizes["output_bytes"] + sizes["temp_bytes"] - sizes["alias_bytes"]
+    return {**sizes, "total_bytes": total}
 
 
 def benchmark_environment() -> dict[str, Any]:
