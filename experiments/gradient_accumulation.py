@@ -484,17 +484,17 @@ def _summary(cfg, ds, rows, chosen, floor_table, timing, timing_model, device, t
               for m, c in chosen.items()]
     lines += ["", "| model | variant | max abs param diff to (a): median (max) over seeds | relative L2 diff | "
               "test accuracy (%) | final train loss | loss flattened |", "|---|---|---|---|---|---|---|"]
+    rule = f"Loss flattened: {training.endpoint_rule()}."
     for r in rows:
         d, a, loss, flat = (r["max_abs_param_diff_to_a"], r["test_accuracy"], r["final_train_loss"],
                             r["flattened"])
-        flat_text = ("diverged" if not math.isfinite(flat["relative_change"]) else
-                     f"{'yes' if flat['flattened'] else 'no'} ({100 * flat['relative_change']:+.0f}%)")
+        flat_text = training.Flatness(**flat).describe()
         lines.append(f"| {r['model']} | {r['variant']} | {np.median(d['values']):.1e} ({max(d['values']):.1e}) "
                      f"| {r['relative_l2_diff_to_a']['mean']:.1e} "
                      f"| {100 * a['mean']:.1f} ± {100 * a['std']:.1f} "
                      f"| {loss['mean']:.3f} ± {loss['std']:.3f} | {flat_text} |")
     cell = lambda j: f"{j['geometric_mean']:.1e} ({_ratio(j)}, {j['outcome']})"
-    lines += ["", f"**The chaos floor.** {CONTROL}: (a) trained again from the same start on the same batches, "
+    lines += ["", rule, "", f"**The chaos floor.** {CONTROL}: (a) trained again from the same start on the same batches, "
               "each batch fed to the model in a fixed shuffled order and the outputs put back "
               "(`PermutedBatch`): the same function, so only the order of the sums over the batch differs (the "
               "gradient's sum over examples, batch norm's statistics). Its relative L2 distance to (a) after "
