@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import math
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -494,7 +493,8 @@ def _summary(cfg, ds, rows, chosen, floor_table, timing, timing_model, device, t
                      f"| {100 * a['mean']:.1f} ± {100 * a['std']:.1f} "
                      f"| {loss['mean']:.3f} ± {loss['std']:.3f} | {flat_text} |")
     cell = lambda j: f"{j['geometric_mean']:.1e} ({_ratio(j)}, {j['outcome']})"
-    lines += ["", rule, "", f"**The chaos floor.** {CONTROL}: (a) trained again from the same start on the same batches, "
+    lines += ["", rule, ""]
+    lines += [f"**The chaos floor.** {CONTROL}: (a) trained again from the same start on the same batches, "
               "each batch fed to the model in a fixed shuffled order and the outputs put back "
               "(`PermutedBatch`): the same function, so only the order of the sums over the batch differs (the "
               "gradient's sum over examples, batch norm's statistics). Its relative L2 distance to (a) after "
