@@ -56,7 +56,7 @@ def test_the_cosine_schedule_reaches_zero_at_the_budget_for_every_variant(varian
 
 def test_an_unknown_schedule_is_a_value_error():
     with pytest.raises(ValueError, match="schedule must be one of"):
-        gc_exp.learning_rate_schedule(0.1, "step", 10)
+        gc_exp.learning_rate_schedule(0.1, "linear", 10)
 
 
 def _row(variant, rate, *, steps, early, accuracy, at_edge=None, model="MLP", optimizer="SGD"):
