@@ -20,11 +20,11 @@ from collections.abc import Mapping
 from typing import Any
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
 from jaxopt_lab.lab import data, models, training
+from jaxopt_lab.lab.diagnostics import NOT_LEARNED, bn_statistics_gap, learned
 from jaxopt_lab.lab.experiment import Experiment, RunContext, check_modes, check_training_config
 from jaxopt_lab.lab.plotting import new_figure
 from jaxopt_lab.lab.runner import main_for
@@ -183,47 +183,6 @@ def changed_inputs(ds: data.Dataset, kind: str, key: jax.Array) -> np.ndarray:
     if kind in ("brightness", "both"):
         raw = raw + shift
     return ((raw - ds.pixel_mean) / ds.pixel_std).astype(np.float32)
-
-
-@functools.partial(jax.jit, static_argnames="batch_size")
-def _batch_statistics_accuracy(state: training.TrainState, images: jax.Array, labels: jax.Array, *,
-                               batch_size: int) -> jax.Array:
-    """Per seed: accuracy when batch norm normalizes each test batch of ``batch_size`` with its OWN
-    statistics (train mode, running averages untouched): what the network saw during training."""
-    chunks = images.shape[0] // batch_size
-    xs = images[: chunks * batch_size].reshape(chunks, batch_size, *images.shape[1:])
-    ys = labels[: chunks * batch_size].reshape(chunks, batch_size)
-
-    def one_seed(params: Any, batch_stats: Any) -> jax.Array:
-        def one_batch(args: tuple[jax.Array, jax.Array]) -> jax.Array:
-            logits, _ = state.apply_fn({"params": params, "batch_stats": batch_stats}, args[0], train=True,
-                                       mutable=["batch_stats"])
-            return jnp.sum(jnp.argmax(logits, -1) == args[1])
-
-        return jax.lax.map(one_batch, (xs, ys)).sum() / (chunks * batch_size)
-
-    return jax.vmap(one_seed)(state.params, state.batch_stats)
-
-
-def bn_statistics_gap(state: training.TrainState, ds: data.Dataset, batch_size: int) -> dict:
-    """Batch norm at test time with its running statistics vs with the statistics of test batches of its
-    training batch size, on the same (shuffled, fixed) test examples: ``{"running", "batch", "gap"}``."""
-    order = np.random.default_rng(0).permutation(len(ds.y_test))  # the test set is not class-mixed
-    used = order[: (len(order) // batch_size) * batch_size]
-    x, y = jnp.asarray(ds.x_test[used]), jnp.asarray(ds.y_test[used])
-    running = training.evaluate_seeds(state, x, y)[1]
-    batch = np.asarray(_batch_statistics_accuracy(state, x, y, batch_size=batch_size))
-    return {"running": training.mean_std(running), "batch": training.mean_std(batch),
-            "gap": training.mean_std(running - batch), "examples": len(used)}
-
-
-NOT_LEARNED = "no verdict: a model did not learn"
-
-
-def learned(record: dict, num_classes: int) -> bool:
-    """Whether a run learned: its final training loss (seed mean) is below half of ``ln(num_classes)``,
-    the loss of a uniform guess. A claim about a model that did not learn gets no verdict."""
-    return record["final_train_loss"]["mean"] < 0.5 * math.log(num_classes)
 
 
 def _pct(x: dict) -> str:

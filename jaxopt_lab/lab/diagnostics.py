@@ -8,7 +8,9 @@ by ``diagnose`` and to tell full-batch from mini-batch curves). :func:`lr_range_
 learning-rate ramp of Smith (2017), "Cyclical Learning Rates for Training Neural Networks", §3.3, vmapped
 over seeds on the sweep engine, and :func:`suggest_learning_rate` reads a rate off it. :func:`escape_steps`
 finds when a run left a saddle, and :func:`gradient_noise_along` how much mini-batch noise points along
-given directions (off a saddle's stable manifold, or along it).
+given directions (off a saddle's stable manifold, or along it). Two readings of trained classifiers:
+:func:`learned` (did a run learn at all?) and :func:`bn_statistics_gap` (batch norm at test time with
+running vs batch statistics).
 
 >>> import numpy as np
 >>> diagnose(np.array([10.0, 5.0, 2.5, 1.2, 0.6, 0.3, 0.15, 0.07]), target=0.1).label
@@ -20,6 +22,7 @@ given directions (off a saddle's stable manifold, or along it).
 from __future__ import annotations
 
 import dataclasses
+import functools
 import math
 from collections.abc import Sequence
 from typing import Any, NamedTuple
@@ -28,16 +31,20 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxopt_lab.lab import sweep
+from jaxopt_lab.lab import sweep, training
+from jaxopt_lab.lab.data import Dataset
 
 __all__ = [
     "LABELS",
+    "NOT_LEARNED",
     "Diagnosis",
     "ExponentialRamp",
     "LRRangeTest",
+    "bn_statistics_gap",
     "diagnose",
     "escape_steps",
     "gradient_noise_along",
+    "learned",
     "loss_noise",
     "lr_range_test",
     "suggest_learning_rate",
@@ -294,3 +301,51 @@ def lr_range_test(loss_fn: sweep.LossFn, data: Any, init_params: Any, seeds: Seq
     picks = [suggest_learning_rate(rates, row) for row in losses]
     steepest = np.array([p[0] for p in picks])
     return LRRangeTest(rates, losses, steepest, float(np.median(steepest)), np.array([p[1] for p in picks]))
+
+
+@functools.partial(jax.jit, static_argnames="batch_size")
+def _batch_statistics_accuracy(state: training.TrainState, images: jax.Array, labels: jax.Array, *,
+                               batch_size: int) -> jax.Array:
+    """Per seed: accuracy when batch norm normalizes each test batch of ``batch_size`` with its OWN
+    statistics (train mode, running averages untouched): what the network saw during training."""
+    chunks = images.shape[0] // batch_size
+    xs = images[: chunks * batch_size].reshape(chunks, batch_size, *images.shape[1:])
+    ys = labels[: chunks * batch_size].reshape(chunks, batch_size)
+
+    def one_seed(params: Any, batch_stats: Any) -> jax.Array:
+        def one_batch(args: tuple[jax.Array, jax.Array]) -> jax.Array:
+            logits, _ = state.apply_fn({"params": params, "batch_stats": batch_stats}, args[0], train=True,
+                                       mutable=["batch_stats"])
+            return jnp.sum(jnp.argmax(logits, -1) == args[1])
+
+        return jax.lax.map(one_batch, (xs, ys)).sum() / (chunks * batch_size)
+
+    return jax.vmap(one_seed)(state.params, state.batch_stats)
+
+
+def bn_statistics_gap(state: training.TrainState, ds: Dataset, batch_size: int) -> dict:
+    """Batch norm at test time with its running statistics vs with the statistics of test batches of its
+    training batch size, on the same (shuffled, fixed) test examples: ``{"running", "batch", "gap"}`` (per-seed
+    accuracies, ``gap = running - batch``) and ``"examples"``. ``state`` holds one run per seed (a leading
+    seed axis, as :func:`jaxopt_lab.lab.training.train_seeds` returns it); a positive gap is the accuracy
+    that normalizing with the noisy statistics of ``batch_size`` examples costs at test time."""
+    order = np.random.default_rng(0).permutation(len(ds.y_test))  # the test set is not class-mixed
+    used = order[: (len(order) // batch_size) * batch_size]
+    x, y = jnp.asarray(ds.x_test[used]), jnp.asarray(ds.y_test[used])
+    running = training.evaluate_seeds(state, x, y)[1]
+    batch = np.asarray(_batch_statistics_accuracy(state, x, y, batch_size=batch_size))
+    return {"running": training.mean_std(running), "batch": training.mean_std(batch),
+            "gap": training.mean_std(running - batch), "examples": len(used)}
+
+
+NOT_LEARNED = "no verdict: a model did not learn"
+
+
+def learned(record: dict, num_classes: int) -> bool:
+    """Whether a run learned: its final training loss (seed mean) is below half of ``ln(num_classes)``,
+    the loss of a uniform guess. A claim about a model that did not learn gets no verdict.
+
+    >>> learned({"final_train_loss": {"mean": 0.3}}, 10), learned({"final_train_loss": {"mean": 2.1}}, 10)
+    (True, False)
+    """
+    return record["final_train_loss"]["mean"] < 0.5 * math.log(num_classes)

@@ -67,6 +67,7 @@ CANONICAL_ORDER = (
     "saddle-points",
     "batch-vs-minibatch",
     "normalization",
+    "normalization-depth",
     "gradient-centralization",
     "gradient-accumulation",
     "baselines",

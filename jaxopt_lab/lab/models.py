@@ -6,6 +6,9 @@ Every model is ``model.apply(variables, x, train=...)`` on channels-last inputs,
 - :class:`CNN`: same-padded convolutions (3x3 on images, 3 taps on signals; :class:`Conv`), each followed
   by the chosen norm and a ReLU, an average pool of 2 per axis, global average pooling and a linear
   classifier (the layout of the Group Norm paper's comparison, scaled down).
+- :class:`ResidualCNN`: a stem convolution, then a configurable number of post-activation residual blocks
+  (two normalized convolutions each, the last norm's scale starting at zero), global average pooling and a
+  linear classifier: the depth axis of the Group Norm paper's ResNet-50, scaled down.
 - :class:`MLP`: the flattened input through ``Dense -> norm -> ReLU`` blocks.
 - :class:`Logistic`: multinomial logistic regression (one ``Dense``), the linear baseline.
 - :class:`RowRNN`: the input read row by row (or sample by sample) as a sequence (an Elman RNN,
@@ -39,6 +42,7 @@ name          statistics per                                               depen
 
 from __future__ import annotations
 
+import functools
 import itertools
 from collections.abc import Callable, Sequence
 from typing import Literal
@@ -49,10 +53,24 @@ import jax.numpy as jnp
 
 from jaxopt_lab import nn as norms
 
-__all__ = ["CNN", "GRU", "MLP", "NORMS", "Conv", "Logistic", "Norm", "RowRNN", "make_norm"]
+__all__ = [
+    "CNN",
+    "GRU",
+    "MLP",
+    "NORMS",
+    "RESIDUAL_NORMS",
+    "Conv",
+    "Logistic",
+    "Norm",
+    "ResidualCNN",
+    "RowRNN",
+    "make_norm",
+]
 
 Norm = Literal["none", "batch", "layer", "instance", "group"]
 NORMS: tuple[str, ...] = ("none", "batch", "layer", "instance", "group")
+# The norms :class:`ResidualCNN` takes: its residual branches start at zero through a norm's scale.
+RESIDUAL_NORMS: tuple[str, ...] = ("batch", "layer", "instance", "group")
 # PyTorch's default (its momentum 0.1 is Flax's 0.9). Flax's own default, 0.99, needs ~500 steps to forget
 # the initial (0, 1) running statistics; a few epochs at batch 64 are fewer steps than that.
 BN_MOMENTUM = 0.9
@@ -64,7 +82,8 @@ def _check_norm(norm: str, owner: str, allowed: Sequence[str] = NORMS) -> None:
 
 
 def make_norm(norm: str, *, train: bool, num_groups: int = 8, spatial_dims: int = 2,
-              bn_momentum: float = BN_MOMENTUM, name: str | None = None) -> Callable[[jax.Array], jax.Array]:
+              bn_momentum: float = BN_MOMENTUM, scale_init: nn.initializers.Initializer = nn.initializers.ones,
+              name: str | None = None) -> Callable[[jax.Array], jax.Array]:
     """The normalization layer called ``norm`` (a :mod:`jaxopt_lab.nn` module), or the identity for ``none``.
 
     Call it inside a ``@nn.compact`` method. ``spatial_dims`` is the number of spatial axes of the input:
@@ -78,6 +97,8 @@ def make_norm(norm: str, *, train: bool, num_groups: int = 8, spatial_dims: int 
       num_groups: groups of group norm; must divide the channel count.
       spatial_dims: 0, 1 or 2 spatial axes between the batch and the channel axis.
       bn_momentum: batch norm's running-average decay (Flax convention).
+      scale_init: initializer of the norm's scale (``zeros`` makes it start as a zero map, e.g. a residual
+        branch's last norm).
       name: the submodule's name.
     """
     _check_norm(norm, "make_norm")
@@ -86,17 +107,19 @@ def make_norm(norm: str, *, train: bool, num_groups: int = 8, spatial_dims: int 
     if norm == "none":
         return lambda x: x
     if norm == "batch":
-        return norms.BatchNorm(use_running_average=not train, momentum=bn_momentum, name=name)
+        return norms.BatchNorm(use_running_average=not train, momentum=bn_momentum, scale_init=scale_init,
+                               name=name)
     if norm == "layer":
         # The Group Norm paper's LN for conv features: one mean/variance per example over all its axes
         # ((H, W, C) or (L, C)), a scale and shift per channel.
-        return norms.LayerNorm(reduction_axes=tuple(range(-spatial_dims - 1, 0)), name=name)
+        return norms.LayerNorm(reduction_axes=tuple(range(-spatial_dims - 1, 0)), scale_init=scale_init,
+                               name=name)
     if norm == "instance":
         if not spatial_dims:
             raise ValueError("make_norm: instance norm needs spatial axes ((N, H, W, C) or (N, L, C)); this "
                              "layer's input is (N, features)")
-        return norms.InstanceNorm(name=name)
-    return norms.GroupNorm(num_groups=num_groups, name=name)
+        return norms.InstanceNorm(scale_init=scale_init, name=name)
+    return norms.GroupNorm(num_groups=num_groups, scale_init=scale_init, name=name)
 
 
 def _spatial_dims(x: jax.Array, owner: str) -> int:
@@ -189,6 +212,98 @@ class CNN(nn.Module):
                 x = nn.avg_pool(x, (2,) * dims, strides=(2,) * dims)
         x = jnp.mean(x, axis=tuple(range(1, 1 + dims)))
         return nn.Dense(self.num_classes, name="head")(x)
+
+
+class ResidualCNN(nn.Module):
+    """A stem convolution, ``blocks`` normalized residual blocks at one width, global average pooling, Dense.
+
+    The Group Norm paper's setting (Wu & He 2018 train ResNet-50: about 50 normalized layers) scaled down,
+    to test how depth changes a norm's behaviour: ``1 + 2 * blocks`` normalized convolutions, so
+    ``blocks=16`` has 33 and ``blocks=32`` 65. The blocks are *post-activation* basic blocks of the original
+    ResNet (He et al. 2016, CVPR; the Group Norm paper's ResNet-50 is one), every convolution followed by
+    the norm::
+
+        stem:  x = relu(norm(conv(x)))
+        block: x = relu(x + norm2(conv2(relu(norm1(conv1(x))))))
+
+    Each block's last norm starts with a zero scale (``zero_init_residual``; Goyal et al. 2017, "Accurate,
+    Large Minibatch SGD", §5.1, as the Group Norm paper does): every block starts as the identity, so a deep
+    stack trains from the first step like a shallow one. Convolutions are same-padded and stride 1
+    (:class:`Conv`), so the resolution never changes: 3x3 on images ``(N, H, W, C)``, 3 taps on signals
+    ``(N, L, C)``.
+
+    The blocks are one ``nn.scan`` over a block with stacked parameters (every leaf of ``params["blocks"]``
+    and, for batch norm, ``batch_stats["blocks"]`` has a leading axis of ``blocks``): the compiled program,
+    and its compile time, do not grow with depth.
+
+    Attributes:
+      norm: ``batch``, ``layer``, ``instance`` or ``group`` (not ``none``: the zero-initialized residual
+        branch is a norm's scale).
+      blocks: residual blocks (>= 1).
+      width: channels of the stem and of every block; divisible by ``num_groups`` for group norm.
+      num_classes: outputs.
+      num_groups: groups of group norm.
+      kernel_size: taps per spatial axis.
+      zero_init_residual: start each block's last norm scale at zero (else at one).
+
+    >>> import jax, jax.numpy as jnp
+    >>> model = ResidualCNN(norm="group", blocks=4, width=8, num_groups=4)
+    >>> variables = model.init(jax.random.key(0), jnp.zeros((2, 40, 1)))
+    >>> model.apply(variables, jnp.zeros((2, 40, 1))).shape
+    (2, 10)
+    >>> variables["params"]["blocks"]["conv1"]["kernel"].shape   # (blocks, taps, in, out)
+    (4, 3, 8, 8)
+    """
+
+    norm: str = "batch"
+    blocks: int = 2
+    width: int = 16
+    num_classes: int = 10
+    num_groups: int = 8
+    kernel_size: int = 3
+    zero_init_residual: bool = True
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+        _check_norm(self.norm, "ResidualCNN", RESIDUAL_NORMS)
+        dims = _spatial_dims(x, "ResidualCNN")
+        if isinstance(self.blocks, bool) or not isinstance(self.blocks, int) or self.blocks < 1:
+            raise ValueError(f"ResidualCNN: blocks must be an int >= 1, got {self.blocks!r}")
+        if self.norm == "group" and self.width % self.num_groups:
+            raise ValueError(f"ResidualCNN: group norm needs width divisible by num_groups={self.num_groups}, "
+                             f"got width {self.width}")
+        # A norm's shift makes a conv bias redundant.
+        x = Conv(self.width, self.kernel_size, use_bias=False, name="stem")(x)
+        x = nn.relu(make_norm(self.norm, train=train, num_groups=self.num_groups, spatial_dims=dims,
+                              name="stem_norm")(x))
+        stack = nn.scan(_ResidualBlock, variable_axes={"params": 0, "batch_stats": 0},
+                        split_rngs={"params": True}, length=self.blocks)
+        x, _ = stack(self.norm, self.kernel_size, self.num_groups, self.zero_init_residual, train,
+                     name="blocks")(x, None)
+        x = jnp.mean(x, axis=tuple(range(1, 1 + dims)))
+        return nn.Dense(self.num_classes, name="head")(x)
+
+
+class _ResidualBlock(nn.Module):
+    """``relu(x + norm2(conv2(relu(norm1(conv1(x))))))`` at the input's width (:class:`ResidualCNN`), in
+    ``nn.scan``'s ``(carry, x) -> (carry, y)`` form."""
+
+    norm: str
+    kernel_size: int
+    num_groups: int
+    zero_init_residual: bool
+    train: bool
+
+    @nn.compact
+    def __call__(self, x: jax.Array, _: None) -> tuple[jax.Array, None]:
+        norm = functools.partial(make_norm, self.norm, train=self.train, num_groups=self.num_groups,
+                                 spatial_dims=x.ndim - 2)
+        width = x.shape[-1]
+        y = Conv(width, self.kernel_size, use_bias=False, name="conv1")(x)
+        y = nn.relu(norm(name="norm1")(y))
+        y = Conv(width, self.kernel_size, use_bias=False, name="conv2")(y)
+        last_scale = nn.initializers.zeros if self.zero_init_residual else nn.initializers.ones
+        return nn.relu(x + norm(scale_init=last_scale, name="norm2")(y)), None
 
 
 class Logistic(nn.Module):
