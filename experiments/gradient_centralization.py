@@ -428,7 +428,7 @@ def _summary(ctx, cfg, ds, rows, accuracy, speed, figures) -> str:
              f"{cfg.seeds}. Each (model, optimizer, variant) is trained at its own learning rate, chosen on "
              f"the first set's seeds by best mean validation accuracy on a {cfg.validation_fraction:.0%} split "
              "of the training set (`training.tune_learning_rate`: rates x seeds in one vmapped program)"
-             + ("; the other sets are trained at the chosen rate afterwards and never influence it"
+             + ("; the other sets' seeds are trained at the chosen rate afterwards and never influence it"
                 if cfg.seed_sets > 1 else " (one seed set: the verdicts are not replicated)")
              + ". The search starts "
              "from " + "; ".join(f"{o} {list(rates(cfg, o))}" for o in cfg.optimizers)
