@@ -25,7 +25,7 @@ the caller's ``jit``, after the choice). With ``implementation=None`` (the defau
 when :func:`dispatches` says so: this process can compile them (:func:`available`: a GPU backend), the
 ``(norm, backend, dtype)`` is in :data:`VERIFIED`, and the shape fits Triton's constraints
 (:func:`supported`: power-of-two block sizes, a normalization group small enough for one program).
-:data:`VERIFIED` is empty until a GPU session verifies the kernels (``scripts/gpu_check.sh`` prints the
+:data:`VERIFIED` is empty until a run on a GPU verifies the kernels (``scripts/gpu_check.sh`` prints the
 figures that decide), so every backend takes the XLA path today. ``implementation="pallas"`` asks for the
 kernel explicitly and raises a ``ValueError`` where it cannot run; ``implementation="xla"`` never takes it.
 
@@ -97,7 +97,7 @@ class Verified(NamedTuple):
     dtype: str
 
 
-# Where the automatic choice takes the kernels. An entry is added by a GPU session that verified it, and
+# Where the automatic choice takes the kernels. An entry is added after a run on a GPU verified it, and
 # only then: the kernels' tests passed compiled on that backend (scripts/gpu_check.sh, step "Pallas
 # kernels compiled") and `jaxopt-lab bench --group norms` timed the kernel at most 1.0x the XLA path by
 # the upper quartile on every supported shape of that norm and dtype, in both contexts (vjp and loss).

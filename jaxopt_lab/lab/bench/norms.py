@@ -14,7 +14,7 @@ compiled HLO (ours and flax's) and their distance to :data:`PASS_FLOOR`, and (vj
 at a large common offset against float64. A missed row states its gap and its HLO-level cause. "Ours" is
 what a user's call runs (``implementation=None``). Where the fused Pallas kernels compile (a GPU), every
 context also gets the kernel (``implementation="pallas"``) against flax and against the XLA path
-(``implementation="xla"``): the figures :func:`pallas_decision` turns into the entries a GPU session may
+(``implementation="xla"``): the figures :func:`pallas_decision` turns into the entries a run on a GPU may
 add to ``_pallas.VERIFIED``.
 """
 
