@@ -7,7 +7,7 @@ label can always be checked. :func:`loss_noise` quantifies how jagged a curve is
 by ``diagnose`` and to tell full-batch from mini-batch curves). :func:`lr_range_test` runs the exponential
 learning-rate ramp of Smith (2017), "Cyclical Learning Rates for Training Neural Networks", §3.3, vmapped
 over seeds on the sweep engine, and :func:`suggest_learning_rate` reads a rate off it. :func:`escape_steps`
-finds when a run left a saddle.
+finds when a run left a saddle, :func:`steps_to_target` when a training loss reached a target.
 
 >>> import numpy as np
 >>> diagnose(np.array([10.0, 5.0, 2.5, 1.2, 0.6, 0.3, 0.15, 0.07]), target=0.1).label
@@ -38,6 +38,7 @@ __all__ = [
     "escape_steps",
     "loss_noise",
     "lr_range_test",
+    "steps_to_target",
     "suggest_learning_rate",
 ]
 
@@ -166,6 +167,28 @@ def escape_steps(losses: Any, saddle_value: float, margin: float) -> np.ndarray:
         raise ValueError(f"escape_steps: margin must be > 0, got {margin!r}")
     escaped = losses <= saddle_value - margin  # NaN compares False
     return np.where(escaped.any(axis=-1), escaped.argmax(axis=-1), -1)
+
+
+def steps_to_target(step_loss: Any, target: float, window: int) -> list[int | None]:
+    """Per run (rows of ``step_loss``), the first step at which the ``window``-step moving average of the
+    training loss is below ``target`` (counted in steps from the start: the window's last step + 1), or
+    ``None`` if it never is. NaN/inf never counts as below.
+
+    >>> steps_to_target([[2.0, 1.0, 0.4, 0.2, 0.1], [2.0, 2.0, 2.0, 2.0, 2.0]], target=0.5, window=2)
+    [4, None]
+    """
+    losses = np.atleast_2d(np.asarray(step_loss, dtype=np.float64))
+    if losses.ndim != 2 or losses.shape[-1] == 0:
+        raise ValueError(f"steps_to_target: step_loss must be (steps,) or (runs, steps), "
+                         f"got shape {losses.shape}")
+    if isinstance(window, bool) or not isinstance(window, int) or not 1 <= window <= losses.shape[-1]:
+        raise ValueError(f"steps_to_target: window must be an int in [1, {losses.shape[-1]}], got {window!r}")
+    out: list[int | None] = []
+    for row in losses:
+        smooth = np.convolve(np.where(np.isfinite(row), row, np.inf), np.ones(window) / window, mode="valid")
+        hit = np.flatnonzero(smooth < target)
+        out.append(int(hit[0]) + window if hit.size else None)
+    return out
 
 
 @dataclasses.dataclass(frozen=True)
