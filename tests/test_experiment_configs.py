@@ -88,30 +88,6 @@ def test_the_normalization_step_budget_covers_min_epochs_at_every_batch_size():
         normalization.check_config(dataclasses.replace(cfg, steps=510), "FULL", "digits")
 
 
-def _record(accuracy, loss, seeds=3):
-    values = [accuracy + 0.001 * i for i in range(seeds)]
-    stats = {"mean": sum(values) / seeds, "std": 0.001, "values": values}
-    return {**stats, "first_eval": stats, "first_eval_step": 8, "final_train_loss": {"mean": loss}}
-
-
-def test_a_claim_about_a_model_that_did_not_learn_gets_no_verdict():
-    normalization = _module("normalization")
-    cfg = normalization.Config.for_mode(True)
-    trained = lambda accuracy: _record(accuracy, loss=0.05)
-    cnn = {n: {b: trained(0.9) for b in cfg.batch_sizes} for n in normalization.CNN_NORMS}
-    cnn["batch"][min(cfg.batch_sizes)] = trained(0.5)  # BN much worse at the small batch: a clear verdict
-    robust = {n: {k: trained(0.8) for k in ("clean", "contrast", "brightness", "both")}
-              for n in normalization.CNN_NORMS}
-    rnn = {"none": {32: trained(0.9)}, "batch": {32: _record(0.2, loss=2.1)}, "layer": {32: trained(0.95)}}
-    groups = {1: trained(0.9), 4: trained(0.91)}
-    claims = {c["claim"]: c for c in normalization._claims(cfg, cnn, rnn, robust, groups, num_classes=10)}
-    assert claims["BN degrades with small batches"]["verdict"] == "supported"
-    rnn_claim = claims["BN suits RNNs poorly, LN suits them"]
-    # LN beats BN by 75 points, but the BN row-RNN's loss (2.1) is at chance level (ln 10 = 2.3): no verdict.
-    assert rnn_claim["verdict"] == normalization.NOT_LEARNED and "final train loss 2.10" in rnn_claim["numbers"]
-    assert normalization.learned(trained(0.9), 10) and not normalization.learned(_record(0.2, 1.2), 10)
-
-
 def _toy(ctx):
     from jaxopt_lab.lab.plotting import new_figure
 
