@@ -88,6 +88,22 @@ def test_the_normalization_step_budget_covers_min_epochs_at_every_batch_size():
         normalization.check_config(dataclasses.replace(cfg, steps=510), "FULL", "digits")
 
 
+def test_the_normalization_configs_replicate_widen_and_decay_where_they_should():
+    normalization = _module("normalization")
+    quick, digits, mnist1d = (normalization.Config.for_mode(q, d) for q, d in
+                              ((True, None), (False, "digits"), (False, "mnist1d")))
+    assert (quick.seeds, digits.seeds, mnist1d.seeds) == (2, 5, 5) and min(quick.widen, digits.widen) >= 1
+    # Quick: one rate in the grid, so the search, every added rate and the replicate seeds are programs of
+    # the same number of lanes (one compilation per configuration).
+    assert len(quick.learning_rates) == 1
+    assert (digits.schedule, mnist1d.schedule) == ("constant", "cosine")
+    assert normalization.seed_sets(digits, 10) == ([10, 11, 12, 13, 14], [15, 16, 17, 18, 19])
+    for bad, message in (({"schedule": "linear"}, "schedule one of"), ({"widen": -1}, "widen must be >= 0"),
+                         ({"smoothing_steps": 0}, "smoothing_steps in")):
+        with pytest.raises(ValueError, match=message):
+            normalization.check_config(dataclasses.replace(quick, **bad), "QUICK", "digits")
+
+
 def _toy(ctx):
     from jaxopt_lab.lab.plotting import new_figure
 
