@@ -27,7 +27,7 @@ import numpy as np
 import optax
 
 from jaxopt_lab.centralization import with_gradient_centralization
-from jaxopt_lab.lab import data, models, training
+from jaxopt_lab.lab import data, diagnostics, models, training
 from jaxopt_lab.lab.experiment import Experiment, RunContext, check_modes, check_training_config
 from jaxopt_lab.lab.plotting import new_figure, plot_loss_curves
 from jaxopt_lab.lab.runner import main_for
@@ -190,30 +190,6 @@ def per_output_means(params: Any) -> dict[str, np.ndarray]:
             .mean(axis=1) for layer, leaves in params.items() if "kernel" in leaves}
 
 
-def steps_to_target(step_loss: np.ndarray, target: float, window: int) -> list[int | None]:
-    """Per run, the first step at which the moving average of the training loss is below ``target``.
-
-    >>> steps_to_target(np.array([[3.0, 2.0, 1.0, 0.5, 0.2], [3.0, 3.0, 3.0, 3.0, 3.0]]), 1.0, 2)
-    [4, None]
-    """
-    out = []
-    for row in np.atleast_2d(step_loss):
-        smooth = np.convolve(np.nan_to_num(row, nan=np.inf), np.ones(window) / window, mode="valid")
-        hit = np.flatnonzero(smooth < target)
-        out.append(int(hit[0]) + window if hit.size else None)
-    return out
-
-
-def censored_steps(reached: list[int | None], budget: int) -> dict[str, list[float]]:
-    """Per-seed steps to the target for a test (``{"values": [...]}``): a run that never reached it counts as
-    the whole ``budget``, a lower bound that can only understate the slower arm's steps.
-
-    >>> censored_steps([40, None], 600)
-    {'values': [40.0, 600.0]}
-    """
-    return {"values": [float(budget if s is None else s) for s in reached]}
-
-
 def run(ctx: RunContext) -> None:
     ds = data.load_dataset(None if ctx.data_path is None else str(ctx.data_path))
     cfg = ctx.resolve_config(Config, ds.name)
@@ -289,7 +265,7 @@ def _train_job(cfg: Config, ds: data.Dataset, seeds: list[int], model: Any, job:
     # |per-output mean at the end - at initialization|, averaged over outputs and seeds, per layer.
     end_means = per_output_means(result.state.params)
     drift = {layer: float(np.abs(end_means[layer] - start_means[layer]).mean()) for layer in end_means}
-    reached = steps_to_target(step_loss, cfg.loss_target, cfg.smoothing_steps)
+    reached = diagnostics.steps_to_target(step_loss, cfg.loss_target, cfg.smoothing_steps)
     hits = [r for r in reached if r is not None]
     early = int(np.flatnonzero(np.asarray(result.history.steps)[0] == cfg.speed_steps)[0])
     row = {"model": model_name, "optimizer": opt_name, "variant": variant,
@@ -332,7 +308,8 @@ def _speed(ctx: RunContext, cfg: Config, plain: dict, gc: dict, gc_common: dict)
     speed difference there is not a difference of rates, and the only bias it has favours plain); at each
     arm's own rate it is recorded beside, as a number."""
     arms = {PLAIN: plain, GC: gc, GC_AT_PLAIN_RATE: gc_common}
-    steps = {arm: censored_steps(r["steps_to_target"], cfg.steps) for arm, r in arms.items()}
+    steps = {arm: {"values": diagnostics.censored_steps(r["steps_to_target"], cfg.steps)}
+             for arm, r in arms.items()}
     early = {arm: r["accuracy_after_speed_steps"] for arm, r in arms.items()}
     own_steps = judge([(steps[PLAIN], steps[GC])], paired=True, sets=cfg.seed_sets)
     own_early = judge([(early[GC], early[PLAIN])], paired=True, sets=cfg.seed_sets)

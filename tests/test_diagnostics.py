@@ -165,3 +165,9 @@ def test_loss_noise_ignores_rounding_at_a_floor_and_exact_zeros():
     assert diagnostics.loss_noise(floor)["increase_fraction"] == 0.0
     with_zero = diagnostics.loss_noise(np.array([1.0, 0.5, 0.25, 0.0, 0.125, 0.0625, 0.03125]))
     assert with_zero["roughness"] == pytest.approx(0.0)  # the triples touching 0 are skipped
+
+
+def test_censored_steps_count_a_run_that_never_reached_the_target_as_the_whole_budget():
+    reached = diagnostics.steps_to_target(np.array([[2.0] * 50, [2.0] * 10 + [0.1] * 40]), 1.0, 5)
+    # Steps 9-13 average (2 + 2 + 3 x 0.1) / 5 = 0.86 < 1: the target is reached after 13 steps.
+    assert reached == [None, 13] and diagnostics.censored_steps(reached, 50) == [50.0, 13.0]

@@ -9,7 +9,7 @@ from jaxopt_lab.lab import cli, data, training
 
 pytestmark = pytest.mark.slow_e2e
 
-VERDICTS = {"supported", "not supported", "unclear", "no verdict: a model did not learn"}
+VERDICTS = {"supported", "not supported", "unclear", "unstable", "no verdict: a model did not learn"}
 QUICK_MARK = " (quick: not conclusive)"
 
 
@@ -39,22 +39,36 @@ def _chosen_rate(record, rates):
 def test_normalization(tmp_path):
     config, metrics, summary = _run("normalization", tmp_path)
     norms = {"none", "batch", "layer", "instance", "group"}
-    assert set(metrics["cnn"]) == norms
+    seeds = 2 * config["seeds"]  # the search's seed set and the replicate set
+    assert set(metrics["cnn"]) == norms and config["replicate_seeds"][0] == config["seeds_used"][-1] + 1
     for norm in norms:
         assert set(metrics["cnn"][norm]) == {str(b) for b in config["batch_sizes"]}
         for record in metrics["cnn"][norm].values():
-            assert len(record["values"]) == config["seeds"] >= 2 and 0.0 <= record["mean"] <= 1.0
-            _chosen_rate(record, config["learning_rates"])
-            assert set(record["flattened"]) >= {"flattened", "relative_change"}
-    _chosen_rate(metrics["mlp"], config["learning_rates"])
+            assert len(record["values"]) == seeds >= 4 and 0.0 <= record["mean"] <= 1.0
+            # The chosen rate is one the widened search tried, marked in its table; an edge is recorded.
+            tried = [row["learning_rate"] for row in record["rate_table"]]
+            chosen = [row["learning_rate"] for row in record["rate_table"] if row["chosen"]]
+            assert chosen == [record["learning_rate"]] and set(config["learning_rates"]) <= set(tried)
+            assert len(tried) <= len(config["learning_rates"]) + config["widen"]
+            assert record["at_edge"] in (None, "lowest", "highest") and record["replicas"] == config["seeds"]
+            if record["at_edge"]:
+                assert f"({record['learning_rate']:.2g} edge)" in summary
     # A quick run teaches: at the reference batch every CNN has learned the digits.
     at_reference = {n: metrics["cnn"][n][str(config["reference_batch"])]["mean"] for n in norms}
     assert min(at_reference.values()) >= 0.90, at_reference
     assert "| MLP, no norm |" in summary  # the MLP row sits in the CNN table
     assert set(metrics["rnn"]) == {"none", "batch", "layer"}
-    assert {c["verdict"] for c in metrics["claims"]} <= VERDICTS and len(metrics["claims"]) >= 9
+    assert {c["verdict"] for c in metrics["claims"]} <= VERDICTS and len(metrics["claims"]) >= 11
     for c in metrics["claims"]:  # every verdict shown in quick mode is marked as not conclusive
         assert c["shown_verdict"] == c["verdict"] + QUICK_MARK and f"| {c['shown_verdict']} |" in summary
+        assert len(c["set_verdicts"]) == (0 if c["verdict"].startswith("no verdict") else 2)
+    pooled = {c["id"] for c in metrics["claims"] if c["paired"]}
+    assert pooled == {"N13", "N7", "N9", "N5"} and {c["id"] for c in metrics["claims_per_batch"]} == pooled
+    # The speed claim's verdict comes from BN and no norm at the no-norm arm's rate.
+    speed = metrics["speed"]
+    assert speed["shared_rate"] == metrics["cnn"]["none"][str(config["reference_batch"])]["learning_rate"]
+    assert speed["bn_shared_rate"]["learning_rate"] == speed["shared_rate"]
+    assert [c["shared_rate"] for c in metrics["claims"] if c["id"] == "N3"] == [True, True]
     # Batch norm with running vs batch statistics, at every batch size, on the same test examples.
     bn = metrics["bn_running_vs_batch_statistics"]
     assert set(bn) == {str(b) for b in config["batch_sizes"]}
@@ -64,7 +78,8 @@ def test_normalization(tmp_path):
     # Instance norm normalizes each image: it loses less to a per-image contrast change than batch norm.
     lost = {n: r["clean"]["mean"] - r["contrast"]["mean"] for n, r in metrics["robustness"].items()}
     assert lost["instance"] < lost["batch"], lost
-    assert "Wu & He" in summary and "| claim (course notes) |" in summary
+    assert "Wu & He" in summary and "| id | claim (course notes) |" in summary
+    assert "flattened when, over the last 20% of steps" in summary  # the endpoint rule as applied
 
 
 def test_gradient_centralization_on_a_device_mesh(tmp_path):

@@ -100,28 +100,20 @@ def test_the_saddle_check_rejects_a_bad_data_set_or_batch(change, message):
         saddle_points.check_config(dataclasses.replace(saddle_points.Config.for_mode(False), **change), "FULL")
 
 
-def _record(accuracy, loss, seeds=3):
-    values = [accuracy + 0.001 * i for i in range(seeds)]
-    stats = {"mean": sum(values) / seeds, "std": 0.001, "values": values}
-    return {**stats, "first_eval": stats, "first_eval_step": 8, "final_train_loss": {"mean": loss}}
-
-
-def test_a_claim_about_a_model_that_did_not_learn_gets_no_verdict():
+def test_the_normalization_configs_replicate_widen_and_decay_where_they_should():
     normalization = _module("normalization")
-    cfg = normalization.Config.for_mode(True)
-    trained = lambda accuracy: _record(accuracy, loss=0.05)
-    cnn = {n: {b: trained(0.9) for b in cfg.batch_sizes} for n in normalization.CNN_NORMS}
-    cnn["batch"][min(cfg.batch_sizes)] = trained(0.5)  # BN much worse at the small batch: a clear verdict
-    robust = {n: {k: trained(0.8) for k in ("clean", "contrast", "brightness", "both")}
-              for n in normalization.CNN_NORMS}
-    rnn = {"none": {32: trained(0.9)}, "batch": {32: _record(0.2, loss=2.1)}, "layer": {32: trained(0.95)}}
-    groups = {1: trained(0.9), 4: trained(0.91)}
-    claims = {c["claim"]: c for c in normalization._claims(cfg, cnn, rnn, robust, groups, num_classes=10)}
-    assert claims["BN degrades with small batches"]["verdict"] == "supported"
-    rnn_claim = claims["BN suits RNNs poorly, LN suits them"]
-    # LN beats BN by 75 points, but the BN row-RNN's loss (2.1) is at chance level (ln 10 = 2.3): no verdict.
-    assert rnn_claim["verdict"] == normalization.NOT_LEARNED and "final train loss 2.10" in rnn_claim["numbers"]
-    assert normalization.learned(trained(0.9), 10) and not normalization.learned(_record(0.2, 1.2), 10)
+    quick, digits, mnist1d = (normalization.Config.for_mode(q, d) for q, d in
+                              ((True, None), (False, "digits"), (False, "mnist1d")))
+    assert (quick.seeds, digits.seeds, mnist1d.seeds) == (2, 5, 5) and min(quick.widen, digits.widen) >= 1
+    # Quick: one rate in the grid, so the search, every added rate and the replicate seeds are programs of
+    # the same number of lanes (one compilation per configuration).
+    assert len(quick.learning_rates) == 1
+    assert (digits.schedule, mnist1d.schedule) == ("constant", "cosine")
+    assert normalization.seed_sets(digits, 10) == ([10, 11, 12, 13, 14], [15, 16, 17, 18, 19])
+    for bad, message in (({"schedule": "linear"}, "schedule one of"), ({"widen": -1}, "widen must be >= 0"),
+                         ({"smoothing_steps": 0}, "smoothing_steps in")):
+        with pytest.raises(ValueError, match=message):
+            normalization.check_config(dataclasses.replace(quick, **bad), "QUICK", "digits")
 
 
 def _toy(ctx):

@@ -123,9 +123,3 @@ def test_the_summary_states_the_endpoint_rule_the_edges_and_every_seed_set(ctx):
     assert "| +10.0 ± 0.0 | supported / supported | supported |" in summary  # steps at plain's rate
     assert "GC chose plain's rate in every pair" in summary
     assert "mean ± std over 4 seeds: 2 disjoint sets of 2" in summary
-
-
-def test_censored_steps_and_steps_to_target_agree_on_a_run_that_never_reached_the_target():
-    reached = gc_exp.steps_to_target(np.array([[2.0] * 50, [2.0] * 10 + [0.1] * 40]), 1.0, 5)
-    # Steps 9-13 average (2 + 2 + 3 x 0.1) / 5 = 0.86 < 1: the target is reached after 13 steps.
-    assert reached == [None, 13] and gc_exp.censored_steps(reached, 50) == {"values": [50.0, 13.0]}

@@ -7,10 +7,10 @@ label can always be checked. :func:`loss_noise` quantifies how jagged a curve is
 by ``diagnose`` and to tell full-batch from mini-batch curves). :func:`lr_range_test` runs the exponential
 learning-rate ramp of Smith (2017), "Cyclical Learning Rates for Training Neural Networks", §3.3, vmapped
 over seeds on the sweep engine, and :func:`suggest_learning_rate` reads a rate off it. :func:`escape_steps`
-finds when a run left a saddle, and :func:`gradient_noise_along` how much mini-batch noise points along
-given directions (off a saddle's stable manifold, or along it). Two readings of trained classifiers:
-:func:`learned` (did a run learn at all?) and :func:`bn_statistics_gap` (batch norm at test time with
-running vs batch statistics).
+finds when a run left a saddle, :func:`steps_to_target` when a training loss reached a target, and
+:func:`gradient_noise_along` how much mini-batch noise points along given directions (off a saddle's stable
+manifold, or along it). Two readings of trained classifiers: :func:`learned` (did a run learn at all?) and
+:func:`bn_statistics_gap` (batch norm at test time with running vs batch statistics).
 
 >>> import numpy as np
 >>> diagnose(np.array([10.0, 5.0, 2.5, 1.2, 0.6, 0.3, 0.15, 0.07]), target=0.1).label
@@ -41,12 +41,14 @@ __all__ = [
     "ExponentialRamp",
     "LRRangeTest",
     "bn_statistics_gap",
+    "censored_steps",
     "diagnose",
     "escape_steps",
     "gradient_noise_along",
     "learned",
     "loss_noise",
     "lr_range_test",
+    "steps_to_target",
     "suggest_learning_rate",
 ]
 
@@ -219,6 +221,39 @@ def gradient_noise_along(loss_fn: sweep.LossFn, params: Any, data: Any, batch_si
     keys = jax.random.split(jax.random.PRNGKey(seed), num_batches)
     grads = jax.jit(jax.vmap(batch_gradient))(keys)
     return np.asarray(jnp.std(grads @ unit_rows.T, axis=0), dtype=np.float64)
+
+
+def steps_to_target(step_loss: Any, target: float, window: int) -> list[int | None]:
+    """Per run (rows of ``step_loss``), the first step at which the ``window``-step moving average of the
+    training loss is below ``target`` (counted in steps from the start: the window's last step + 1), or
+    ``None`` if it never is. NaN/inf never counts as below.
+
+    >>> steps_to_target([[2.0, 1.0, 0.4, 0.2, 0.1], [2.0, 2.0, 2.0, 2.0, 2.0]], target=0.5, window=2)
+    [4, None]
+    """
+    losses = np.atleast_2d(np.asarray(step_loss, dtype=np.float64))
+    if losses.ndim != 2 or losses.shape[-1] == 0:
+        raise ValueError(f"steps_to_target: step_loss must be (steps,) or (runs, steps), "
+                         f"got shape {losses.shape}")
+    if isinstance(window, bool) or not isinstance(window, int) or not 1 <= window <= losses.shape[-1]:
+        raise ValueError(f"steps_to_target: window must be an int in [1, {losses.shape[-1]}], got {window!r}")
+    out: list[int | None] = []
+    for row in losses:
+        smooth = np.convolve(np.where(np.isfinite(row), row, np.inf), np.ones(window) / window, mode="valid")
+        hit = np.flatnonzero(smooth < target)
+        out.append(int(hit[0]) + window if hit.size else None)
+    return out
+
+
+def censored_steps(reached: Sequence[int | None], budget: int) -> list[float]:
+    """Steps to a target per run (:func:`steps_to_target`) as numbers a test can average: a run that never
+    reached the target counts as the whole ``budget``, a lower bound that can only understate the slower
+    arm's steps.
+
+    >>> censored_steps([40, None], 600)
+    [40.0, 600.0]
+    """
+    return [float(budget if s is None else s) for s in reached]
 
 
 @dataclasses.dataclass(frozen=True)

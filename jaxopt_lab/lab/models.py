@@ -11,12 +11,11 @@ Every model is ``model.apply(variables, x, train=...)`` on channels-last inputs,
   linear classifier: the depth axis of the Group Norm paper's ResNet-50, scaled down.
 - :class:`MLP`: the flattened input through ``Dense -> norm -> ReLU`` blocks.
 - :class:`Logistic`: multinomial logistic regression (one ``Dense``), the linear baseline.
-- :class:`RowRNN`: the input read row by row (or sample by sample) as a sequence (an Elman RNN,
-  ``h_t = tanh(norm(W_x x_t + W_h h_{t-1}))``), classifying from the last hidden state. The norm module
-  is *shared across time steps*, as a drop-in norm would be, so batch norm mixes the statistics of every
-  step into one running average: the setting in which "BN suits RNNs poorly" is usually claimed.
 - :class:`GRU`: the MNIST-1D paper's bidirectional GRU (Flax ``GRUCell`` under ``nn.RNN``), every step's
   output into a linear classifier.
+- :class:`NormGRU`: a GRU whose cell (:class:`NormGRUCell`) normalizes its input and recurrent
+  pre-activations separately, with layer norm (Ba et al. 2016) or batch norm with statistics per time step
+  (Cooijmans et al. 2016), classifying from the last hidden state.
 
 ``norm`` is one of :data:`NORMS`; every norm comes from :mod:`jaxopt_lab.nn`:
 
@@ -59,11 +58,13 @@ __all__ = [
     "MLP",
     "NORMS",
     "RESIDUAL_NORMS",
+    "RNN_NORMS",
     "Conv",
     "Logistic",
     "Norm",
+    "NormGRU",
+    "NormGRUCell",
     "ResidualCNN",
-    "RowRNN",
     "make_norm",
 ]
 
@@ -340,32 +341,6 @@ class MLP(nn.Module):
         return nn.Dense(self.num_classes, name="head")(x)
 
 
-class RowRNN(nn.Module):
-    """An Elman RNN over the rows: ``h_t = tanh(norm(W_x x_t + W_h h_{t-1} + b))``, then Dense.
-
-    An image ``(N, H, W, C)`` is a sequence of ``H`` steps of ``W * C`` features, a signal ``(N, L, C)``
-    one of ``L`` steps of ``C`` features. One norm module is applied at every step (shared parameters
-    and, for batch norm, shared running statistics). ``norm`` may be ``none``, ``batch`` or ``layer``.
-    """
-
-    norm: str = "layer"
-    num_classes: int = 10
-    hidden: int = 64
-
-    @nn.compact
-    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
-        _check_norm(self.norm, "RowRNN", ("none", "batch", "layer"))
-        _spatial_dims(x, "RowRNN")
-        rows = x.reshape(x.shape[0], x.shape[1], -1)
-        input_proj = nn.Dense(self.hidden, use_bias=self.norm == "none", name="input")
-        recurrent = nn.Dense(self.hidden, use_bias=False, name="recurrent")
-        norm = make_norm(self.norm, train=train, spatial_dims=0, name="norm")
-        h = jnp.zeros((x.shape[0], self.hidden), x.dtype)
-        for t in range(rows.shape[1]):  # short sequences: unrolled, so XLA fuses across steps
-            h = jnp.tanh(norm(input_proj(rows[:, t]) + recurrent(h)))
-        return nn.Dense(self.num_classes, name="head")(h)
-
-
 class GRU(nn.Module):
     """A (bidirectional) GRU over the sequence, every step's output flattened into a linear classifier.
 
@@ -396,3 +371,103 @@ class GRU(nn.Module):
             rnn = forward
         outputs = rnn(steps)  # (N, steps, hidden x directions)
         return nn.Dense(self.num_classes, name="head")(outputs.reshape(x.shape[0], -1))
+
+
+RNN_NORMS: tuple[str, ...] = ("none", "batch", "layer")
+"""The norms a recurrent cell takes: instance and group norm have no spatial axis to reduce inside a step."""
+
+
+def _stacked(init: Callable[..., jax.Array], blocks: int) -> Callable[..., jax.Array]:
+    """An initializer that draws ``blocks`` kernels of ``shape[-1] // blocks`` columns with ``init`` and
+    concatenates them: one orthogonal matrix per gate, as ``nn.GRUCell`` draws its recurrent kernels."""
+    def stacked(key: jax.Array, shape: Sequence[int], dtype: jnp.dtype = jnp.float32) -> jax.Array:
+        *rest, columns = shape
+        keys = jax.random.split(key, blocks)
+        return jnp.concatenate([init(k, (*rest, columns // blocks), dtype) for k in keys], axis=-1)
+
+    return stacked
+
+
+class NormGRUCell(nn.Module):
+    """One step of a GRU whose input and recurrent pre-activations are normalized separately.
+
+    With ``W_x x`` and ``W_h h`` each ``3 * hidden`` wide (reset, update and candidate gates side by side)::
+
+        a = norm_x(W_x x),  b = norm_h(W_h h)           # two norms, each with its own scale and shift
+        r = sigmoid(a_r + b_r),  z = sigmoid(a_z + b_z)
+        n = tanh(a_n + r * b_n),  h' = (1 - z) * n + z * h
+
+    ``norm="none"`` is ``flax.linen.GRUCell`` exactly (the norms' shifts are its biases; tested); ``"layer"``
+    is Ba, Kiros & Hinton's (2016) layer-normalized recurrence, one mean and variance per example and step
+    over each projection's ``3 * hidden`` features; ``"batch"`` is Cooijmans et al.'s (2016) recurrent
+    batch norm when the cell is scanned with one set of ``batch_stats`` per step (:class:`NormGRU` does):
+    statistics per feature over the batch, separate for every time step. The norms are
+    :func:`make_norm`'s. Call ``cell(h, x) -> (h', h')`` (a ``flax.linen.scan`` body).
+
+    ``normalize_input=None`` normalizes ``W_x x`` unless a step has a single input feature: then ``W_x x``
+    is rank one (``x`` times a fixed vector), and layer norm over its features keeps only the sign of
+    ``x`` (measured: a layer-norm GRU reading MNIST-1D's 40 single samples reached 18-20 % test accuracy
+    with its input normalized, 93.5 % without). ``W_x x`` then gets a bias instead, whatever the norm.
+
+    Attributes:
+      hidden: units.
+      norm: one of :data:`RNN_NORMS`.
+      train: batch norm uses the batch's statistics (and updates ``batch_stats``) when ``True``.
+      normalize_input: normalize ``W_x x`` too (``None``: when a step has more than one feature).
+    """
+
+    hidden: int
+    norm: str = "none"
+    train: bool = False
+    normalize_input: bool | None = None
+
+    @nn.compact
+    def __call__(self, h: jax.Array, x: jax.Array) -> tuple[jax.Array, jax.Array]:
+        _check_norm(self.norm, "NormGRUCell", RNN_NORMS)
+        normalize_input = x.shape[-1] > 1 if self.normalize_input is None else self.normalize_input
+        plain = self.norm == "none"  # a norm's shift is the bias
+        a = nn.Dense(3 * self.hidden, use_bias=plain or not normalize_input, name="input")(x)
+        b = nn.Dense(3 * self.hidden, use_bias=plain, kernel_init=_stacked(nn.initializers.orthogonal(), 3),
+                     name="recurrent")(h)
+        if normalize_input:
+            a = make_norm(self.norm, train=self.train, spatial_dims=0, name="input_norm")(a)
+        b = make_norm(self.norm, train=self.train, spatial_dims=0, name="recurrent_norm")(b)
+        a_r, a_z, a_n = jnp.split(a, 3, axis=-1)
+        b_r, b_z, b_n = jnp.split(b, 3, axis=-1)
+        r, z = nn.sigmoid(a_r + b_r), nn.sigmoid(a_z + b_z)
+        h = (1.0 - z) * jnp.tanh(a_n + r * b_n) + z * h
+        return h, h
+
+
+class NormGRU(nn.Module):
+    """A GRU of :class:`NormGRUCell` over the sequence (a ``flax.linen.scan``), classifying from the last state.
+
+    A signal ``(N, L, C)`` is ``L`` steps of ``C`` features, an image ``(N, H, W, C)`` ``H`` steps of
+    ``W * C``. The parameters are shared by every step; batch norm's statistics are not: ``batch_stats``
+    has a leading axis of one entry per step (Cooijmans et al. 2016), because the hidden state starts at
+    zero and its pre-activations' distribution moves over the first steps, so one running average shared
+    by the steps would normalize each step at inference with statistics of a different distribution than
+    it was trained with.
+
+    Attributes:
+      norm: one of :data:`RNN_NORMS`.
+      num_classes: outputs.
+      hidden: units.
+      normalize_input: see :class:`NormGRUCell`.
+    """
+
+    norm: str = "layer"
+    num_classes: int = 10
+    hidden: int = 64
+    normalize_input: bool | None = None
+
+    @nn.compact
+    def __call__(self, x: jax.Array, *, train: bool = False) -> jax.Array:
+        _check_norm(self.norm, "NormGRU", RNN_NORMS)
+        _spatial_dims(x, "NormGRU")
+        steps = x.reshape(x.shape[0], x.shape[1], -1)
+        scan = nn.scan(NormGRUCell, variable_broadcast="params", split_rngs={"params": False},
+                       variable_axes={"batch_stats": 0}, in_axes=1, out_axes=1)
+        cell = scan(self.hidden, self.norm, train, self.normalize_input, name="cell")
+        h, _ = cell(jnp.zeros((x.shape[0], self.hidden), steps.dtype), steps)
+        return nn.Dense(self.num_classes, name="head")(h)
