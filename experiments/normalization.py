@@ -181,22 +181,14 @@ def check_configs() -> None:
 
 
 def _record(cfg: Config, search: training.RateSearch, *, searched: bool = True) -> dict:
-    """One configuration's numbers over every seed (the search's, then the replicate set's). ``searched``:
-    the rate was chosen among several (else it was given, and no edge applies)."""
+    """:func:`norm_claims.record` and the speed measures: test accuracy at the first evaluation and the
+    steps to the loss target."""
     history = search.result.history
-    return {**training.mean_std(search.result.final_test_accuracy),
-            "steps": int(np.asarray(history.steps)[0, -1]),
-            "learning_rate": search.learning_rate,
-            "at_edge": search.at_edge if searched else None,
-            "replicas": search.replicas,
-            "rate_table": search.table,
+    return {**norm_claims.record(search, searched=searched),
             "first_eval": training.mean_std(history.test_accuracy[:, 0]),
-            "steps_to_target": norm_claims.steps_record(history.step_loss, cfg.loss_target,
-                                                        cfg.smoothing_steps),
             "first_eval_step": int(np.asarray(history.steps)[0, 0]),
-            "final_train_loss": training.mean_std(np.asarray(history.train_loss)[:, -1]),
-            "flattened": dataclasses.asdict(training.loss_flattened(history.step_loss)),
-            "diverged": int(search.result.diverged.sum())}
+            "steps_to_target": norm_claims.steps_record(history.step_loss, cfg.loss_target,
+                                                        cfg.smoothing_steps)}
 
 
 def changed_inputs(ds: data.Dataset, kind: str, key: jax.Array) -> np.ndarray:

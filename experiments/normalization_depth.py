@@ -28,11 +28,11 @@ from typing import Any
 
 import numpy as np
 import optax
-from jaxopt_lab.lab.experiments.normalization import PAPER_ERROR
 
-from jaxopt_lab.lab import data, models, training
+from jaxopt_lab.lab import data, models, norm_claims, training
 from jaxopt_lab.lab.diagnostics import NOT_LEARNED, bn_statistics_gap, learned
 from jaxopt_lab.lab.experiment import Experiment, RunContext, check_modes, check_training_config
+from jaxopt_lab.lab.norm_claims import PAPER_ERROR, pct
 from jaxopt_lab.lab.plotting import new_figure
 from jaxopt_lab.lab.runner import main_for
 from jaxopt_lab.lab.verdicts import NOT_SUPPORTED, SUPPORTED, UNCLEAR, UNSTABLE, judge, reading
@@ -136,19 +136,6 @@ def check_configs() -> None:
     check_modes(Config.for_mode, check_config, SUPPORTED_DATA)
 
 
-def _record(search: training.RateSearch) -> dict:
-    history = search.result.history
-    return {**training.mean_std(search.result.final_test_accuracy),
-            "steps": int(np.asarray(history.steps)[0, -1]),
-            "learning_rate": search.learning_rate,
-            "at_edge": search.at_edge,
-            "replicas": search.replicas,
-            "rate_table": search.table,
-            "final_train_loss": training.mean_std(np.asarray(history.train_loss)[:, -1]),
-            "flattened": dataclasses.asdict(training.loss_flattened(history.step_loss)),
-            "diverged": int(search.result.diverged.sum())}
-
-
 def _train_job(cfg: Config, ds: data.Dataset, seeds: list[int], replicate_seeds: list[int],
                job: tuple[str, int, int], data_parallel: bool | None, progress: Any = None) -> dict:
     """One (norm, depth, batch size): the rate search, its replication, and for batch norm the running vs
@@ -160,7 +147,7 @@ def _train_job(cfg: Config, ds: data.Dataset, seeds: list[int], replicate_seeds:
         validation_fraction=cfg.validation_fraction,
         widen=cfg.widen, replicate_seeds=replicate_seeds, data_parallel=data_parallel, progress=progress)
     history = search.result.history
-    unit: dict[str, Any] = {"record": _record(search), "histories": {
+    unit: dict[str, Any] = {"record": norm_claims.record(search), "histories": {
         "step_loss": np.asarray(history.step_loss), "eval_steps": np.asarray(history.steps)[0],
         "test_accuracy": np.asarray(history.test_accuracy)}}
     if norm == "batch":
@@ -383,10 +370,6 @@ def _figure_curves(ctx: RunContext, config: Mapping[str, Any], histories: Mappin
     return ctx.save_figure(fig, FIGURES[1])
 
 
-def _pct(x: Mapping[str, Any]) -> str:
-    return f"{100 * x['mean']:.1f} ± {100 * x['std']:.1f}"
-
-
 def _pts(row: Mapping[str, Any]) -> str:
     return f"{100 * row['difference']:+.1f} ± {100 * row['standard_error']:.1f}"
 
@@ -449,7 +432,7 @@ def _describe_model(cfg: Config) -> str:
 
 def _cell(record: Mapping[str, Any]) -> str:
     edge = "*" if record["at_edge"] else ""
-    return f"{_pct(record)} ({record['learning_rate']:g}{edge})"
+    return f"{pct(record)} ({record['learning_rate']:g}{edge})"
 
 
 def _flat(record: Mapping[str, Any]) -> str:

@@ -24,7 +24,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import Any, NamedTuple
 
 import jax
@@ -376,7 +376,7 @@ def bn_statistics_gap(state: training.TrainState, ds: Dataset, batch_size: int) 
 NOT_LEARNED = "no verdict: a model did not learn"
 
 
-def learned(record: dict, num_classes: int) -> bool:
+def learned(record: Mapping[str, Any], num_classes: int) -> bool:
     """Whether a run learned: its final training loss (seed mean) is below half of ``ln(num_classes)``,
     the loss of a uniform guess. A claim about a model that did not learn gets no verdict.
 

@@ -29,6 +29,7 @@ A comparison in which a model did not learn (:func:`learned`) gets no verdict.
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from typing import Any
@@ -39,7 +40,7 @@ from jaxopt_lab.lab import diagnostics, training
 from jaxopt_lab.lab.diagnostics import NOT_LEARNED, learned
 from jaxopt_lab.lab.verdicts import SUPPORTED, UNSTABLE, judge, reading, verdict
 
-__all__ = ["PAPER_ERROR", "claims", "claims_table", "judged", "pct", "per_batch", "per_batch_table",
+__all__ = ["PAPER_ERROR", "claims", "claims_table", "judged", "pct", "per_batch", "per_batch_table", "record",
            "small_batch_reading", "speed_comparisons", "speed_table", "steps_record"]
 
 # Wu & He, "Group Normalization", ECCV 2018, Figure 1 / Table 2-3: ResNet-50 ImageNet validation error (%)
@@ -72,6 +73,23 @@ def judged(claim: str, test: str, pairs: Sequence[tuple[Mapping[str, Any], Mappi
                    numbers=f"{numbers}; final train loss {losses} >= ½ ln {num_classes} = "
                            f"{0.5 * math.log(num_classes):.2f}")
     return row
+
+
+def record(search: training.RateSearch, *, searched: bool = True) -> dict[str, Any]:
+    """A *record* of one trained configuration (the normalization experiments' layout): its test accuracy
+    over every seed (the search's, then the replicate set's), step budget, chosen rate (``at_edge`` only
+    when ``searched``: a given rate has no edge), rate table, final training loss, endpoint
+    (:func:`jaxopt_lab.lab.training.loss_flattened`) and diverged runs."""
+    history = search.result.history
+    return {**training.mean_std(search.result.final_test_accuracy),
+            "steps": int(np.asarray(history.steps)[0, -1]),
+            "learning_rate": search.learning_rate,
+            "at_edge": search.at_edge if searched else None,
+            "replicas": search.replicas,
+            "rate_table": search.table,
+            "final_train_loss": training.mean_std(np.asarray(history.train_loss)[:, -1]),
+            "flattened": dataclasses.asdict(training.loss_flattened(history.step_loss)),
+            "diverged": int(search.result.diverged.sum())}
 
 
 def steps_record(step_loss: Any, target: float, window: int) -> dict[str, Any]:
@@ -290,7 +308,8 @@ def small_batch_reading(*, batch_sizes: Sequence[int], reference_batch: int,
         "unclear": f" The statistics of {small} examples normalize about as well as the running averages here, "
                    "so the small-batch noise that drives the paper's effect is small on this data."})
     if found != SUPPORTED or size == "direction":
-        text += (" Why the paper's effect is larger than this run's is not tested here; one hypothesis is "
-                 "depth (the paper's ResNet-50 stacks about 50 normalized layers on 1000 classes, this CNN has "
-                 f"{conv_layers} normalized conv layers on {num_classes} classes).")
+        text += (" Why the paper's effect is larger than this run's is not decided here: the paper's ResNet-50 "
+                 f"stacks about 50 normalized layers on 1000 classes, this CNN {conv_layers} normalized conv "
+                 f"layers on {num_classes} classes. The `normalization-depth` experiment tests depth as the "
+                 "cause (5 to 53 normalized layers in full mode); its verdict is in its own section.")
     return text
