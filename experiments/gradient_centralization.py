@@ -518,7 +518,9 @@ def _rate_reading(speed: list[dict]) -> str:
         "kept": f"{chose}; in all {len(faster_own)} where it was faster at its own rate (two standard errors, "
                 "steps to target), it is faster at plain's rate too: the speed is GC's, not its rate's.",
         "lost": f"{chose}; in the {len(faster_own)} where it was faster at its own rate (two standard errors, "
-                "steps to target), it is not faster at plain's rate: that speed came with its rate.",
+                "steps to target), it is not shown faster at plain's rate (there: "
+                f"{', '.join(s['common_rate_steps']['verdict'] for s in faster_own)}): the speed is not shown "
+                "without its rate.",
         "partly": f"{chose}; of the {len(faster_own)} where it was faster at its own rate (two standard "
                   f"errors, steps to target), {kept} stay faster at plain's rate."})
 

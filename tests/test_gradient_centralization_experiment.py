@@ -90,7 +90,7 @@ def test_a_speed_up_that_comes_with_a_larger_rate_is_not_credited_to_gc(ctx):
     assert speed["common_rate_steps"]["difference"] == pytest.approx(0.0)
     assert speed["common_rate_steps"]["verdict"] == "unclear"  # the verdict comes from the common rate
     assert speed["common_rate_accuracy"]["verdict"] == "unclear"
-    lost = "it is not faster at plain's rate: that speed came with its rate"
+    lost = "it is not shown faster at plain's rate (there: unclear): the speed is not shown without its rate"
     assert "at its own rate it was not faster" in gc_exp._rate_reading([speed])  # the seed that never reached
     own_rates = dict(speed["own_rates"], steps_difference=49.75, steps_standard_error=0.5)
     faster_own = dict(speed, own_rates=own_rates)
