@@ -246,10 +246,6 @@ def _curves_figure(ctx: RunContext, config: Mapping[str, Any], histories: Mappin
     return ctx.save_figure(fig, "training_curves.png")
 
 
-def _pct(stats: dict) -> str:
-    return f"{100 * stats['mean']:.1f} ± {100 * stats['std']:.1f}"
-
-
 def _summary(ctx: RunContext, cfg: Config, rows: list[dict], descriptions: dict[str, str],
              figures: Sequence[str]) -> str:
     # The runner puts the quick/full line under this heading (jaxopt_lab.lab.experiment).
@@ -274,7 +270,7 @@ def _summary(ctx: RunContext, cfg: Config, rows: list[dict], descriptions: dict[
         paper = f"{100 * r['paper_accuracy']:.0f}" if has_paper else ""
         gap = f"{verdicts['gap_points_' + r['model']]:+.1f}" if has_paper else ""
         diverged = sum(d is not None for d in r["diverged"])
-        accuracy = _pct(r["test_accuracy"]) + (f" ({diverged} diverged)" if diverged else "")
+        accuracy = training.pct(r["test_accuracy"]) + (f" ({diverged} diverged)" if diverged else "")
         loss = r["final_train_loss"]["mean"]
         rate = f"{r['learning_rate']:g}" + (f" ({r['rate_at_edge']} tried)" if r.get("rate_at_edge") else "")
         lines.append(f"| {r['dataset']} | {r['model']} | {rate} | {accuracy} | {paper} | {gap} "
@@ -286,7 +282,7 @@ def _summary(ctx: RunContext, cfg: Config, rows: list[dict], descriptions: dict[
             cnn, mlp = _row(rows, dataset, "CNN"), _row(rows, dataset, "MLP")
             assert cnn is not None and mlp is not None
             lines.append(f"- No-norm CNN ≥ MLP on {dataset}: {'yes' if verdicts[key] else 'no'} "
-                         f"({_pct(cnn['test_accuracy'])} vs {_pct(mlp['test_accuracy'])}).")
+                         f"({training.pct(cnn['test_accuracy'])} vs {training.pct(mlp['test_accuracy'])}).")
     close = [r["model"] for r in rows if r["paper_accuracy"] is not None
              and abs(verdicts[f"gap_points_{r['model']}"]) <= TOLERANCE_POINTS]
     far = [f"{r['model']} ({verdicts['gap_points_' + r['model']]:+.1f})" for r in rows

@@ -375,10 +375,6 @@ def _drift_figure(ctx, config, rows, model_names) -> str:
     return ctx.save_figure(fig, "weight_mean_drift.png")
 
 
-def _fmt(r: dict) -> str:
-    return f"{100 * r['mean']:.1f} ± {100 * r['std']:.1f}"
-
-
 def _schedule_words(cfg: Config) -> str:
     words = {"constant": "a constant rate", "cosine": "the rate cosine-decayed to 0 over the budget",
              "step": f"the rate divided by 10 at {', '.join(f'{f:.0%}' for f in STEP_DECAY_AT)} of the budget"}
@@ -426,7 +422,7 @@ def _summary(ctx, cfg, ds, rows, accuracy, speed, figures) -> str:
                  else f"{r['steps_to_target_mean']:.0f} ({reached}/{total})")
         loss = r["final_train_loss"]
         lines.append(f"| {r['model']} | {r['optimizer']} | {r['variant']} | {_rate(r)} | "
-                     f"{_fmt(r['test_accuracy'])} | {loss['mean']:.3f} ± {loss['std']:.3f} | "
+                     f"{training.pct(r['test_accuracy'])} | {loss['mean']:.3f} ± {loss['std']:.3f} | "
                      f"{training.Flatness(**r['flattened']).describe()} | {steps} | "
                      f"{r['max_weight_mean_drift']:.1e} |")
     lines += ["", "**Generalization** (GC improves test accuracy): GC (ours) minus plain, each at its best "
@@ -461,7 +457,7 @@ def _accuracy_table(by: Mapping[tuple[str, str, str], dict], accuracy: list[dict
              "| verdict |", "|---|---|---|---|---|---|---|"]
     for v in accuracy:
         plain, gc = (by[v["model"], v["optimizer"], variant]["test_accuracy"] for variant in (PLAIN, GC))
-        lines.append(f"| {v['model']} | {v['optimizer']} | {_fmt(plain)} | {_fmt(gc)} | "
+        lines.append(f"| {v['model']} | {v['optimizer']} | {training.pct(plain)} | {training.pct(gc)} | "
                      f"{100 * v['difference']:+.1f} ± {100 * v['standard_error']:.1f} | {_sets(v)} | "
                      f"{v['shown_verdict']} |")
     return lines

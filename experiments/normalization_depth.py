@@ -32,9 +32,10 @@ import optax
 from jaxopt_lab.lab import data, models, norm_claims, training
 from jaxopt_lab.lab.diagnostics import NOT_LEARNED, bn_statistics_gap, learned
 from jaxopt_lab.lab.experiment import Experiment, RunContext, check_modes, check_training_config
-from jaxopt_lab.lab.norm_claims import PAPER_ERROR, pct
+from jaxopt_lab.lab.norm_claims import PAPER_ERROR
 from jaxopt_lab.lab.plotting import new_figure
 from jaxopt_lab.lab.runner import main_for
+from jaxopt_lab.lab.training import pct
 from jaxopt_lab.lab.verdicts import NOT_SUPPORTED, SUPPORTED, UNCLEAR, UNSTABLE, judge, reading
 
 NAME = "normalization-depth"

@@ -17,7 +17,7 @@ the ones experiments use (it re-exports the public names of this module).
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any, NamedTuple
 
 import flax.linen as nn
@@ -45,6 +45,7 @@ __all__ = [
     "initial_variables",
     "make_train_step",
     "mean_std",
+    "pct",
     "train_step",
 ]
 
@@ -267,6 +268,11 @@ def mean_std(values: Any) -> dict[str, Any]:
     values = np.asarray(values, dtype=np.float64).ravel()
     std = float(values.std(ddof=1)) if values.size > 1 else 0.0
     return {"mean": float(values.mean()), "std": std, "values": values.tolist()}
+
+
+def pct(stats: Mapping[str, Any]) -> str:
+    """``99.1 ± 0.3``: a :func:`mean_std` of accuracies (fractions) in percent."""
+    return f"{100 * stats['mean']:.1f} ± {100 * stats['std']:.1f}"
 
 
 

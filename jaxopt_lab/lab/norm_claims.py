@@ -38,6 +38,7 @@ import numpy as np
 
 from jaxopt_lab.lab import diagnostics, training
 from jaxopt_lab.lab.diagnostics import NOT_LEARNED, learned
+from jaxopt_lab.lab.training import pct
 from jaxopt_lab.lab.verdicts import SUPPORTED, UNSTABLE, judge, reading, verdict
 
 __all__ = ["PAPER_ERROR", "claims", "claims_table", "judged", "pct", "per_batch", "per_batch_table", "record",
@@ -49,11 +50,6 @@ PAPER_ERROR = {"batch": {32: 23.6, 16: 23.7, 8: 24.8, 4: 27.3, 2: 34.7},
                "group": {32: 24.1, 16: 24.2, 8: 24.0, 4: 24.2, 2: 24.1},
                "layer": {32: 25.3}, "instance": {32: 28.4}}
 SHORT = {"none": "no norm", "batch": "BN", "layer": "LN", "instance": "IN", "group": "GN"}
-
-
-def pct(x: Mapping[str, Any]) -> str:
-    """``99.1 ± 0.3``: a per-seed accuracy summary in percent."""
-    return f"{100 * x['mean']:.1f} ± {100 * x['std']:.1f}"
 
 
 def judged(claim: str, test: str, pairs: Sequence[tuple[Mapping[str, Any], Mapping[str, Any]]], *,
