@@ -490,7 +490,7 @@ def _summary(cfg, ds, rows, chosen, floor_table, timing, timing_model, device, t
         flat_text = training.Flatness(**flat).describe()
         lines.append(f"| {r['model']} | {r['variant']} | {np.median(d['values']):.1e} ({max(d['values']):.1e}) "
                      f"| {r['relative_l2_diff_to_a']['mean']:.1e} "
-                     f"| {100 * a['mean']:.1f} ± {100 * a['std']:.1f} "
+                     f"| {training.pct(a)} "
                      f"| {loss['mean']:.3f} ± {loss['std']:.3f} | {flat_text} |")
     cell = lambda j: f"{j['geometric_mean']:.1e} ({_ratio(j)}, {j['outcome']})"
     lines += ["", rule, ""]

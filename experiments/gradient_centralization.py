@@ -266,7 +266,6 @@ def _train_job(cfg: Config, ds: data.Dataset, seeds: list[int], model: Any, job:
     end_means = per_output_means(result.state.params)
     drift = {layer: float(np.abs(end_means[layer] - start_means[layer]).mean()) for layer in end_means}
     reached = diagnostics.steps_to_target(step_loss, cfg.loss_target, cfg.smoothing_steps)
-    hits = [r for r in reached if r is not None]
     early = int(np.flatnonzero(np.asarray(result.history.steps)[0] == cfg.speed_steps)[0])
     row = {"model": model_name, "optimizer": opt_name, "variant": variant,
            "learning_rate": search.learning_rate, "at_edge": None if fixed_rate is not None else search.at_edge,
@@ -276,7 +275,6 @@ def _train_job(cfg: Config, ds: data.Dataset, seeds: list[int], model: Any, job:
            "final_train_loss": training.mean_std(np.asarray(result.history.train_loss)[:, -1]),
            "flattened": dataclasses.asdict(training.loss_flattened(step_loss)),
            "steps_to_target": reached,
-           "steps_to_target_mean": float(np.mean(hits)) if hits else None,
            "diverged": training.diverged_at(step_loss),
            "weight_mean_drift": drift,
            "max_weight_mean_drift": max(drift.values())}
@@ -417,9 +415,8 @@ def _summary(ctx, cfg, ds, rows, accuracy, speed, figures) -> str:
              "| model | optimizer | variant | rate | test accuracy (%) | final train loss | flattened "
              "| steps to target | weight-mean drift |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
-        reached = sum(s is not None for s in r["steps_to_target"])
-        steps = (f"not reached (0/{total})" if r["steps_to_target_mean"] is None
-                 else f"{r['steps_to_target_mean']:.0f} ({reached}/{total})")
+        hits = [s for s in r["steps_to_target"] if s is not None]
+        steps = f"{np.mean(hits):.0f} ({len(hits)}/{total})" if hits else f"not reached (0/{total})"
         loss = r["final_train_loss"]
         lines.append(f"| {r['model']} | {r['optimizer']} | {r['variant']} | {_rate(r)} | "
                      f"{training.pct(r['test_accuracy'])} | {loss['mean']:.3f} ± {loss['std']:.3f} | "
