@@ -30,7 +30,7 @@ def _metrics(out: Path) -> dict:
 
 
 @pytest.mark.slow_e2e
-def test_sigint_then_resume_ends_with_the_numbers_of_a_clean_run(tmp_path, capsys):
+def test_sigint_then_resume_equals_a_clean_run_whose_overrides_are_recorded(tmp_path, capsys):
     out = tmp_path / "interrupted"
     resume_dir = out / checkpoints.RESUME_DIR / "normalization"
     env = {k: v for k, v in os.environ.items() if k != cli.DEBUG_ENV}
@@ -66,6 +66,22 @@ def test_sigint_then_resume_ends_with_the_numbers_of_a_clean_run(tmp_path, capsy
     with np.load(out / "normalization" / "histories.npz") as a, np.load(clean / "normalization" /
                                                                           "histories.npz") as b:
         assert a.files == b.files and all(np.array_equal(a[k], b[k], equal_nan=True) for k in a.files)
+    _check_overrides_are_recorded_and_plot_redraws_without_training(clean)
+
+
+def _check_overrides_are_recorded_and_plot_redraws_without_training(out: Path) -> None:
+    # Checked on the clean run above rather than on a run of its own: one compile-bound run less.
+    meta = _metrics(out)
+    assert meta["overrides"] == [a for a in TINY if a != "--set"]
+    assert meta["config"]["steps"] == 20 and meta["config"]["seeds"] == 1
+    summary = (out / "normalization" / "summary.md").read_text()
+    assert "--set steps=20 --set batch_sizes=32" in summary  # the reproduce line
+    with np.load(out / "normalization" / "histories.npz") as h:
+        assert h["cnn/batch/b32/step_loss"].shape == (2, 20) and h["cnn/batch/b32/test_accuracy"].shape[0] == 2
+    for figure in meta["figures"]:
+        (out / "normalization" / figure).unlink()
+    assert cli.main(["plot", "normalization", "--out", str(out)]) == 0
+    assert sorted(p.name for p in (out / "normalization").glob("*.png")) == sorted(meta["figures"])
 
 
 def test_a_run_without_resume_starts_fresh(tmp_path):
@@ -83,23 +99,6 @@ def test_a_checkpoint_is_reused_only_when_its_key_matches(tmp_path):
         assert again.cached("a", key, lambda: {"v": 2}) == {"v": 2} and again.reused == 0
     same = checkpoints.Checkpoints(tmp_path / "x", resume=True, run_key={"seed": 0})
     assert same.cached("a", {"lr": 0.1}, lambda: {"v": 3}) == {"v": 1} and same.reused == 1
-
-
-@pytest.mark.slow_e2e
-def test_set_overrides_are_recorded_and_plot_redraws_without_training(tmp_path):
-    out = tmp_path / "out"
-    assert cli.main([*RUN, "--out", str(out)]) == 0
-    meta = _metrics(out)
-    assert meta["overrides"] == [a for a in TINY if a != "--set"]
-    assert meta["config"]["steps"] == 20 and meta["config"]["seeds"] == 1
-    summary = (out / "normalization" / "summary.md").read_text()
-    assert "--set steps=20 --set batch_sizes=32" in summary  # the reproduce line
-    with np.load(out / "normalization" / "histories.npz") as h:
-        assert h["cnn/batch/b32/step_loss"].shape == (2, 20) and h["cnn/batch/b32/test_accuracy"].shape[0] == 2
-    for figure in meta["figures"]:
-        (out / "normalization" / figure).unlink()
-    assert cli.main(["plot", "normalization", "--out", str(out)]) == 0
-    assert sorted(p.name for p in (out / "normalization").glob("*.png")) == sorted(meta["figures"])
 
 
 @pytest.mark.parametrize("argv, expected", [
@@ -125,3 +124,6 @@ def test_config_prints_the_resolved_config(capsys):
     assert shown["config"]["seeds"] == 1 and shown["config"]["steps"] == 40
     quick = available_experiments()["normalization"].config.for_mode(True)
     assert shown["config"]["batch_sizes"] == list(quick.batch_sizes)
+    # An empty value is the empty tuple: no GRU.
+    assert cli.main(["config", "normalization", "--quick", "--set", "rnn_batch_sizes="]) == 0
+    assert json.loads(capsys.readouterr().out)["config"]["rnn_batch_sizes"] == []

@@ -2,7 +2,8 @@
 
 A value is parsed by the field's annotated type: ``int``, ``float``, ``bool``, ``str``, ``X | None``
 (``none``), and tuples of those written with commas (``batch_sizes=2,4,8``; one element: ``seeds=3`` for an
-int, ``learning_rates=1e-3,`` for a tuple). Fields of other types (nested configs) cannot be set here.
+int, ``learning_rates=1e-3,`` for a tuple; no element: ``rnn_batch_sizes=``). Fields of other types (nested
+configs) cannot be set here.
 
 >>> import dataclasses
 >>> @dataclasses.dataclass(frozen=True)
@@ -50,6 +51,8 @@ def parse_value(text: str, hint: Any) -> Any:
 
     >>> parse_value("2,4,8", tuple[int, ...]), parse_value("none", int | None), parse_value("3e-4", float)
     ((2, 4, 8), None, 0.0003)
+    >>> parse_value("", tuple[int, ...]), parse_value("4,", tuple[int, ...])
+    ((), (4,))
     """
     origin, args = typing.get_origin(hint), typing.get_args(hint)
     if origin in (typing.Union, types.UnionType):
@@ -65,6 +68,8 @@ def parse_value(text: str, hint: Any) -> Any:
         parts = [p.strip() for p in text.split(",")]
         parts = parts[:-1] if len(parts) > 1 and parts[-1] == "" else parts
         if len(args) == 2 and args[1] is Ellipsis:
+            if parts == [""]:  # `KEY=`: the empty tuple (e.g. `rnn_batch_sizes=`: no GRU)
+                return ()
             return tuple(parse_value(p, args[0]) for p in parts)
         if len(parts) != len(args):
             raise ValueError(f"expected {len(args)} comma-separated values")
