@@ -275,7 +275,6 @@ def pct(stats: Mapping[str, Any]) -> str:
     return f"{100 * stats['mean']:.1f} ± {100 * stats['std']:.1f}"
 
 
-
 def _step_budget(owner: str, epochs: int | None, steps: int | None, eval_every: int | None,
                  steps_per_epoch: int) -> tuple[int, int]:
     """``(total steps, steps between evaluations)`` from exactly one of ``epochs``/``steps``.

@@ -41,7 +41,7 @@ from jaxopt_lab.lab.diagnostics import NOT_LEARNED, learned
 from jaxopt_lab.lab.training import pct
 from jaxopt_lab.lab.verdicts import SUPPORTED, UNSTABLE, judge, reading, verdict
 
-__all__ = ["PAPER_ERROR", "claims", "claims_table", "judged", "pct", "per_batch", "per_batch_table", "record",
+__all__ = ["PAPER_ERROR", "claims", "claims_table", "judged", "per_batch", "per_batch_table", "record",
            "small_batch_reading", "speed_comparisons", "speed_table", "steps_record"]
 
 # Wu & He, "Group Normalization", ECCV 2018, Figure 1 / Table 2-3: ResNet-50 ImageNet validation error (%)

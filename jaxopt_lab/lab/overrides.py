@@ -66,10 +66,8 @@ def parse_value(text: str, hint: Any) -> Any:
         raise ValueError(f"expected {_type_name(hint)}")
     if origin is tuple:
         parts = [p.strip() for p in text.split(",")]
-        parts = parts[:-1] if len(parts) > 1 and parts[-1] == "" else parts
+        parts = parts[:-1] if parts[-1] == "" else parts  # a trailing comma (`4,`) or nothing at all (``)
         if len(args) == 2 and args[1] is Ellipsis:
-            if parts == [""]:  # `KEY=`: the empty tuple (e.g. `rnn_batch_sizes=`: no GRU)
-                return ()
             return tuple(parse_value(p, args[0]) for p in parts)
         if len(parts) != len(args):
             raise ValueError(f"expected {len(args)} comma-separated values")
