@@ -234,6 +234,7 @@ def run(ctx: RunContext) -> None:
              for land, by_opt in runs.items()}
     verdicts = _verdicts(cfg, table, runs)
     verdicts["claim1_shown_verdict"] = ctx.verdict(verdicts["claim1_verdict"])
+    verdicts["claim2_shown_verdict"] = ctx.verdict(verdicts["claim2_verdict"])
     ctx.set_metrics(dataclasses.asdict(cfg) | {"starts": STARTS, "seeds": seeds},
                     {"escape": table, "data_sets": data_sets, "verdicts": verdicts})
     ctx.save_histories(_histories(cfg, runs))
@@ -388,6 +389,28 @@ CLAIM1_VERDICTS = {SUPPORTED: SUPPORTED, NOT_SUPPORTED: NOT_SUPPORTED, UNCLEAR: 
                    NO_RUN_ESCAPED: NOT_SUPPORTED}
 
 
+PARTLY_SUPPORTED = "partly supported"
+
+
+def claim2_verdict(speedups: Mapping[str, Mapping[str, float | None]]) -> str:
+    """Claim 2's label from each landscape's noise-free steps of every other method over Adam's (None: one
+    of the two never escaped): supported when Adam escapes and beats every other method everywhere, not
+    supported when it beats GD nowhere, partly supported in between.
+
+    >>> claim2_verdict({"a": {"sgd": 5.6, "rmsprop": 1.1}, "b": {"sgd": 1.4, "rmsprop": 2.0}})
+    'supported'
+    >>> claim2_verdict({"a": {"sgd": 5.6, "rmsprop": 0.9}, "b": {"sgd": None, "rmsprop": None}})
+    'partly supported'
+    >>> claim2_verdict({"a": {"sgd": 0.8, "rmsprop": 0.9}, "b": {"sgd": None, "rmsprop": None}})
+    'not supported'
+    """
+    if all(r is not None and r > 1 for by in speedups.values() for r in by.values()):
+        return SUPPORTED
+    if not any(by["sgd"] is not None and by["sgd"] > 1 for by in speedups.values()):
+        return NOT_SUPPORTED
+    return PARTLY_SUPPORTED
+
+
 def _verdicts(cfg: Config, table: dict, runs: dict[str, dict[str, dict[str, _Runs]]]) -> dict:
     columns = {kind: label for kind, (label, _) in noise_labels(dataclasses.asdict(cfg)).items()}
     claim1: dict[str, dict] = {}
@@ -419,7 +442,8 @@ def _verdicts(cfg: Config, table: dict, runs: dict[str, dict[str, dict[str, _Run
             "claim1_sgd_outcome_against_no_noise": outcomes,
             "claim1_verdict": CLAIM1_VERDICTS[outcomes[REAL_MODEL]["mini-batch"]],
             "claim1_isotropic_escaped_in_under_half": slow_with_noise,
-            "claim2_adam": claim2, "claim2_steps_of_other_over_adam_without_noise": speedups}
+            "claim2_adam": claim2, "claim2_steps_of_other_over_adam_without_noise": speedups,
+            "claim2_verdict": claim2_verdict(speedups)}
 
 
 def _claim2_reading(ratios: dict, steps: dict) -> str:
@@ -540,9 +564,10 @@ def _summary(cfg: Config, table: dict, data_sets: dict, verdicts: dict) -> str:
     beats_all = [SADDLES[land].formula for land, by in ratios.items()
                  if all(r is not None and r > 1 for r in by.values())]
     adam_never = [SADDLES[land].formula for land, by in c2.items() if by["adam"]["none"] is None]
-    claim2_verdict = (f"partly supported: Adam beats GD on {', '.join(beats_gd) or 'no landscape'}, beats every"
-                      f" other method on {', '.join(beats_all) or 'no landscape'}"
-                      + (f", and never escapes noise-free on {', '.join(adam_never)}" if adam_never else ""))
+    claim2_line = (f"{verdicts['claim2_shown_verdict']}: Adam beats GD on "
+                   f"{', '.join(beats_gd) or 'no landscape'}, beats every other method on "
+                   f"{', '.join(beats_all) or 'no landscape'}"
+                   + (f", and never escapes noise-free on {', '.join(adam_never)}" if adam_never else ""))
     claim2_reading = _claim2_reading(ratios, c2)
     outcomes = verdicts["claim1_sgd_outcome_against_no_noise"]
     c1_lines = "\n".join(
@@ -612,7 +637,7 @@ Verdict (real mini-batch noise on {SADDLES[REAL_MODEL].formula}, the one landsca
 Steps of each optimizer / steps of Adam, no noise (> 1: Adam is faster; "–": one of them never escaped):
 {c2_ratio_lines}
 
-Verdict: **{claim2_verdict}**.{claim2_reading}
+Verdict: **{claim2_line}**.{claim2_reading}
 
 ![trajectories on contour plots](saddle_trajectories.png)
 

@@ -116,6 +116,11 @@ def test_saddle_points(tmp_path):
     assert verdicts["claim1_sgd_outcome_against_no_noise"]["two_weight_net"] == {
         "isotropic": "supported", "mini-batch": "no run escaped"}
     assert verdicts["claim1_shown_verdict"] == "not supported (quick: not conclusive)"
+    # Claim 2's label follows from the escape-step ratios: Adam beats GD on two landscapes, RMSprop on none.
+    ratios = verdicts["claim2_steps_of_other_over_adam_without_noise"]
+    assert ratios["hyperbolic"]["sgd"] > 1 and ratios["hyperbolic"]["rmsprop"] < 1
+    assert verdicts["claim2_shown_verdict"] == "partly supported (quick: not conclusive)"
+    assert "Verdict: **partly supported (quick: not conclusive): Adam beats GD on x^2 - y^2" in summary
     noise = meta["metrics"]["data_sets"]["two_weight_net"]["gradient_noise_std"]["mini-batch"]
     assert noise["unstable"] == 0.0 < noise["stable"]
     assert "Claim 1" in summary and "Claim 2" in summary and "Escape criterion" in summary

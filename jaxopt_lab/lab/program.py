@@ -22,7 +22,8 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
-__all__ = ["DEBUG_ENV", "Interrupted", "Parser", "UsageError", "add_debug", "run_program", "user_path_error"]
+__all__ = ["DEBUG_ENV", "Interrupted", "Parser", "UsageError", "add_debug", "caused_by_interrupt",
+           "run_program", "user_path_error"]
 
 DEBUG_ENV = "JAXOPT_LAB_DEBUG"  # set to anything but "" or "0": tracebacks for usage errors and Ctrl-C
 
@@ -33,6 +34,22 @@ class UsageError(Exception):
 
 class Interrupted(KeyboardInterrupt):
     """Ctrl-C during ``run``, carrying the one line that says what finished and what did not."""
+
+
+def caused_by_interrupt(err: BaseException | None) -> bool:
+    """Whether ``err`` is Ctrl-C's ``KeyboardInterrupt`` or was raised from or while handling one.
+
+    Library code may wrap whatever it catches: JAX turns an exception raised while it compares pytree
+    metadata into a ``ValueError`` (``raise ... from``), so a Ctrl-C that lands there reaches us as one.
+    """
+    seen: set[int] = set()
+    current: BaseException | None = err
+    while current is not None and id(current) not in seen:
+        if isinstance(current, KeyboardInterrupt):
+            return True
+        seen.add(id(current))
+        current = current.__cause__ or current.__context__
+    return False
 
 
 class Parser(argparse.ArgumentParser):
@@ -77,31 +94,57 @@ def _one_line_warnings(prog: str) -> Iterator[None]:
         yield
 
 
-@contextlib.contextmanager
-def _interrupts_not_swallowed() -> Iterator[None]:
-    """Makes Ctrl-C interrupt even when it lands in a garbage-collector callback.
+REDELIVER_S = 0.1  # after a Ctrl-C, how often the main thread is interrupted again until the program ends
 
-    Python runs a signal's handler at the next bytecode, which may belong to a ``gc.callbacks`` function
-    (JAX registers one); an exception raised there is "ignored" (printed and dropped), so the
-    ``KeyboardInterrupt`` would be lost and the run would go on. Such a drop reaches
-    ``sys.unraisablehook``, which interrupts the main thread again a moment later, once the callback
-    is over (from a timer thread: raising the signal at once would land in the hook itself).
+
+@contextlib.contextmanager
+def _interrupts_delivered() -> Iterator[None]:
+    """Makes one Ctrl-C end the program even where library code swallows its ``KeyboardInterrupt``.
+
+    Python raises a signal's ``KeyboardInterrupt`` at the next bytecode, wherever that is: inside a bare
+    ``except:`` of library code (JAX's shape helpers have several, and tracing calls them all the time),
+    or in a ``gc.callbacks`` function, where it is printed as "ignored" and dropped. Either way the run
+    would go on. So after a Ctrl-C the main thread is interrupted again every :data:`REDELIVER_S`
+    seconds until the program ends. A repeat that finds a ``KeyboardInterrupt`` being handled (in an
+    ``except`` or ``finally`` block, wrapped or not) does nothing: clean-up runs undisturbed. A dropped
+    one is not printed; the next repeat delivers it.
     """
-    previous = sys.unraisablehook
+    # Only the main thread gets signals; a SIGINT ignored (a background job) or handled elsewhere is left so.
+    if (threading.current_thread() is not threading.main_thread()
+            or signal.getsignal(signal.SIGINT) is not signal.default_int_handler):
+        yield
+        return
+    over = threading.Event()
+    repeater: list[threading.Thread] = []
+
+    def repeat() -> None:
+        while not over.wait(REDELIVER_S):
+            _thread.interrupt_main(signal.SIGINT)
+
+    def on_sigint(signum: int, frame: Any) -> None:
+        if over.is_set() or caused_by_interrupt(sys.exception()):
+            return
+        if not repeater:
+            repeater.append(threading.Thread(target=repeat, name="jaxopt-lab-ctrl-c", daemon=True))
+            repeater[0].start()
+        raise KeyboardInterrupt
 
     def hook(unraisable: Any) -> None:
-        if isinstance(unraisable.exc_type, type) and issubclass(unraisable.exc_type, KeyboardInterrupt):
-            retry = threading.Timer(0.01, _thread.interrupt_main, args=(signal.SIGINT,))
-            retry.daemon = True
-            retry.start()
-        else:
-            previous(unraisable)
+        if not (isinstance(unraisable.exc_type, type) and issubclass(unraisable.exc_type, KeyboardInterrupt)):
+            previous_hook(unraisable)
 
+    previous_hook = sys.unraisablehook
+    signal.signal(signal.SIGINT, on_sigint)
     sys.unraisablehook = hook
     try:
         yield
     finally:
-        sys.unraisablehook = previous
+        over.set()
+        for thread in repeater:
+            thread.join()
+        # signal.signal runs a repeat still pending (ignored: `over` is set) before it swaps the handler.
+        signal.signal(signal.SIGINT, signal.default_int_handler)
+        sys.unraisablehook = previous_hook
 
 
 def _exit_now(status: int) -> NoReturn:
@@ -118,7 +161,8 @@ def run_program(build_parser: Callable[[], argparse.ArgumentParser],
     """Parses ``argv`` (default ``sys.argv[1:]``) with ``build_parser()``, runs ``dispatch(parser, args)``
     and returns its exit status.
 
-    Returns 0 on success and 130 after Ctrl-C (one line on stderr). A usage error prints one line on
+    Returns 0 on success and 130 after Ctrl-C (one line on stderr), also when library code wrapped its
+    ``KeyboardInterrupt`` in another exception (:func:`caused_by_interrupt`). A usage error prints one line on
     stderr and raises ``SystemExit(2)``, as argparse does for a bad flag. With ``--debug`` or
     ``JAXOPT_LAB_DEBUG=1``, usage errors and Ctrl-C show their traceback instead.
 
@@ -132,7 +176,7 @@ def run_program(build_parser: Callable[[], argparse.ArgumentParser],
     argv = sys.argv[1:] if argv is None else list(argv)
     debug = "--debug" in argv or os.environ.get(DEBUG_ENV, "") not in ("", "0")
     prog, args = "jaxopt-lab", argparse.Namespace()
-    with _interrupts_not_swallowed():
+    with _interrupts_delivered():
         try:
             parser = build_parser()
             args = parser.parse_args(argv)
@@ -141,25 +185,22 @@ def run_program(build_parser: Callable[[], argparse.ArgumentParser],
             prog = parser.prog if command is None else f"{parser.prog} {command}"
             with contextlib.nullcontext() if debug else _one_line_warnings(prog):
                 return dispatch(parser, args)
-        except UsageError as err:
-            if debug:
-                raise
-            print(f"{prog}: error: {err}", file=sys.stderr, flush=True)
-            raise SystemExit(2) from None
-        except OSError as err:
-            line = user_path_error(err, args)
+        except BaseException as err:
+            # Ctrl-C comes first: a usage or OS error raised from it (library code wraps) is still Ctrl-C.
+            if caused_by_interrupt(err):
+                if debug and not exit_on_interrupt:
+                    raise
+                if debug:
+                    traceback.print_exc()
+                else:
+                    print(f"{prog}: {err if isinstance(err, Interrupted) else 'interrupted'}", file=sys.stderr,
+                          flush=True)
+                if exit_on_interrupt:
+                    _exit_now(130)
+                return 130
+            line = (str(err) if isinstance(err, UsageError)
+                    else user_path_error(err, args) if isinstance(err, OSError) else None)
             if debug or line is None:
-                raise
+                raise  # a bug, or --debug: the traceback
             print(f"{prog}: error: {line}", file=sys.stderr, flush=True)
             raise SystemExit(2) from None
-        except KeyboardInterrupt as err:
-            if debug and not exit_on_interrupt:
-                raise
-            if debug:
-                traceback.print_exc()
-            else:
-                print(f"{prog}: {err if isinstance(err, Interrupted) else 'interrupted'}", file=sys.stderr,
-                      flush=True)
-            if exit_on_interrupt:
-                _exit_now(130)
-            return 130

@@ -21,7 +21,7 @@ from jaxopt_lab.lab.checkpoints import RESUME_DIR, Checkpoints
 from jaxopt_lab.lab.data import BUILTIN_DATASETS, load_dataset
 from jaxopt_lab.lab.experiment import HISTORIES_FILE, Experiment, RunContext, environment, with_mode_line
 from jaxopt_lab.lab.flags import DATA_PARALLEL_MODES, add_run_arguments
-from jaxopt_lab.lab.program import Interrupted, Parser, UsageError, add_debug, run_program
+from jaxopt_lab.lab.program import Interrupted, Parser, UsageError, add_debug, caused_by_interrupt, run_program
 from jaxopt_lab.lab.report import write_report
 
 __all__ = ["check_overrides", "main_for", "replot", "run_experiment", "run_experiments", "writable_folder"]
@@ -197,7 +197,9 @@ def run_experiments(experiments: Sequence[Experiment], args: argparse.Namespace)
             print(f"[jaxopt-lab] {experiment.name}: done in {elapsed:.1f} s -> {args.out / experiment.name}/",
                   flush=True)
         report = write_report(args.out)
-    except KeyboardInterrupt as err:
+    except BaseException as err:
+        if not caused_by_interrupt(err):
+            raise
         pending = names[len(finished) + (current is not None):]
         raise Interrupted(_interrupted_line(args.out, finished, current, pending)) from err
     print(f"[jaxopt-lab] report: {report}", flush=True)
