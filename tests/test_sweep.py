@@ -67,6 +67,18 @@ def test_chunks_and_early_exit_do_not_change_the_result():
     assert all(whole.reached) and sum(done) < cfg.steps + 1  # stopped before the step limit
 
 
+def test_chunks_that_do_not_divide_the_steps_run_one_program_and_drop_the_overrun():
+    specs = sweep.grid([0.05, 0.2], seeds=[0, 1], init_params=jnp.ones(3))
+    cfg = SweepConfig(steps=100, divergence_bound=1e6, record_params=True)  # a config no other test compiles
+    whole = sweep.run_sweep(quadratic, "adam", specs, config=cfg)["adam"]
+    compiled, done = sweep._advance_all._cache_size(), []
+    chunked = sweep.run_sweep(quadratic, "adam", specs, config=cfg, chunk_size=30, progress=done.append)
+    assert sweep._advance_all._cache_size() == compiled + 1  # 101 steps as 4 chunks of 26 (the last: 23)
+    assert done == [26, 26, 26, 23]
+    chex.assert_trees_all_close(whole, chunked["adam"])
+    assert chunked["adam"].losses.shape == (4, 101) and (chunked["adam"].stop_step == 100).all()
+
+
 def test_stop_mask_freezes_a_run_at_its_target():
     # GD on sum(w^2): w_t = (1 - 2 lr)^t w_0, so loss_t = 3 (1 - 2 lr)^(2t); target 1e-3 at the first t with
     # 3 (1 - 2 lr)^(2t) < 1e-3.

@@ -385,8 +385,9 @@ def run_sweep(loss_fn: LossFn, optimizers: str | Sequence[str], specs: RunSpec, 
       specs: the batched runs, e.g. from :func:`grid`.
       data: a pytree of arrays with a shared leading examples axis, or ``None``.
       config: a :class:`SweepConfig` (default: 1000 steps, no target).
-      chunk_size: steps per compiled chunk (default: all at once). Chunks let ``progress`` advance and stop
-        early once every run has stopped; results do not depend on it.
+      chunk_size: at most this many steps per chunk (default: all at once), evened out so that every chunk
+        runs the same compiled program. Chunks let ``progress`` advance and stop early once every run has
+        stopped; results do not depend on them.
       progress: called with the number of steps done after each chunk (e.g. a tqdm bar's ``update``).
 
     Returns:
@@ -399,6 +400,11 @@ def run_sweep(loss_fn: LossFn, optimizers: str | Sequence[str], specs: RunSpec, 
     chunk = total if chunk_size is None else int(chunk_size)
     if chunk < 1:
         raise ValueError(f"run_sweep: chunk_size must be a positive int, got {chunk_size!r}")
+    # Equal chunks, so one compiled program: the last one runs past step T, where every run has stopped
+    # (its carry frozen, its records NaN), and those records are dropped. Evening the chunks out keeps
+    # that overrun below one step per chunk.
+    num_chunks = -(-total // chunk)
+    chunk = -(-total // num_chunks)
     carries = _init_all(loss_fn, names, config, specs)
     noisy = _has_noise(specs)
     pieces: dict[str, list] = {name: [] for name in names}
@@ -406,9 +412,9 @@ def run_sweep(loss_fn: LossFn, optimizers: str | Sequence[str], specs: RunSpec, 
     while done < total:
         n = min(chunk, total - done)
         carries, records = _advance_all(loss_fn, names, config, specs, data, carries,
-                                        jnp.asarray(done, jnp.int32), n, noisy)
+                                        jnp.asarray(done, jnp.int32), chunk, noisy)
         for name in names:
-            pieces[name].append(jax.device_get(records[name]))
+            pieces[name].append(jax.tree.map(lambda r, n=n: r[:, :n], jax.device_get(records[name])))
         done += n
         if progress is not None:
             progress(n)
