@@ -38,7 +38,7 @@ from jaxopt_lab.lab.bench import timing as bench_timing
 from jaxopt_lab.lab.experiment import Experiment, RunContext, check_modes, check_training_config
 from jaxopt_lab.lab.plotting import new_figure, plot_loss_curves
 from jaxopt_lab.lab.runner import main_for
-from jaxopt_lab.lab.verdicts import difference, reading, verdict
+from jaxopt_lab.lab.verdicts import NOT_SUPPORTED, SUPPORTED, UNCLEAR, difference, judge, reading, verdict
 
 NAME = "gradient-accumulation"
 EFFECTIVE_BATCH, STEPS = 128, 4
@@ -57,6 +57,42 @@ CONTROL = "(a') 1 x 128, batch reordered"
 ABOVE, BELOW, AT = "above the floor", "below the floor", "at the floor"
 # Distances are compared on a log scale; bitwise-equal parameters (distance 0) count as this.
 SMALLEST_DISTANCE = 1e-12
+# The stability claim compares accumulation with what one would do without it: plain batches of 32.
+STABILITY_ARMS = ("(c) micro-batched 4 x 32", "(d) plain 32")
+
+
+def loss_reversals(test_loss: np.ndarray) -> np.ndarray:
+    """Per run, how far the test loss went against its own net direction: the total variation of the log
+    test loss over the evaluation points minus its net change. 0 for a curve that only falls (or only
+    rises, as an overfitting one may); a rise and the fall back add twice their size. NaN for a run whose
+    loss is not finite (diverged). ``test_loss``: ``(runs, evaluation points)``.
+
+    >>> loss_reversals(np.array([[1.0, 0.5, 0.25, 0.2], [1.0, 0.5, 1.0, 0.5], [1.0, np.nan, 1.0, 1.0]]))
+    array([0.        , 1.38629436,        nan])
+    """
+    logs = np.log(np.asarray(test_loss, dtype=np.float64))
+    reversals = np.abs(np.diff(logs, axis=1)).sum(1) - np.abs(logs[:, -1] - logs[:, 0])
+    return np.where(np.isfinite(logs).all(1), reversals, np.nan)
+
+
+def judge_stability(by_model: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> dict[str, Any]:
+    """Claim GA4 (accumulation steadies training) on each model's test-loss reversals: (d) minus (c), paired
+    by seed and pooled over the models where no run of either arm diverged, by the 2-SE rule. Supported
+    when plain batches of 32 reverse more than accumulated batches of 128.
+
+    >>> c, d = {"values": [0.1, 0.2, 0.1]}, {"values": [0.5, 0.6, 0.4]}
+    >>> judge_stability({"MLP": {"(c) micro-batched 4 x 32": c, "(d) plain 32": d}})["verdict"]
+    'supported'
+    """
+    compared = [m for m, arms in by_model.items()
+                if all(np.isfinite(arms[a]["values"]).all() for a in STABILITY_ARMS)]
+    if not compared:
+        return {"models": [], "excluded": list(by_model), "difference": None, "standard_error": None,
+                "verdict": UNCLEAR}
+    c, d = STABILITY_ARMS
+    judged = judge([(by_model[m][d], by_model[m][c]) for m in compared], paired=True, sets=1)
+    return {"models": compared, "excluded": [m for m in by_model if m not in compared],
+            "difference": judged.difference, "standard_error": judged.standard_error, "verdict": judged.verdict}
 
 SUPPORTED_DATA = data.BUILTIN_DATASETS
 
@@ -230,13 +266,19 @@ def run(ctx: RunContext) -> None:
                      "models")
     device = jax.devices()[0]
     floor_table = {model: judge_against_floor(rows, model, floor) for model, floor in floors.items()}
+    reversals = {model: {variant: training.mean_std(loss_reversals(
+        histories[f"{model}/{variant}/test_loss"])) for variant in VARIANTS} for model in cfg.models}
+    stability = {"test_loss_reversals": reversals, **judge_stability(reversals)}
+    stability["shown_verdict"] = ctx.verdict(stability["verdict"])
     ctx.set_metrics({**dataclasses.asdict(cfg), "seeds_used": seeds, "data": ds.describe(),
                      "train_size": train_size, "device": f"{device.platform} ({device.device_kind})"},
                     {"runs": rows, "chosen_learning_rates": chosen, "b_vs_c_max_abs_param_diff": b_vs_c,
-                     "chaos_floor": floor_table, "timing_model": timing_model, "timing": timing})
+                     "chaos_floor": floor_table, "stability": stability, "timing_model": timing_model,
+                     "timing": timing})
     ctx.save_histories(histories)
     ctx.plot(EXPERIMENT)
-    ctx.set_summary(_summary(cfg, ds, rows, chosen, floor_table, timing, timing_model, device, train_size))
+    ctx.set_summary(_summary(cfg, ds, rows, chosen, floor_table, stability, timing, timing_model, device,
+                             train_size))
 
 
 def against_floor(distances: Mapping[str, Any], floor: Mapping[str, Any]) -> dict[str, Any]:
@@ -322,7 +364,8 @@ def _train_model(cfg: Config, ds: data.Dataset, seeds: list[int], model_name: st
              "control_test_accuracy": training.mean_std(control.final_test_accuracy)}
     histories = {variant: {"step_loss": np.asarray(r.history.step_loss),
                            "eval_steps": np.asarray(r.history.steps)[0],
-                           "test_accuracy": np.asarray(r.history.test_accuracy)}
+                           "test_accuracy": np.asarray(r.history.test_accuracy),
+                           "test_loss": np.asarray(r.history.test_loss)}
                  for variant, r in results.items()}
     return {"rows": rows, "chosen": chosen, "b_vs_c": b_vs_c, "floor": floor, "histories": histories}
 
@@ -467,7 +510,34 @@ def _memory_reading(timing: Mapping[str, Mapping[str, Any]]) -> str:
                  "MultiSteps' accumulator in the arguments and the outputs."})
 
 
-def _summary(cfg, ds, rows, chosen, floor_table, timing, timing_model, device, train_size) -> str:
+def _stability_lines(cfg, stability: Mapping[str, Any]) -> list[str]:
+    """Claim GA4's table, verdict and reading (chosen by the verdict)."""
+    cell = lambda x: "diverged" if not np.isfinite(x["values"]).all() else f"{x['mean']:.3f} ± {x['std']:.3f}"
+    lines = ["**Stability: does accumulation steady training?** Measured on the test loss at each evaluation "
+             "point (the same examples seen in every variant): its *reversals*, the total variation of its "
+             "log minus its net change, 0 for a curve that only falls (or only rises). Mean ± std over "
+             f"{cfg.seeds} seeds; (c) at (a)'s rate, (d) at its own:", "",
+             "| model | " + " | ".join(VARIANTS) + " |", "|---|" + "---|" * len(VARIANTS)]
+    lines += [f"| {m} | " + " | ".join(cell(by[v]) for v in VARIANTS) + " |"
+              for m, by in stability["test_loss_reversals"].items()]
+    shown = stability["shown_verdict"]
+    if stability["difference"] is None:
+        return [*lines, "", f"Verdict: **{shown}**: a run of (c) or (d) diverged on every model."]
+    excluded = stability["excluded"]
+    lines += ["", f"Verdict ((d) minus (c), paired by seed, pooled over {len(stability['models'])} models"
+              + (f"; left out, a run diverged: {', '.join(excluded)}" if excluded else "")
+              + f"): {stability['difference']:+.3f} ± {stability['standard_error']:.3f}: **{shown}**. "
+              + reading(stability["verdict"], {
+                  SUPPORTED: "Plain batches of 32, at their own tuned rate, reverse their test loss more "
+                             "than accumulated batches of 128 do.",
+                  NOT_SUPPORTED: "Accumulated batches of 128 reverse their test loss more than plain batches "
+                                 "of 32 at their own tuned rate.",
+                  UNCLEAR: "The difference is within the seed-to-seed noise: at these tuned rates accumulation "
+                           "does not measurably steady the test loss."})]
+    return lines
+
+
+def _summary(cfg, ds, rows, chosen, floor_table, stability, timing, timing_model, device, train_size) -> str:
     lines = [f"# {NAME} — an effective batch of 128 four ways: where it is exact, what it costs",
              "", f"Data: {ds.describe()} (first {train_size} training examples, a multiple of 128). "
              f"SGD, momentum "
@@ -509,7 +579,8 @@ def _summary(cfg, ds, rows, chosen, floor_table, timing, timing_model, device, t
     lines += [f"| {m} | {f['floor']['geometric_mean']:.1e} | " + " | ".join(
         cell(f[key]) for key in ("(b) to (a)", "(c) to (a)", "(b) to (c)", "(d) to (a)")) + " |"
         for m, f in floor_table.items()]
-    lines += ["", "Reading: " + _floor_reading(floor_table), "", f"![loss curves]({FIGURE})", "",
+    lines += ["", "Reading: " + _floor_reading(floor_table), "", *_stability_lines(cfg, stability), "",
+              f"![loss curves]({FIGURE})", "",
               f"![distances to (a) against the chaos floor]({DISTANCE_FIGURE})", "",
               f"Step time and compiled memory, {timing_model}, on {device.platform} ({device.device_kind}); "
               f"time = median wall time of one optimizer update (4 calls for MultiSteps) over "
