@@ -70,3 +70,25 @@ def test_the_footprint_of_a_multisteps_step_holds_its_accumulator_whatever_its_t
     assert multi["argument_bytes"] - plain["argument_bytes"] >= params_bytes
     assert multi["output_bytes"] - plain["output_bytes"] >= params_bytes
     assert multi["total_bytes"] > plain["total_bytes"] + params_bytes
+
+
+def test_stability_is_judged_on_the_models_where_no_run_diverged():
+    c, d = accumulation.STABILITY_ARMS
+    steady, noisy = {"values": [0.1, 0.2, 0.1]}, {"values": [0.5, 0.6, 0.4]}
+    diverged = {"values": [0.1, float("nan"), 0.2]}
+    judged = accumulation.judge_stability({"MLP": {c: steady, d: noisy}, "CNN": {c: diverged, d: noisy}})
+    assert judged["models"] == ["MLP"] and judged["excluded"] == ["CNN"] and judged["verdict"] == "supported"
+    assert round(judged["difference"], 6) == 0.366667
+    assert accumulation.judge_stability({"MLP": {c: noisy, d: steady}})["verdict"] == "not supported"
+    assert accumulation.judge_stability({"MLP": {c: steady, d: {"values": [0.2, 0.1, 0.1]}}})["verdict"] == \
+        "unclear"
+    nothing = accumulation.judge_stability({"CNN": {c: diverged, d: noisy}})
+    assert nothing["difference"] is None and nothing["verdict"] == "unclear"
+
+
+def test_loss_reversals_ignore_a_monotone_trend_either_way():
+    falling = np.exp(-np.linspace(0, 3, 20))
+    assert np.allclose(accumulation.loss_reversals(np.stack([falling, falling[::-1]])), 0.0)
+    bumpy = falling.copy()
+    bumpy[10] = bumpy[9] * 2  # up by log 2, then down past it: two reversals of log 2
+    np.testing.assert_allclose(accumulation.loss_reversals(bumpy[None]), [2 * np.log(2)])

@@ -1,11 +1,14 @@
 """The three real-data experiments end to end through the CLI, in --quick mode (one with --data)."""
 
+import importlib
 import json
 
 import numpy as np
 import pytest
 
 from jaxopt_lab.lab import cli, data, training
+
+accumulation = importlib.import_module("jaxopt_lab.lab.experiments.gradient_accumulation")
 
 pytestmark = pytest.mark.slow_e2e
 
@@ -157,3 +160,17 @@ def test_gradient_accumulation_on_an_npz_file(tmp_path):
     bn = floor["MLP, batch norm"]
     assert bn["(b) to (a)"]["outcome"] == bn["(c) to (a)"]["outcome"] == "above the floor"
     assert "**The chaos floor.**" in summary and "distance_to_a.png" in summary
+    # GA4 (stability): every variant's test-loss reversals, read from the histories it saved.
+    histories = np.load(tmp_path / "out" / "gradient-accumulation" / "histories.npz")
+    stability = metrics["stability"]
+    for model, by_variant in stability["test_loss_reversals"].items():
+        for variant, summary_of in by_variant.items():
+            test_loss = histories[f"{model}/{variant}/test_loss"]
+            assert test_loss.shape == histories[f"{model}/{variant}/test_accuracy"].shape
+            np.testing.assert_allclose(summary_of["values"], accumulation.loss_reversals(test_loss))
+    no_norm = stability["test_loss_reversals"]["MLP, no norm"]  # (c) is (a) to rounding without batch norm
+    np.testing.assert_allclose(no_norm["(c) micro-batched 4 x 32"]["values"], no_norm["(a) 1 x 128"]["values"],
+                               atol=1e-3)
+    assert stability["verdict"] in {"supported", "not supported", "unclear"}
+    assert stability["shown_verdict"] == stability["verdict"] + QUICK_MARK
+    assert f": **{stability['shown_verdict']}**." in summary and "**Stability: does accumulation" in summary
