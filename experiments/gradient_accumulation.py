@@ -33,7 +33,7 @@ import numpy as np
 import optax
 from matplotlib.ticker import FuncFormatter
 
-from jaxopt_lab.lab import data, models, training
+from jaxopt_lab.lab import data, diagnostics, models, training
 from jaxopt_lab.lab.bench import timing as bench_timing
 from jaxopt_lab.lab.experiment import Experiment, RunContext, check_modes, check_training_config
 from jaxopt_lab.lab.plotting import new_figure, plot_loss_curves
@@ -62,17 +62,9 @@ STABILITY_ARMS = ("(c) micro-batched 4 x 32", "(d) plain 32")
 
 
 def loss_reversals(test_loss: np.ndarray) -> np.ndarray:
-    """Per run, how far the test loss went against its own net direction: the total variation of the log
-    test loss over the evaluation points minus its net change. 0 for a curve that only falls (or only
-    rises, as an overfitting one may); a rise and the fall back add twice their size. NaN for a run whose
-    loss is not finite (diverged). ``test_loss``: ``(runs, evaluation points)``.
-
-    >>> loss_reversals(np.array([[1.0, 0.5, 0.25, 0.2], [1.0, 0.5, 1.0, 0.5], [1.0, np.nan, 1.0, 1.0]]))
-    array([0.        , 1.38629436,        nan])
-    """
-    logs = np.log(np.asarray(test_loss, dtype=np.float64))
-    reversals = np.abs(np.diff(logs, axis=1)).sum(1) - np.abs(logs[:, -1] - logs[:, 0])
-    return np.where(np.isfinite(logs).all(1), reversals, np.nan)
+    """Each run's ``reversal`` (:func:`jaxopt_lab.lab.diagnostics.loss_noise`) of its test loss over the
+    evaluation points: 0 for a curve that only falls or only rises. ``test_loss``: ``(runs, points)``."""
+    return np.array([diagnostics.loss_noise(run)["reversal"] for run in np.asarray(test_loss)])
 
 
 def judge_stability(by_model: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> dict[str, Any]:

@@ -85,10 +85,3 @@ def test_stability_is_judged_on_the_models_where_no_run_diverged():
     nothing = accumulation.judge_stability({"CNN": {c: diverged, d: noisy}})
     assert nothing["difference"] is None and nothing["verdict"] == "unclear"
 
-
-def test_loss_reversals_ignore_a_monotone_trend_either_way():
-    falling = np.exp(-np.linspace(0, 3, 20))
-    assert np.allclose(accumulation.loss_reversals(np.stack([falling, falling[::-1]])), 0.0)
-    bumpy = falling.copy()
-    bumpy[10] = bumpy[9] * 2  # up by log 2, then down past it: two reversals of log 2
-    np.testing.assert_allclose(accumulation.loss_reversals(bumpy[None]), [2 * np.log(2)])

@@ -167,6 +167,16 @@ def test_loss_noise_ignores_rounding_at_a_floor_and_exact_zeros():
     assert with_zero["roughness"] == pytest.approx(0.0)  # the triples touching 0 are skipped
 
 
+def test_loss_noise_reversal_ignores_a_monotone_trend_and_counts_a_setback_twice():
+    falling = np.exp(-np.linspace(0, 3, 20)) + 0.01 * np.linspace(0, 1, 20) ** 4  # changing slope, monotone
+    assert diagnostics.loss_noise(falling)["reversal"] == pytest.approx(0.0, abs=1e-12)
+    assert diagnostics.loss_noise(falling[::-1])["reversal"] == pytest.approx(0.0, abs=1e-12)  # overfitting
+    bumpy = falling.copy()
+    bumpy[10] = bumpy[9] * 2  # up by log 2, then down past it
+    assert diagnostics.loss_noise(bumpy)["reversal"] == pytest.approx(2 * np.log(2))
+    assert np.isnan(diagnostics.loss_noise(np.r_[falling[:5], np.inf, falling[6:]])["reversal"])  # diverged
+
+
 def test_censored_steps_count_a_run_that_never_reached_the_target_as_the_whole_budget():
     reached = diagnostics.steps_to_target(np.array([[2.0] * 50, [2.0] * 10 + [0.1] * 40]), 1.0, 5)
     # Steps 9-13 average (2 + 2 + 3 x 0.1) / 5 = 0.86 < 1: the target is reached after 13 steps.

@@ -88,14 +88,26 @@ def loss_noise(history: Any, *, rtol: float = 1e-6) -> dict[str, float]:
       log plot changes from one step to the next: ~0 for any smooth curve (geometric decay, a bend into a
       plateau), large for a jagged one. Entries with a non-positive loss are skipped (a one-example batch
       can fit exactly); NaN when fewer than 3 positive neighbours are left.
+      ``reversal``: how far ``log(loss)`` went against its own net direction: its total variation minus
+      its net change. 0 for a curve that only falls, or only rises (as an overfitting test loss may),
+      whatever its shape; a rise and the fall back add twice their size. Non-positive entries are skipped
+      as above; NaN for a history with a non-finite entry (a diverged run).
+
+    >>> {k: round(v, 3) for k, v in loss_noise([1.0, 0.5, 0.25, 0.5, 0.25]).items()}  # up log 2, down again
+    {'increase_fraction': 0.25, 'roughness': 1.132, 'reversal': 1.386}
     """
     h = _as_history(history, "loss_noise")
     steps = np.diff(h)
     with np.errstate(divide="ignore", invalid="ignore"):
-        curvature = np.diff(np.log(np.where(h > 0, h, np.nan)), n=2)
+        logs = np.log(np.where(h > 0, h, np.nan))
+    curvature = np.diff(logs, n=2)
     curvature = curvature[np.isfinite(curvature)]
     roughness = float(np.std(curvature)) if curvature.size else math.nan
-    return {"increase_fraction": float(np.mean(steps > rtol * np.abs(h[:-1]))), "roughness": roughness}
+    positive = logs[np.isfinite(logs)]
+    reversal = (float(np.abs(np.diff(positive)).sum() - abs(positive[-1] - positive[0]))
+                if np.isfinite(h).all() and positive.size else math.nan)
+    return {"increase_fraction": float(np.mean(steps > rtol * np.abs(h[:-1]))), "roughness": roughness,
+            "reversal": reversal}
 
 
 def diagnose(history: Any, *, target: float | None = None, blowup_factor: float = 10.0,
