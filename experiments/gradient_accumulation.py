@@ -61,12 +61,6 @@ SMALLEST_DISTANCE = 1e-12
 STABILITY_ARMS = ("(c) micro-batched 4 x 32", "(d) plain 32")
 
 
-def loss_reversals(test_loss: np.ndarray) -> np.ndarray:
-    """Each run's ``reversal`` (:func:`jaxopt_lab.lab.diagnostics.loss_noise`) of its test loss over the
-    evaluation points: 0 for a curve that only falls or only rises. ``test_loss``: ``(runs, points)``."""
-    return np.array([diagnostics.loss_noise(run)["reversal"] for run in np.asarray(test_loss)])
-
-
 def judge_stability(by_model: Mapping[str, Mapping[str, Mapping[str, Any]]]) -> dict[str, Any]:
     """Claim GA4 (accumulation steadies training) on each model's test-loss reversals: (d) minus (c), paired
     by seed and pooled over the models where no run of either arm diverged, by the 2-SE rule. Supported
@@ -258,7 +252,7 @@ def run(ctx: RunContext) -> None:
                      "models")
     device = jax.devices()[0]
     floor_table = {model: judge_against_floor(rows, model, floor) for model, floor in floors.items()}
-    reversals = {model: {variant: training.mean_std(loss_reversals(
+    reversals = {model: {variant: training.mean_std(diagnostics.loss_reversals(
         histories[f"{model}/{variant}/test_loss"])) for variant in VARIANTS} for model in cfg.models}
     stability = {"test_loss_reversals": reversals, **judge_stability(reversals)}
     stability["shown_verdict"] = ctx.verdict(stability["verdict"])

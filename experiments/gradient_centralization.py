@@ -200,6 +200,7 @@ def run(ctx: RunContext) -> None:
     pairs = [(m, o) for m in model_for for o in cfg.optimizers]
     rows: list[dict] = []
     speed: list[dict] = []
+    stability: list[dict] = []
     histories: dict[str, np.ndarray] = {}
 
     def train(model_name: str, opt_name: str, variant: str, fixed_rate: float | None = None,
@@ -224,6 +225,7 @@ def run(ctx: RunContext) -> None:
         gc_common = gc if gc["learning_rate"] == plain["learning_rate"] else \
             train(model_name, opt_name, GC, plain["learning_rate"], GC_AT_PLAIN_RATE)
         speed.append(_speed(ctx, cfg, plain, gc, gc_common))
+        stability.append(_stability(ctx, cfg, plain, gc, gc_common))
 
     accuracy = _accuracy_verdicts(ctx, cfg, rows)
     best = [r for r in rows if r["variant"] == PLAIN]
@@ -236,10 +238,10 @@ def run(ctx: RunContext) -> None:
                      "learning_rates_swept": {o: rates(cfg, o) for o in cfg.optimizers},
                      "models": {m: repr(model) for m, model in model_for.items()},
                      "paper_imagenet_top1_error": PAPER_IMAGENET},
-                    {"runs": rows, "gc_vs_plain": accuracy, "speed": speed})
+                    {"runs": rows, "gc_vs_plain": accuracy, "speed": speed, "stability": stability})
     ctx.save_histories(histories)
     ctx.plot(EXPERIMENT)
-    ctx.set_summary(_summary(ctx, cfg, ds, rows, accuracy, speed, FIGURES))
+    ctx.set_summary(_summary(ctx, cfg, ds, rows, accuracy, speed, stability, FIGURES))
 
 
 FIGURES = ("loss_curves.png", "weight_mean_drift.png")
@@ -277,10 +279,12 @@ def _train_job(cfg: Config, ds: data.Dataset, seeds: list[int], model: Any, job:
            "steps_to_target": reached,
            "diverged": training.diverged_at(step_loss),
            "weight_mean_drift": drift,
-           "max_weight_mean_drift": max(drift.values())}
+           "max_weight_mean_drift": max(drift.values()),
+           "test_loss_reversal": training.mean_std(diagnostics.loss_reversals(result.history.test_loss))}
     return {"row": row, "histories": {"step_loss": step_loss, "eval_steps": np.asarray(result.history.steps)[0],
                                       "train_loss": np.asarray(result.history.train_loss),
-                                      "test_accuracy": np.asarray(result.history.test_accuracy)}}
+                                      "test_accuracy": np.asarray(result.history.test_accuracy),
+                                      "test_loss": np.asarray(result.history.test_loss)}}
 
 
 def _judged(ctx: RunContext, cfg: Config, a: Mapping[str, Any], b: Mapping[str, Any]) -> dict[str, Any]:
@@ -320,6 +324,26 @@ def _speed(ctx: RunContext, cfg: Config, plain: dict, gc: dict, gc_common: dict)
                           "accuracy_standard_error": own_early.standard_error},
             "common_rate_steps": _judged(ctx, cfg, steps[PLAIN], steps[GC_AT_PLAIN_RATE]),
             "common_rate_accuracy": _judged(ctx, cfg, early[GC_AT_PLAIN_RATE], early[PLAIN])}
+
+
+NO_VERDICT = "no verdict (a run diverged)"
+
+
+def _stability(ctx: RunContext, cfg: Config, plain: dict, gc: dict, gc_common: dict) -> dict[str, Any]:
+    """"GC makes training more stable": the test loss's reversals (``diagnostics.loss_noise``), plain minus
+    GC, judged at plain's rate for both arms (a smaller rate alone steadies a curve, so at the arms' own
+    rates a difference may be one of rates; recorded beside, as a number). Without a finite reversal in
+    every run of both arms (a run diverged) there is no verdict."""
+    own = judge([(plain["test_loss_reversal"], gc["test_loss_reversal"])], paired=True, sets=cfg.seed_sets)
+    arms = {PLAIN: plain, GC: gc, GC_AT_PLAIN_RATE: gc_common}
+    finite = all(np.isfinite(arms[a]["test_loss_reversal"]["values"]).all() for a in (PLAIN, GC_AT_PLAIN_RATE))
+    common = (_judged(ctx, cfg, plain["test_loss_reversal"], gc_common["test_loss_reversal"]) if finite else
+              {"difference": math.nan, "standard_error": math.nan, "set_verdicts": [], "verdict": NO_VERDICT,
+               "shown_verdict": NO_VERDICT})
+    return {"model": plain["model"], "optimizer": plain["optimizer"],
+            "reversal": {arm: r["test_loss_reversal"]["values"] for arm, r in arms.items()},
+            "own_rates": {"difference": own.difference, "standard_error": own.standard_error},
+            "common_rate": common}
 
 
 def plot(ctx: RunContext, histories: Mapping[str, np.ndarray], recorded: Mapping[str, Any]) -> None:
@@ -388,7 +412,27 @@ def _sets(v: dict) -> str:
     return " / ".join(v["set_verdicts"])
 
 
-def _summary(ctx, cfg, ds, rows, accuracy, speed, figures) -> str:
+def _stability_lines(cfg: Config, stability: list[dict], quick: bool) -> list[str]:
+    """Claim GC4's table and count, judged at plain's rate."""
+    mean = lambda values: f"{np.mean(values):.3f}" if np.isfinite(values).all() else "diverged"
+    lines = ["**Stability** (GC makes training more stable), judged with both arms at **plain's rate**, as "
+             "speed is: a smaller rate alone steadies a curve. Measured on the test loss at each evaluation "
+             "point: its *reversals*, the total variation of its log minus its net change (0 for a curve "
+             "that only falls, or only rises), plain minus GC, paired by seed (supported: GC reverses less).",
+             "", "| model | optimizer | own rates: plain / GC | difference | at plain's rate: plain / GC | "
+             "difference (all seeds) | seed sets | verdict |", "|---|---|---|---|---|---|---|---|"]
+    for s in stability:
+        own, common, r = s["own_rates"], s["common_rate"], s["reversal"]
+        lines.append(f"| {s['model']} | {s['optimizer']} | {mean(r[PLAIN])} / {mean(r[GC])} | "
+                     f"{own['difference']:+.3f} ± {own['standard_error']:.3f} | "
+                     f"{mean(r[PLAIN])} / {mean(r[GC_AT_PLAIN_RATE])} | "
+                     f"{common['difference']:+.3f} ± {common['standard_error']:.3f} | {_sets(common)} | "
+                     f"{common['shown_verdict']} |")
+    return [*lines, "", _count_line([s["common_rate"] for s in stability], "GC steadier", "GC less steady",
+                                    quick)]
+
+
+def _summary(ctx, cfg, ds, rows, accuracy, speed, stability, figures) -> str:
     by = {(r["model"], r["optimizer"], r["variant"]): r for r in rows}
     total = cfg.seeds * cfg.seed_sets
     at_edge = [r for r in rows if r["at_edge"]]
@@ -439,6 +483,7 @@ def _summary(ctx, cfg, ds, rows, accuracy, speed, figures) -> str:
               f"- Accuracy after {cfg.speed_steps} steps, at plain's rate: " + _count_line(
                   [s["common_rate_accuracy"] for s in speed], "GC ahead", "GC behind", ctx.quick),
               "- " + _rate_reading(speed),
+              "", *_stability_lines(cfg, stability, ctx.quick),
               "",
               f"![loss curves]({figures[0]})", "", f"![weight-mean drift]({figures[1]})", "",
               _constraint_reading(rows), "",
@@ -491,7 +536,9 @@ def _count_line(judged: list[dict], better: str, worse: str, quick: bool) -> str
     count = lambda label: sum(v["verdict"] == label for v in judged)
     return (f"{better} (supported) in {count(SUPPORTED)} of {len(judged)} model x optimizer pairs, {worse} "
             f"(not supported) in {count(NOT_SUPPORTED)}, within noise in {count(UNCLEAR)}, unstable (the seed "
-            f"sets disagree) in {count(UNSTABLE)}" + (" (quick run: not conclusive)." if quick else "."))
+            f"sets disagree) in {count(UNSTABLE)}"
+            + (f", {NO_VERDICT} in {count(NO_VERDICT)}" if count(NO_VERDICT) else "")
+            + (" (quick run: not conclusive)." if quick else "."))
 
 
 def _rate_reading(speed: list[dict]) -> str:

@@ -1,14 +1,11 @@
 """The three real-data experiments end to end through the CLI, in --quick mode (one with --data)."""
 
-import importlib
 import json
 
 import numpy as np
 import pytest
 
-from jaxopt_lab.lab import cli, data, training
-
-accumulation = importlib.import_module("jaxopt_lab.lab.experiments.gradient_accumulation")
+from jaxopt_lab.lab import cli, data, diagnostics, training
 
 pytestmark = pytest.mark.slow_e2e
 
@@ -106,6 +103,20 @@ def test_gradient_centralization_on_a_device_mesh(tmp_path):
         assert len(v["set_verdicts"]) == 2 and v["shown_verdict"] == v["verdict"] + QUICK_MARK
         assert v["verdict"] == (v["set_verdicts"][0] if len(set(v["set_verdicts"])) == 1 else "unstable")
     histories = np.load(tmp_path / "gradient-centralization" / "histories.npz")
+    for s in metrics["stability"]:  # GC4: test-loss reversals, read from the saved test loss, at plain's rate
+        for arm, values in s["reversal"].items():
+            if arm == "GC (ours) at plain's rate" and f"{s['model']}/{s['optimizer']}/{arm}/test_loss" not in \
+                    histories.files:
+                arm = "GC (ours)"  # GC chose plain's rate: its own runs serve
+            test_loss = histories[f"{s['model']}/{s['optimizer']}/{arm}/test_loss"]
+            assert test_loss.shape[0] == config["seeds"] * config["seed_sets"]
+            np.testing.assert_allclose(values, diagnostics.loss_reversals(test_loss))
+            assert min(values) >= 0.0
+        common = s["common_rate"]
+        assert common["shown_verdict"] == common["verdict"] + QUICK_MARK and len(common["set_verdicts"]) == 2
+        assert f"| {common['shown_verdict']} |" in summary
+    assert "**Stability** (GC makes training more stable)" in summary
+    assert "GC steadier (supported) in" in summary
     for s in metrics["speed"]:  # speed is judged at plain's rate: GC is trained there when it chose another
         common = f"{s['model']}/{s['optimizer']}/GC (ours) at plain's rate/step_loss"
         assert (common in histories.files) == (s["gc_rate"] != s["plain_rate"]), (common, s)
@@ -167,7 +178,7 @@ def test_gradient_accumulation_on_an_npz_file(tmp_path):
         for variant, summary_of in by_variant.items():
             test_loss = histories[f"{model}/{variant}/test_loss"]
             assert test_loss.shape == histories[f"{model}/{variant}/test_accuracy"].shape
-            np.testing.assert_allclose(summary_of["values"], accumulation.loss_reversals(test_loss))
+            np.testing.assert_allclose(summary_of["values"], diagnostics.loss_reversals(test_loss))
     no_norm = stability["test_loss_reversals"]["MLP, no norm"]  # (c) is (a) to rounding without batch norm
     np.testing.assert_allclose(no_norm["(c) micro-batched 4 x 32"]["values"], no_norm["(a) 1 x 128"]["values"],
                                atol=1e-3)

@@ -47,6 +47,7 @@ __all__ = [
     "gradient_noise_along",
     "learned",
     "loss_noise",
+    "loss_reversals",
     "lr_range_test",
     "steps_to_target",
     "suggest_learning_rate",
@@ -104,10 +105,20 @@ def loss_noise(history: Any, *, rtol: float = 1e-6) -> dict[str, float]:
     curvature = curvature[np.isfinite(curvature)]
     roughness = float(np.std(curvature)) if curvature.size else math.nan
     positive = logs[np.isfinite(logs)]
-    reversal = (float(np.abs(np.diff(positive)).sum() - abs(positive[-1] - positive[0]))
+    # Never below 0: the total variation is at least the net change, but its float sum may round below it.
+    reversal = (max(0.0, float(np.abs(np.diff(positive)).sum() - abs(positive[-1] - positive[0])))
                 if np.isfinite(h).all() and positive.size else math.nan)
     return {"increase_fraction": float(np.mean(steps > rtol * np.abs(h[:-1]))), "roughness": roughness,
             "reversal": reversal}
+
+
+def loss_reversals(histories: Any) -> np.ndarray:
+    """Each history's ``reversal`` (:func:`loss_noise`): ``histories`` ``(runs, points)``, one value per run.
+
+    >>> loss_reversals([[1.0, 0.5, 0.25], [1.0, 2.0, 1.0]]).round(3).tolist()
+    [0.0, 1.386]
+    """
+    return np.array([loss_noise(history)["reversal"] for history in np.asarray(histories, dtype=np.float64)])
 
 
 def diagnose(history: Any, *, target: float | None = None, blowup_factor: float = 10.0,
