@@ -59,7 +59,7 @@ def test_an_unknown_schedule_is_a_value_error():
         gc_exp.learning_rate_schedule(0.1, "linear", 10)
 
 
-def _row(variant, rate, *, steps, early, accuracy, at_edge=None, model="MLP", optimizer="SGD"):
+def _row(variant, rate, *, steps, early, accuracy, at_edge=None, model="MLP", optimizer="SGD", reversal=None):
     loss = 1.0 + np.exp(-np.arange(200) / 20.0)  # flattened by the end
     return {"model": model, "optimizer": optimizer, "variant": variant, "learning_rate": rate,
             "at_edge": at_edge, "rate_table": [], "test_accuracy": training.mean_std(accuracy),
@@ -67,7 +67,8 @@ def _row(variant, rate, *, steps, early, accuracy, at_edge=None, model="MLP", op
             "final_train_loss": training.mean_std([1.0] * len(steps)),
             "flattened": dataclasses.asdict(training.loss_flattened(loss)), "steps_to_target": steps,
             "diverged": [None] * len(steps), "weight_mean_drift": {"Dense_0": 1e-8},
-            "max_weight_mean_drift": 1e-8}
+            "max_weight_mean_drift": 1e-8,
+            "test_loss_reversal": training.mean_std([0.5] * len(steps) if reversal is None else reversal)}
 
 
 @pytest.fixture
@@ -113,8 +114,10 @@ def test_the_summary_states_the_endpoint_rule_the_edges_and_every_seed_set(ctx):
             _row("optax.centralize", 0.1, steps=[30, None, 33, None], early=[0.5] * 4, accuracy=[0.9] * 4)]
     accuracy = gc_exp._accuracy_verdicts(ctx, CFG, rows)
     speed = [gc_exp._speed(ctx, CFG, rows[0], rows[1], rows[1])]
+    stability = [gc_exp._stability(ctx, CFG, rows[0], rows[1], rows[1])]
     ds = types.SimpleNamespace(describe=lambda: "toy data")
-    summary = gc_exp._summary(ctx, CFG, ds, rows, accuracy, speed, gc_exp.FIGURES)
+    summary = gc_exp._summary(ctx, CFG, ds, rows, accuracy, speed, stability, gc_exp.FIGURES)
+    assert "GC steadier (supported) in 0 of 1 model x optimizer pairs" in summary  # equal reversals
     assert training.endpoint_rule() in summary
     assert "| 0.1 (highest tried) |" in summary and "Still at an edge: 1 of 3 runs (MLP SGD plain)" in summary
     assert training.Flatness(**rows[0]["flattened"]).describe() in summary
@@ -124,3 +127,23 @@ def test_the_summary_states_the_endpoint_rule_the_edges_and_every_seed_set(ctx):
     assert "| +10.0 ± 0.0 | supported / supported | supported |" in summary  # steps at plain's rate
     assert "GC chose plain's rate in every pair" in summary
     assert "mean ± std over 4 seeds: 2 disjoint sets of 2" in summary
+
+
+def test_stability_is_judged_at_plains_rate_and_a_diverged_run_gives_no_verdict(ctx):
+    common = dict(steps=[30] * 4, early=[0.5] * 4, accuracy=[0.9] * 4)
+    plain = _row("plain", 0.1, reversal=[1.0, 1.1, 0.9, 1.0], **common)
+    # At its own, smaller rate GC is steadier; at plain's rate it is not: no credit for the rate.
+    gc = _row("GC (ours)", 0.03, reversal=[0.2, 0.3, 0.2, 0.25], **common)
+    gc_at_plain_rate = _row("GC (ours)", 0.1, reversal=[1.0, 1.05, 0.95, 1.0], **common)
+    judged = gc_exp._stability(ctx, CFG, plain, gc, gc_at_plain_rate)
+    assert judged["own_rates"]["difference"] == pytest.approx(0.7625)
+    assert judged["common_rate"]["verdict"] == "unclear" and judged["common_rate"]["difference"] == \
+        pytest.approx(0.0)
+    steadier = _row("GC (ours)", 0.1, reversal=[0.5, 0.6, 0.5, 0.55], **common)
+    assert gc_exp._stability(ctx, CFG, plain, gc, steadier)["common_rate"]["verdict"] == "supported"
+    diverged = _row("GC (ours)", 0.1, reversal=[0.5, float("nan"), 0.5, 0.55], **common)
+    none = gc_exp._stability(ctx, CFG, plain, gc, diverged)
+    assert none["common_rate"]["verdict"] == gc_exp.NO_VERDICT
+    line = gc_exp._stability_lines(CFG, [judged, none], quick=False)[-1]
+    assert line.endswith(f"within noise in 1, unstable (the seed sets disagree) in 0, {gc_exp.NO_VERDICT} "
+                         "in 1.")
