@@ -31,7 +31,16 @@ from jaxopt_lab.lab import data, diagnostics, models, training
 from jaxopt_lab.lab.experiment import Experiment, RunContext, check_modes, check_training_config
 from jaxopt_lab.lab.plotting import new_figure, plot_loss_curves
 from jaxopt_lab.lab.runner import main_for
-from jaxopt_lab.lab.verdicts import NOT_SUPPORTED, SUPPORTED, UNCLEAR, UNSTABLE, judge, reading, verdict
+from jaxopt_lab.lab.verdicts import (
+    NOT_SUPPORTED,
+    SUPPORTED,
+    UNCLEAR,
+    UNSTABLE,
+    judge,
+    paired_difference,
+    reading,
+    verdict,
+)
 
 NAME = "gradient-centralization"
 PLAIN, GC = "plain", "GC (ours)"
@@ -313,15 +322,14 @@ def _speed(ctx: RunContext, cfg: Config, plain: dict, gc: dict, gc_common: dict)
     steps = {arm: {"values": diagnostics.censored_steps(r["steps_to_target"], cfg.steps)}
              for arm, r in arms.items()}
     early = {arm: r["accuracy_after_speed_steps"] for arm, r in arms.items()}
-    own_steps = judge([(steps[PLAIN], steps[GC])], paired=True, sets=cfg.seed_sets)
-    own_early = judge([(early[GC], early[PLAIN])], paired=True, sets=cfg.seed_sets)
+    # At the arms' own rates a number, not a verdict: the all-seed paired difference alone.
+    own_steps = paired_difference([(steps[PLAIN], steps[GC])])
+    own_early = paired_difference([(early[GC], early[PLAIN])])
     return {"model": plain["model"], "optimizer": plain["optimizer"], "plain_rate": plain["learning_rate"],
             "gc_rate": gc["learning_rate"], "steps": {arm: v["values"] for arm, v in steps.items()},
             "accuracy_after_speed_steps": {arm: v["values"] for arm, v in early.items()},
-            "own_rates": {"steps_difference": own_steps.difference,
-                          "steps_standard_error": own_steps.standard_error,
-                          "accuracy_difference": own_early.difference,
-                          "accuracy_standard_error": own_early.standard_error},
+            "own_rates": {"steps_difference": own_steps[0], "steps_standard_error": own_steps[1],
+                          "accuracy_difference": own_early[0], "accuracy_standard_error": own_early[1]},
             "common_rate_steps": _judged(ctx, cfg, steps[PLAIN], steps[GC_AT_PLAIN_RATE]),
             "common_rate_accuracy": _judged(ctx, cfg, early[GC_AT_PLAIN_RATE], early[PLAIN])}
 
@@ -334,7 +342,7 @@ def _stability(ctx: RunContext, cfg: Config, plain: dict, gc: dict, gc_common: d
     GC, judged at plain's rate for both arms (a smaller rate alone steadies a curve, so at the arms' own
     rates a difference may be one of rates; recorded beside, as a number). Without a finite reversal in
     every run of both arms (a run diverged) there is no verdict."""
-    own = judge([(plain["test_loss_reversal"], gc["test_loss_reversal"])], paired=True, sets=cfg.seed_sets)
+    own = paired_difference([(plain["test_loss_reversal"], gc["test_loss_reversal"])])
     arms = {PLAIN: plain, GC: gc, GC_AT_PLAIN_RATE: gc_common}
     finite = all(np.isfinite(arms[a]["test_loss_reversal"]["values"]).all() for a in (PLAIN, GC_AT_PLAIN_RATE))
     common = (_judged(ctx, cfg, plain["test_loss_reversal"], gc_common["test_loss_reversal"]) if finite else
@@ -342,7 +350,7 @@ def _stability(ctx: RunContext, cfg: Config, plain: dict, gc: dict, gc_common: d
                "shown_verdict": NO_VERDICT})
     return {"model": plain["model"], "optimizer": plain["optimizer"],
             "reversal": {arm: r["test_loss_reversal"]["values"] for arm, r in arms.items()},
-            "own_rates": {"difference": own.difference, "standard_error": own.standard_error},
+            "own_rates": {"difference": own[0], "standard_error": own[1]},
             "common_rate": common}
 
 
