@@ -420,7 +420,7 @@ def _sets(v: dict) -> str:
     return " / ".join(v["set_verdicts"])
 
 
-def _stability_lines(cfg: Config, stability: list[dict], quick: bool) -> list[str]:
+def _stability_lines(stability: list[dict], quick: bool) -> list[str]:
     """Claim GC4's table and count, judged at plain's rate."""
     mean = lambda values: f"{np.mean(values):.3f}" if np.isfinite(values).all() else "diverged"
     lines = ["**Stability** (GC makes training more stable), judged with both arms at **plain's rate**, as "
@@ -491,7 +491,7 @@ def _summary(ctx, cfg, ds, rows, accuracy, speed, stability, figures) -> str:
               f"- Accuracy after {cfg.speed_steps} steps, at plain's rate: " + _count_line(
                   [s["common_rate_accuracy"] for s in speed], "GC ahead", "GC behind", ctx.quick),
               "- " + _rate_reading(speed),
-              "", *_stability_lines(cfg, stability, ctx.quick),
+              "", *_stability_lines(stability, ctx.quick),
               "",
               f"![loss curves]({figures[0]})", "", f"![weight-mean drift]({figures[1]})", "",
               _constraint_reading(rows), "",

@@ -144,6 +144,6 @@ def test_stability_is_judged_at_plains_rate_and_a_diverged_run_gives_no_verdict(
     diverged = _row("GC (ours)", 0.1, reversal=[0.5, float("nan"), 0.5, 0.55], **common)
     none = gc_exp._stability(ctx, CFG, plain, gc, diverged)
     assert none["common_rate"]["verdict"] == gc_exp.NO_VERDICT
-    line = gc_exp._stability_lines(CFG, [judged, none], quick=False)[-1]
+    line = gc_exp._stability_lines([judged, none], quick=False)[-1]
     assert line.endswith(f"within noise in 1, unstable (the seed sets disagree) in 0, {gc_exp.NO_VERDICT} "
                          "in 1.")
